@@ -1,0 +1,25 @@
+"""Packaging for kfac-dist: K-FAC for Keras 3 under every tf.distribute strategy."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kfac-dist",
+    version="0.1.0",
+    description="Distributed K-FAC optimizer for Keras 3 on TensorFlow 2.21",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kfac_dist", "kfac_dist.*"]),
+    python_requires=">=3.10",
+    # The project relies on Keras and TensorFlow internals (trainer hooks,
+    # tf.distribute collective launchers): only the tested range is allowed.
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<3.16",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "mlxtend>=0.23"],
+        "examples": ["tensorflow-datasets>=4.9", "mlxtend>=0.23", "matplotlib>=3.8"],
+        "tpu": ["cloud-tpu-client>=0.10"],
+    },
+)

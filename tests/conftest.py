@@ -1,0 +1,18 @@
+"""Test-session set-up: split the CPU into logical devices for multi-replica tests.
+
+TensorFlow fixes its device list the first time it touches the devices, so the
+split must happen here, before any test module builds a tensor.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+NUM_LOGICAL_CPUS = 4
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
+)
