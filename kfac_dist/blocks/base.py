@@ -1,0 +1,231 @@
+"""The curvature block: what every block kind answers, and the shared math.
+
+A block is a group of variables preconditioned together. Every block answers
+the same questions: which factors it keeps (`factor_shapes`), their batch
+statistics from what the forward and backward passes recorded
+(`statistics`), the inverse (or eigendecomposition) of one factor for a
+damping (`invert`), and how to precondition its gradients (`precondition`).
+
+Scaling convention (DESIGN.md §4): `output_grads` (one per record, with a
+leading axis of C output columns) are gradients of the
+pseudo-loss Σ⟨u, η⟩ whose output-space covariance is (local batch size) ×
+the Hessian of the compiled loss, so that the GGN of the loss is
+(1/b) Σ_i E[ĝ_i ĝ_iᵀ] with ĝ_i example i's parameter gradient. Kronecker
+blocks take every position of an example (sequence step, image patch, use of
+a shared layer) as one more term: A = (1/b) Σ_{i,t} ā ā ᵀ and
+G = (1/(b·T)) Σ_{i,t} g gᵀ, which is exact for a linear layer under MSE.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from kfac_dist import linalg
+
+KRON = "kron"
+DIAGONAL = "diagonal"
+FULL = "full"
+APPROXIMATIONS = (KRON, DIAGONAL, FULL)
+CHOLESKY = "cholesky"
+EIGEN = "eigen"
+INVERSE_METHODS = (CHOLESKY, EIGEN)
+
+
+@dataclasses.dataclass
+class Record:
+    """What one use of a layer left behind in the forward pass."""
+
+    inputs: tf.Tensor
+    outputs: tf.Tensor  # pre-activation s: the tensor gradients are taken at
+    extras: dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Block(abc.ABC):
+    """A group of variables with one curvature approximation."""
+
+    #: approximations this block kind supports, the first is the default.
+    approximations: tuple[str, ...] = (KRON, DIAGONAL, FULL)
+
+    def __init__(self, name: str, variables: Sequence, approx: str | None = None):
+        self.name = name
+        self.variables = list(variables)
+        self.approx = approx or self.approximations[0]
+        if self.approx not in self.approximations:
+            raise ValueError(
+                f"fisher_approx={self.approx!r} is not available for block "
+                f"'{name}' ({type(self).__name__}); it supports {self.approximations}."
+            )
+
+    # --- what a block kind defines ---------------------------------------
+    @property
+    def layer(self):
+        """The Keras layer whose calls this block records, or None."""
+        return None
+
+    def record(self, call, inputs, *args, **kwargs):
+        """Calls the layer, returns (output, Record); only for layer blocks."""
+        raise NotImplementedError
+
+    def kron_dims(self) -> tuple[tuple[int, ...], int]:
+        """Shapes of the Kronecker factors: (input factor shape, output dim)."""
+        raise NotImplementedError
+
+    def kron_statistics(self, records, output_grads, batch_size) -> list[tf.Tensor]:
+        raise NotImplementedError
+
+    def gradient_matrix(self, grads: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The block's gradients as one (input side, output side) matrix."""
+        raise NotImplementedError
+
+    def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrix`: one tensor per variable."""
+        raise NotImplementedError
+
+    def per_example_gradients(self, records, output_grads) -> tf.Tensor:
+        """(C·b, num_params) gradients of each example (per output column), variables flattened in order."""
+        raise NotImplementedError
+
+    # --- shared machinery ------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for v in self.variables)
+
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        if self.approx == KRON:
+            input_shape, output_dim = self.kron_dims()
+            return [input_shape, (output_dim, output_dim)]
+        if self.approx == DIAGONAL:
+            return [(self.num_params,)]
+        return [(self.num_params, self.num_params)]
+
+    def factor_names(self) -> list[str]:
+        return ["A", "G"] if self.approx == KRON else [self.approx]
+
+    def statistics(self, records, output_grads, batch_size) -> list[tf.Tensor]:
+        """Batch statistics of each factor (means over the local batch)."""
+        if self.approx == KRON:
+            return self.kron_statistics(records, output_grads, batch_size)
+        per_example = self.per_example_gradients(records, output_grads)
+        b = tf.cast(batch_size, per_example.dtype)
+        if self.approx == DIAGONAL:
+            return [tf.reduce_sum(tf.square(per_example), axis=0) / b]
+        return [tf.matmul(per_example, per_example, transpose_a=True) / b]
+
+    def invert(self, index: int, factors: Sequence[tf.Tensor], damping, method: str):
+        """Payload of factor `index`: its damped inverse, or (eigenvalues, eigenvectors).
+
+        Cholesky: Kronecker factors get the factored Tikhonov damping
+        (π√λ on A, √λ/π on G); diagonal and full blocks get λ. Eigen: the
+        eigendecomposition only; the exact damping is applied when
+        preconditioning, so a new damping takes effect at once.
+        Returns (payload tensors, retries).
+        """
+        factor = factors[index]
+        if method == EIGEN:
+            values, vectors = linalg.eigendecomposition(factor)
+            return [values, vectors], tf.constant(0, tf.int32)
+        if self.approx == KRON:
+            damping = linalg.factored_damping(factors[0], factors[1], damping)[index]
+        inverse, retries = linalg.damped_inverse(factor, damping)
+        return [inverse], retries
+
+    def payload_shapes(self, method: str) -> list[list[tuple[int, ...]]]:
+        """Shapes of `invert`'s payload for each factor."""
+        shapes = []
+        for shape in self.factor_shapes():
+            if method == CHOLESKY:
+                shapes.append([shape])
+            elif len(shape) == 1:
+                shapes.append([shape, (0, 0)])
+            else:
+                shapes.append([(shape[0],), shape])
+        return shapes
+
+    def precondition(self, grads, payloads, damping, method: str) -> list[tf.Tensor]:
+        """F̂⁻¹ applied to the block's gradients (one tensor per variable)."""
+        if self.approx == KRON:
+            matrix = self.gradient_matrix(grads)
+            if method == CHOLESKY:
+                out = _apply_left(payloads[0][0], matrix)
+                out = tf.matmul(out, payloads[1][0])
+            else:
+                out = _kron_eigen_solve(matrix, payloads[0], payloads[1], damping)
+            return self.split_matrix(out)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+        if method == CHOLESKY:
+            inverse = payloads[0][0]
+            out = (
+                flat * inverse
+                if self.approx == DIAGONAL
+                else tf.linalg.matvec(inverse, flat)
+            )
+        else:
+            values, vectors = payloads[0]
+            damping = tf.cast(damping, flat.dtype)
+            if self.approx == DIAGONAL:
+                out = flat / (values + damping)
+            else:
+                coords = tf.linalg.matvec(vectors, flat, transpose_a=True) / (
+                    values + damping
+                )
+                out = tf.linalg.matvec(vectors, coords)
+        return _split_flat(out, grads)
+
+
+def _apply_left(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+    """A⁻¹ M, where a diagonal A⁻¹ is stored as its diagonal."""
+    if inverse.shape.rank == 1:
+        return inverse[:, tf.newaxis] * matrix
+    return tf.matmul(inverse, matrix)
+
+
+def _kron_eigen_solve(matrix, input_eig, output_eig, damping) -> tf.Tensor:
+    """(A⊗G + λI)⁻¹ vec(M) through both eigenbases (exact damping)."""
+    values_a, vectors_a = input_eig
+    values_g, vectors_g = output_eig
+    diagonal_a = vectors_a.shape[0] == 0
+    coords = matrix if diagonal_a else tf.matmul(vectors_a, matrix, transpose_a=True)
+    coords = tf.matmul(coords, vectors_g)
+    scale = values_a[:, tf.newaxis] * values_g[tf.newaxis, :] + tf.cast(
+        damping, matrix.dtype
+    )
+    coords = coords / scale
+    out = coords if diagonal_a else tf.matmul(vectors_a, coords)
+    return tf.matmul(out, vectors_g, transpose_b=True)
+
+
+def _split_flat(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    sizes = [int(g.shape.num_elements()) for g in like]
+    parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+    return [tf.reshape(p, g.shape) for p, g in zip(parts, like)]
+
+
+def rows(tensor: tf.Tensor) -> tf.Tensor:
+    """Flattens every axis but the last: each position becomes one row."""
+    return tf.reshape(tensor, [-1, tensor.shape[-1]])
+
+
+def with_ones(rows_: tf.Tensor) -> tf.Tensor:
+    """Appends the constant input 1 that carries the bias."""
+    return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
+
+
+def kron_factors(
+    input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size
+) -> list[tf.Tensor]:
+    """A = (1/b) Σ ā āᵀ and G = (1/(b·T)) Σ g gᵀ.
+
+    `input_rows` holds the b·T positions of the local batch; `output_rows`
+    the gradients at those positions for each output column (C·b·T rows,
+    C = 1 unless the Fisher is summed over output columns exactly).
+    """
+    b = tf.cast(batch_size, input_rows.dtype)
+    positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
+    a = tf.matmul(input_rows, input_rows, transpose_a=True) / b
+    g = tf.matmul(output_rows, output_rows, transpose_a=True) / positions
+    return [a, g]

@@ -1,0 +1,88 @@
+"""Dense layers: Kronecker block over [kernel; bias] (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from kfac_dist.blocks.base import (
+    Block,
+    Record,
+    kron_factors,
+    rows,
+    with_ones,
+)
+
+
+class DenseBlock(Block):
+    """K-FAC for `keras.layers.Dense`: F ≈ A ⊗ G, ā = [a, 1]."""
+
+    def __init__(self, layer, approx: str | None = None):
+        self._layer = layer
+        variables = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        super().__init__(layer.name, variables, approx)
+
+    @property
+    def layer(self):
+        return self._layer
+
+    @property
+    def has_bias(self) -> bool:
+        return len(self.variables) == 2
+
+    def record(self, call, inputs, *args, **kwargs):
+        # Keras applies the activation inside `call`: set it aside so that the
+        # recorded output is the pre-activation s, then apply it to s.
+        activation = self._layer.activation
+        self._layer.activation = None
+        try:
+            s = call(inputs, *args, **kwargs)
+        finally:
+            self._layer.activation = activation
+        outputs = activation(s) if activation is not None else s
+        return outputs, Record(inputs=inputs, outputs=s)
+
+    # --- the linear map seen as rows of (input, output) pairs ----------------
+    def input_rows(self, record: Record) -> tf.Tensor:
+        a = rows(tf.cast(record.inputs, tf.float32))
+        return with_ones(a) if self.has_bias else a
+
+    def kron_dims(self):
+        kernel = self.variables[0]
+        fan_in = int(np.prod(kernel.shape[:-1])) + int(self.has_bias)
+        return (fan_in, fan_in), int(kernel.shape[-1])
+
+    def kron_statistics(self, records, output_grads, batch_size):
+        inputs = tf.concat([self.input_rows(r) for r in records], axis=0)
+        outputs = tf.concat(
+            [rows(tf.cast(g, tf.float32)) for g in output_grads], axis=0
+        )
+        return kron_factors(inputs, outputs, batch_size)
+
+    def per_example_gradients(self, records, output_grads):
+        per_record = []
+        for record, grads in zip(records, output_grads):
+            inputs = self.input_rows(record)
+            batch = tf.shape(record.outputs)[0]
+            inputs = tf.reshape(inputs, [batch, -1, inputs.shape[-1]])
+            columns = tf.shape(grads)[0]
+            outs = tf.reshape(
+                tf.cast(grads, tf.float32), [columns, batch, -1, grads.shape[-1]]
+            )
+            # Σ_t ā_t g_tᵀ for each column and example, flattened row-major:
+            # the kernel rows first, then the bias row, as the variables are.
+            per_record.append(tf.einsum("bti,cbto->cbio", inputs, outs))
+        total = tf.add_n(per_record)
+        return tf.reshape(total, [-1, total.shape[-2] * total.shape[-1]])
+
+    def gradient_matrix(self, grads):
+        kernel = tf.reshape(grads[0], [-1, grads[0].shape[-1]])
+        if not self.has_bias:
+            return kernel
+        return tf.concat([kernel, grads[1][tf.newaxis]], axis=0)
+
+    def split_matrix(self, matrix):
+        kernel_shape = self.variables[0].shape
+        if not self.has_bias:
+            return [tf.reshape(matrix, kernel_shape)]
+        return [tf.reshape(matrix[:-1], kernel_shape), matrix[-1]]

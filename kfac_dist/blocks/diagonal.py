@@ -1,0 +1,38 @@
+"""A diagonal block for arbitrary variables (unsupported layers, manual registration).
+
+Per-example gradients of arbitrary variables are not available from one
+backward pass, but the pseudo-loss carries an independent random sign per
+example: cross terms between examples vanish in expectation, so
+(1/b)·(Σ_i r_i ĝ_i)² is an unbiased estimate of the diagonal Fisher
+(1/b)·Σ_i ĝ_i², obtained from the variables' ordinary gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from kfac_dist.blocks.base import DIAGONAL, Block
+
+
+class GenericDiagonalBlock(Block):
+    """Diagonal Fisher of any variables, from signed batch gradients."""
+
+    approximations = (DIAGONAL,)
+
+    def __init__(self, name: str, variables: Sequence, approx: str | None = None):
+        super().__init__(name, variables, approx)
+
+    def statistics(self, records, output_grads, batch_size):
+        # `output_grads` are the variables' gradients, one (C, *shape) per variable.
+        flat = tf.concat(
+            [
+                tf.reshape(tf.cast(g, tf.float32), [g.shape[0], -1])
+                for g in output_grads
+            ],
+            axis=1,
+        )
+        return [
+            tf.reduce_sum(tf.square(flat), axis=0) / tf.cast(batch_size, tf.float32)
+        ]

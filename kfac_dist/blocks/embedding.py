@@ -1,0 +1,54 @@
+"""Embedding layers: Kronecker block with a diagonal input factor.
+
+The input of an embedding is a one-hot token, so A = E[Σ_t ā ā ᵀ] is diagonal:
+the token counts over the batch (divided by b). G is full, as for Dense.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from kfac_dist.blocks.base import KRON, Block, Record, kron_factors, rows
+
+
+class EmbeddingBlock(Block):
+    """K-FAC for `keras.layers.Embedding`: diag(token counts) ⊗ G."""
+
+    approximations = (KRON,)
+
+    def __init__(self, layer, approx: str | None = None):
+        self._layer = layer
+        super().__init__(layer.name, [layer.embeddings], approx)
+
+    @property
+    def layer(self):
+        return self._layer
+
+    def record(self, call, inputs, *args, **kwargs):
+        outputs = call(inputs, *args, **kwargs)
+        return outputs, Record(inputs=inputs, outputs=outputs)
+
+    def kron_dims(self):
+        vocabulary, width = self.variables[0].shape
+        return (int(vocabulary),), int(width)
+
+    def kron_statistics(self, records, output_grads, batch_size):
+        vocabulary = self.kron_dims()[0][0]
+        ids = tf.concat(
+            [tf.reshape(tf.cast(r.inputs, tf.int32), [-1]) for r in records], 0
+        )
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(ids, tf.float32), ids, vocabulary
+        )
+        outputs = tf.concat(
+            [rows(tf.cast(g, tf.float32)) for g in output_grads], axis=0
+        )
+        # kron_factors on one-hot rows would materialise (b·T, V): use counts.
+        _, g = kron_factors(tf.zeros([tf.shape(ids)[0], 0]), outputs, batch_size)
+        return [counts / tf.cast(batch_size, tf.float32), g]
+
+    def gradient_matrix(self, grads):
+        return tf.convert_to_tensor(grads[0])
+
+    def split_matrix(self, matrix):
+        return [matrix]

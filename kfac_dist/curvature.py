@@ -1,0 +1,281 @@
+"""The curvature state of all blocks: factor averages, sync, owned inverses, sharing.
+
+Each replica folds its own batch statistics into local sums weighted by the
+examples it saw: S_r ← ε S_r + (1-ε) b_r F_r and W_r ← ε W_r + (1-ε) b_r.
+The factor is S/W with S = Σ_r S_r, W = Σ_r W_r: the debiased moving average
+of the global-batch statistics (W starts at zero, so dividing by it is the
+1-εᵗ correction). Summing is linear, so syncing only on inverse updates is
+exact; after a sync every replica holds S/N, W/N, so a second sync changes
+nothing. A placement plan names one owner per factor; owners invert, and one
+sum all-reduce of a buffer where each replica fills only its own factors
+brings every result to every replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from kfac_dist import linalg
+from kfac_dist.blocks import CHOLESKY, Block
+from kfac_dist.placement import FlopCostModel, InversionUnit, PlacementPlan, make_plan
+from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
+
+LAZY = "lazy"
+EVERY_UPDATE = "every_update"
+FACTOR_SYNC_MODES = (LAZY, EVERY_UPDATE)
+
+
+def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+
+class Curvature:
+    """Factor statistics and inverses of a list of blocks, on every replica."""
+
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        context: CrossReplicaContext,
+        *,
+        inverse_method: str,
+        placement,
+        cov_ema_decay: float,
+        factor_sync: str = LAZY,
+    ):
+        self.blocks = list(blocks)
+        self.context = context
+        self.inverse_method = inverse_method
+        self.cov_ema_decay = cov_ema_decay
+        self.factor_sync = factor_sync
+        self.units = [
+            InversionUnit(
+                name=f"{block.name}/{factor_name}",
+                block=block.name,
+                dim=shape[0],
+                kind="diagonal" if len(shape) == 1 else "matrix",
+            )
+            for block in self.blocks
+            for factor_name, shape in zip(block.factor_names(), block.factor_shapes())
+        ]
+        self.plan: PlacementPlan = make_plan(
+            self.units,
+            context.num_replicas,
+            placement,
+            cost_model=FlopCostModel(inverse_method),
+        )
+
+    # --- state ------------------------------------------------------------
+    def build(self, add_variable) -> None:
+        """Creates the state with `add_variable(shape, name, dtype)` (per-replica)."""
+        self.factor_sums = []
+        self.good_sums = []
+        for block in self.blocks:
+            for name, shape in zip(block.factor_names(), block.factor_shapes()):
+                self.factor_sums.append(add_variable(shape, f"{block.name}_{name}_sum"))
+                self.good_sums.append(add_variable(shape, f"{block.name}_{name}_good"))
+        self.weight_sum = add_variable((), "weight_sum")
+        self.good_weight = add_variable((), "weight_good")
+        self.payloads = []
+        for block in self.blocks:
+            for name, shapes in zip(
+                block.factor_names(), block.payload_shapes(self.inverse_method)
+            ):
+                self.payloads.append(
+                    [
+                        add_variable(s, f"{block.name}_{name}_inv{i}")
+                        for i, s in enumerate(shapes)
+                    ]
+                )
+        self.skipped_statistics = add_variable((), "skipped_statistics", "int64")
+        self.inversions = add_variable((), "inversions_computed", "int64")
+        self.inversion_retries = add_variable((), "inversion_retries", "int64")
+
+    def _block_slices(self):
+        start = 0
+        for block in self.blocks:
+            count = len(block.factor_names())
+            yield block, slice(start, start + count)
+            start += count
+
+    # --- statistics -----------------------------------------------------------
+    def accumulate(
+        self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor
+    ) -> None:
+        """Folds one batch's statistics (flat, in factor order) into the local sums.
+
+        A batch with non-finite statistics is not folded (and counted), so
+        the local sums stay as they were; this decision needs no collective.
+        """
+        decay = tf.constant(self.cov_ema_decay, tf.float32)
+        b = tf.cast(batch_size, tf.float32)
+        finite = _all_finite(statistics)
+        for var, stat in zip(self.factor_sums, statistics):
+            updated = decay * var + (1.0 - decay) * b * tf.where(
+                finite, stat, tf.zeros_like(stat)
+            )
+            var.assign(tf.where(finite, updated, var))
+        self.weight_sum.assign(
+            tf.where(
+                finite, decay * self.weight_sum + (1.0 - decay) * b, self.weight_sum
+            )
+        )
+        self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        if self.factor_sync == EVERY_UPDATE:
+            self.sync()
+
+    def sync(self) -> tf.Tensor:
+        """One packed all-reduce of the local sums; returns whether they were finite.
+
+        Symmetric factors travel as triangles. Non-finite synced sums are seen
+        identically by every replica, which all fall back to the last good
+        sums without another collective.
+        """
+        packed = [
+            linalg.pack_symmetric(v) if v.shape.rank == 2 else tf.convert_to_tensor(v)
+            for v in self.factor_sums
+        ] + [tf.reshape(self.weight_sum, [1])]
+        summed = self.context.all_reduce_sum(packed, FACTOR_SYNC)
+        finite = _all_finite(summed)
+        share = 1.0 / self.context.num_replicas
+        for var, good, value in zip(self.factor_sums, self.good_sums, summed[:-1]):
+            if var.shape.rank == 2:
+                value = linalg.unpack_symmetric(value, var.shape[0])
+            value = tf.where(finite, value * share, good)
+            var.assign(value)
+            good.assign(value)
+        weight = tf.where(finite, summed[-1][0] * share, self.good_weight)
+        self.weight_sum.assign(weight)
+        self.good_weight.assign(weight)
+        self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        return finite
+
+    def factors(self) -> list[tf.Tensor]:
+        """The synced factors S/W (valid right after a sync)."""
+        weight = tf.maximum(self.weight_sum.value, 1e-30)
+        return [v.value / weight for v in self.factor_sums]
+
+    # --- inverses ---------------------------------------------------------------
+    def update_inverses(self, damping) -> None:
+        """Syncs (unless synced on every update), then inverts and shares."""
+        finite = tf.constant(True) if self.factor_sync == EVERY_UPDATE else self.sync()
+        tf.cond(finite, lambda: self._invert_and_share(damping), tf.no_op)
+
+    def _invert_and_share(self, damping):
+        factors = self.factors()
+        replica = self.context.replica_id()
+        shared, computed = [], []
+        unit = 0
+        for block, factor_slice in self._block_slices():
+            block_factors = factors[factor_slice]
+            for index in range(len(block_factors)):
+                owner = self.plan.owners[unit]
+                payload = self._owned_payload(
+                    block, index, block_factors, damping, replica, owner
+                )
+                computed.append(payload)
+                if self.plan.is_shared(unit) and self.context.num_replicas > 1:
+                    shared.append(unit)
+                unit += 1
+        if shared:
+            wire = [t for u in shared for t in _to_wire(computed[u])]
+            received = iter(self.context.all_reduce_sum(wire, INVERSE_SHARE))
+            for u in shared:
+                computed[u] = _from_wire(received, computed[u])
+        for variables, payload in zip(self.payloads, computed):
+            ok = _all_finite(payload)
+            for var, value in zip(variables, payload):
+                var.assign(tf.where(ok, value, var))
+        return tf.no_op()
+
+    def _owned_payload(self, block, index, block_factors, damping, replica, owner):
+        def compute():
+            payload, retries = block.invert(
+                index, block_factors, damping, self.inverse_method
+            )
+            self.inversions.assign_add(1)
+            self.inversion_retries.assign_add(tf.cast(retries, tf.int64))
+            return payload
+
+        if owner is None or self.context.num_replicas == 1:
+            return compute()
+
+        def skip():
+            return [
+                tf.zeros(p.shape, tf.float32)
+                for p in self.payloads[self._unit_index(block, index)]
+            ]
+
+        return tf.cond(tf.equal(replica, owner), compute, skip)
+
+    def _unit_index(self, block, index) -> int:
+        for b, factor_slice in self._block_slices():
+            if b is block:
+                return factor_slice.start + index
+        raise KeyError(block.name)
+
+    # --- preconditioning ----------------------------------------------------------
+    def precondition(
+        self, block_grads: Sequence[Sequence[tf.Tensor]], damping
+    ) -> list[list[tf.Tensor]]:
+        """F̂⁻¹∇ for each block's gradients."""
+        out = []
+        for (block, factor_slice), grads in zip(self._block_slices(), block_grads):
+            payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
+            out.append(
+                block.precondition(grads, payloads, damping, self.inverse_method)
+            )
+        return out
+
+    # --- sizes, for reports -------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        def nbytes(var):
+            return int(tf.TensorShape(var.shape).num_elements()) * 4
+
+        return {
+            "factors": sum(nbytes(v) for v in self.factor_sums + self.good_sums) + 8,
+            "inverses": sum(nbytes(v) for p in self.payloads for v in p),
+        }
+
+
+def _to_wire(payload: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Symmetric inverses travel as triangles; eigenvectors and vectors as they are."""
+    if len(payload) == 1 and payload[0].shape.rank == 2:
+        return [linalg.pack_symmetric(payload[0])]
+    return list(payload)
+
+
+def _from_wire(received, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    if len(like) == 1 and like[0].shape.rank == 2:
+        return [linalg.unpack_symmetric(next(received), like[0].shape[0])]
+    return [next(received) for _ in like]
+
+
+def per_replica_variable(optimizer: keras.optimizers.Optimizer):
+    """An `add_variable` for `Curvature.build`: per-replica state, tracked by Keras.
+
+    `on_read` with `only_first_replica`: each replica writes its own copy with
+    no implicit communication, and saving reads replica 0's (identical after
+    a sync).
+    """
+
+    def add_variable(shape, name: str, dtype: str = "float32"):
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            variable = keras.Variable(
+                initializer="zeros",
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                aggregation="only_first_replica",
+                synchronization="on_read",
+                name=name,
+            )
+        optimizer._track_variable(variable)  # noqa: SLF001
+        return variable
+
+    return add_variable
+
+
+__all__ = ["CHOLESKY", "Curvature", "FACTOR_SYNC_MODES", "per_replica_variable"]

@@ -1,0 +1,579 @@
+"""`Kfac`: the K-FAC optimizer for Keras 3, under any tf.distribute strategy."""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kfac_dist import blocks as blocks_lib
+from kfac_dist import curvature as curvature_lib
+from kfac_dist import linalg, registration, strategies, training
+from kfac_dist import losses as losses_lib
+from kfac_dist.multi_worker import enable_multi_worker_fit
+
+MUTABLE = (
+    "learning_rate",
+    "damping",
+    "momentum",
+    "weight_decay_coeff",
+    "norm_constraint",
+    "batch_size",
+)
+_CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
+_REJECTED_ARGS = {
+    "use_ema": "K-FAC keeps no EMA of the weights",
+    "ema_momentum": "K-FAC keeps no EMA of the weights",
+    "ema_overwrite_frequency": "K-FAC keeps no EMA of the weights",
+    "gradient_accumulation_steps": "accumulated gradients would not match the curvature statistics of each batch; use a larger batch",
+    "weight_decay": "use weight_decay_coeff (decoupled, added to the update)",
+    "loss_scale_factor": "use the mixed-precision policy, which wraps the optimizer",
+    "adaptive": "adaptive damping / quadratic-model momentum are not available yet",
+    "adapt_damping": "adaptive damping is not available yet",
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@keras.saving.register_keras_serializable(package="kfac_dist")
+class Kfac(keras.optimizers.Optimizer):
+    """K-FAC (Martens & Grosse 2015) as a Keras 3 optimizer.
+
+    The update, for each curvature block with gradient ∇ (all-reduced once):
+
+        P∇ = F̂⁻¹ ∇                # F̂ = A ⊗ G (+ damping), or diagonal/full
+        ν = min(1, sqrt(C / (lr² Σ_blocks ⟨P∇, ∇⟩)))   # if norm_constraint=C
+        d = ν·P∇ + weight_decay_coeff·θ
+        v = momentum·v − lr·d
+        θ = θ + v
+
+    Args (keyword-only, as in kfac 0.2.4):
+        learning_rate: float or `LearningRateSchedule`, > 0.
+        damping: Tikhonov damping λ > 0. With `inverse_method="cholesky"` it is
+            split between the factors with π (factored Tikhonov) and takes
+            effect at the next inverse update; with "eigen" it is exact and
+            immediate.
+        model: the Keras model to train; `Kfac` installs its train step on it
+            and registers its layers when built.
+        loss, loss_weights: default to what the model is compiled with.
+        momentum: μ in [0, 1), default 0.9 (`momentum_type="regular"`).
+        weight_decay_coeff: decoupled weight decay ≥ 0, default None (off).
+        norm_constraint: KL clipping bound C > 0, default None (off).
+        batch_size: global batch size, only to check the data against.
+        cov_ema_decay: ε in [0, 1) of the factors' moving average, default 0.95.
+        cov_update_every: factor statistics every k steps, default 1.
+        invert_every: inverse update every k steps, default 10.
+        estimation_mode: "sampled" (default), "empirical" or "exact".
+        fisher_approx: {layer name or class: "kron" | "diagonal" | "full"}.
+        inverse_method: "cholesky" (default) or "eigen".
+        layer_collection: a `LayerCollection` of manual registrations.
+        unsupported_layers: "error" (default) or "diagonal".
+        placement: "round_robin" (default), "balanced", "replicated" or a
+            policy object with `assign(costs, num_replicas)`.
+        factor_sync: "lazy" (default: sync on inverse updates) or
+            "every_update".
+        seed: seed of the sampled Fisher.
+    """
+
+    is_kfac = True
+
+    def __init__(
+        self,
+        *args,
+        learning_rate=None,
+        damping=None,
+        model: keras.Model | None = None,
+        loss=None,
+        loss_weights=None,
+        momentum: float = 0.9,
+        momentum_type: str = "regular",
+        weight_decay_coeff: float | None = None,
+        norm_constraint: float | None = None,
+        batch_size: int | None = None,
+        cov_ema_decay: float = 0.95,
+        cov_update_every: int = 1,
+        invert_every: int = 10,
+        estimation_mode: str = losses_lib.SAMPLED,
+        fisher_approx=None,
+        inverse_method: str = blocks_lib.CHOLESKY,
+        layer_collection: registration.LayerCollection | None = None,
+        unsupported_layers: str = "error",
+        placement="round_robin",
+        factor_sync: str = curvature_lib.LAZY,
+        seed: int | None = None,
+        name: str | None = None,
+        **kwargs,
+    ):
+        if args:
+            raise TypeError(
+                "Kfac takes keyword arguments only, e.g. Kfac(learning_rate=0.001, "
+                "damping=0.01, model=model, loss=loss)."
+            )
+        for arg in _CLIP_ARGS:
+            if kwargs.get(arg) is not None:
+                raise ValueError(
+                    f"Kfac does not support {arg}: K-FAC bounds its update by the KL "
+                    "divergence instead; use norm_constraint=C (KL clipping)."
+                )
+            kwargs.pop(arg, None)
+        for arg, why in _REJECTED_ARGS.items():
+            if arg in kwargs and kwargs[arg] not in (None, False):
+                raise ValueError(f"Kfac does not support {arg}: {why}.")
+            kwargs.pop(arg, None)
+        if kwargs:
+            raise TypeError(f"Kfac got unexpected argument(s): {sorted(kwargs)}.")
+        _require(damping is not None, "Kfac needs damping=λ > 0 (e.g. damping=0.01).")
+        _require(
+            learning_rate is not None, "Kfac needs learning_rate=... (e.g. 0.001)."
+        )
+        if not isinstance(
+            learning_rate, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            _require(
+                float(learning_rate) > 0,
+                f"learning_rate must be > 0, got {learning_rate}.",
+            )
+        _require(float(damping) > 0, f"damping must be > 0, got {damping}.")
+        _require(
+            0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}."
+        )
+        _require(
+            momentum_type == "regular",
+            f"momentum_type must be 'regular', got {momentum_type!r}.",
+        )
+        _require(
+            weight_decay_coeff is None or float(weight_decay_coeff) >= 0,
+            f"weight_decay_coeff must be >= 0, got {weight_decay_coeff}.",
+        )
+        _require(
+            norm_constraint is None or float(norm_constraint) > 0,
+            f"norm_constraint must be > 0, got {norm_constraint}.",
+        )
+        _require(
+            batch_size is None or int(batch_size) >= 1,
+            f"batch_size must be >= 1, got {batch_size}.",
+        )
+        _require(
+            0 <= float(cov_ema_decay) < 1,
+            f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.",
+        )
+        _require(
+            int(cov_update_every) >= 1,
+            f"cov_update_every must be >= 1, got {cov_update_every}.",
+        )
+        _require(
+            int(invert_every) >= 1, f"invert_every must be >= 1, got {invert_every}."
+        )
+        _require(
+            estimation_mode in losses_lib.ESTIMATION_MODES,
+            f"estimation_mode must be one of {losses_lib.ESTIMATION_MODES}, got {estimation_mode!r}.",
+        )
+        _require(
+            inverse_method in blocks_lib.INVERSE_METHODS,
+            f"inverse_method must be one of {blocks_lib.INVERSE_METHODS}, got {inverse_method!r}.",
+        )
+        _require(
+            unsupported_layers in registration.UNSUPPORTED_LAYER_POLICIES,
+            f"unsupported_layers must be one of {registration.UNSUPPORTED_LAYER_POLICIES}, "
+            f"got {unsupported_layers!r}.",
+        )
+        _require(
+            factor_sync in curvature_lib.FACTOR_SYNC_MODES,
+            f"factor_sync must be one of {curvature_lib.FACTOR_SYNC_MODES}, got {factor_sync!r}.",
+        )
+        super().__init__(learning_rate=learning_rate, name=name)
+        self._mutable = tuple(
+            h
+            for h, value in zip(
+                MUTABLE,
+                (
+                    learning_rate,
+                    damping,
+                    momentum,
+                    weight_decay_coeff,
+                    norm_constraint,
+                    batch_size,
+                ),
+            )
+            if value is not None
+        )
+        with keras.name_scope(self.name, caller=self):
+            self._damping = self._hyper_variable("damping", damping)
+            self._momentum = self._hyper_variable("momentum", momentum)
+            self._weight_decay_coeff = self._hyper_variable(
+                "weight_decay_coeff", weight_decay_coeff or 0.0
+            )
+            self._norm_constraint = self._hyper_variable(
+                "norm_constraint", norm_constraint or 0.0
+            )
+            self._batch_size = self._hyper_variable(
+                "batch_size", batch_size or 0, "int64"
+            )
+        self.loss = loss
+        self.loss_weights = loss_weights
+        self.cov_ema_decay = float(cov_ema_decay)
+        self.cov_update_every = int(cov_update_every)
+        self.invert_every = int(invert_every)
+        self.estimation_mode = estimation_mode
+        self.fisher_approx = fisher_approx
+        self.inverse_method = inverse_method
+        self.layer_collection = layer_collection
+        self.unsupported_layers = unsupported_layers
+        self.placement = placement
+        self.factor_sync = factor_sync
+        self.seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else int(seed)
+        self._model_ref = None
+        self._output_losses = None
+        self.curvature = None
+        if model is not None:
+            self.bind(model)
+
+    def _hyper_variable(self, name: str, value, dtype: str = "float32"):
+        variable = keras.Variable(
+            value,
+            name=name,
+            dtype=dtype,
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        self._track_variable(variable)
+        return variable
+
+    # --- the model ------------------------------------------------------------
+    @property
+    def model(self) -> keras.Model | None:
+        return self._model_ref() if self._model_ref is not None else None
+
+    def bind(self, model: keras.Model) -> None:
+        """Binds to `model`: its strategy, its train step, its layers."""
+        self._model_ref = weakref.ref(model)
+        self.context = strategies.resolve(model.distribute_strategy)
+        training.install(model)
+        enable_multi_worker_fit(model)
+        if model.built:
+            self._register(model)
+
+    def _register(self, model):
+        return registration.collect_blocks(
+            model,
+            fisher_approx=self.fisher_approx,
+            unsupported_layers=self.unsupported_layers,
+            layer_collection=self.layer_collection,
+        )
+
+    def build(self, var_list):
+        if self.built:
+            return
+        model = self.model
+        if model is None:
+            raise ValueError(
+                "This Kfac optimizer is not bound to a model: pass model= to Kfac, "
+                "or load a saved model with kfac_dist.keras.saving_utils.load_model(path)."
+            )
+        super().build(var_list)
+        blocks = self._register(model)
+        self.curvature = curvature_lib.Curvature(
+            blocks,
+            self.context,
+            inverse_method=self.inverse_method,
+            placement=self.placement,
+            cov_ema_decay=self.cov_ema_decay,
+            factor_sync=self.factor_sync,
+        )
+        self.curvature.build(curvature_lib.per_replica_variable(self))
+        add = curvature_lib.per_replica_variable(self)
+        self._kl_clip = add((), "kl_clip")
+        self._skipped_updates = add((), "skipped_updates", "int64")
+        self._velocities = [
+            self.add_variable_from_reference(v, "velocity") for v in var_list
+        ]
+        self._block_indices = [
+            [self._get_variable_index(v) for v in b.variables] for b in blocks
+        ]
+        registered = {i for indices in self._block_indices for i in indices}
+        self._unregistered = [i for i in range(len(var_list)) if i not in registered]
+        self.built = True
+
+    # --- losses -------------------------------------------------------------------
+    def output_losses(self, num_outputs: int) -> list[losses_lib.OutputLoss | None]:
+        """One `OutputLoss` (or None: no loss) per flat model output."""
+        if self._output_losses is None:
+            self._output_losses = self._resolve_losses(num_outputs)
+        return self._output_losses
+
+    def _resolve_losses(self, num_outputs):
+        model = self.model
+        compiled = getattr(model, "_compile_loss", None)
+        compiled_loss = getattr(compiled, "_user_loss", None)
+        compiled_weights = getattr(compiled, "_user_loss_weights", None)
+        if (
+            self.loss is not None
+            and compiled_loss is not None
+            and not _same_loss(self.loss, compiled_loss)
+        ):
+            raise ValueError(
+                f"Kfac(loss={self.loss!r}) differs from the loss the model was compiled "
+                f"with ({compiled_loss!r}); pass the same loss to both, or only to compile."
+            )
+        if (
+            self.loss_weights is not None
+            and compiled_weights is not None
+            and self.loss_weights != compiled_weights
+        ):
+            raise ValueError(
+                f"Kfac(loss_weights={self.loss_weights!r}) differs from compile's "
+                f"loss_weights={compiled_weights!r}; pass the same to both, or only to compile."
+            )
+        loss = self.loss if self.loss is not None else compiled_loss
+        weights = (
+            self.loss_weights if self.loss_weights is not None else compiled_weights
+        )
+        names = list(getattr(model, "output_names", None) or [])
+        manual = self.layer_collection.losses if self.layer_collection else {}
+        out = []
+        for index in range(num_outputs):
+            name = names[index] if index < len(names) else None
+            if index in manual or name in manual:
+                entry, weight = manual.get(index, manual.get(name))
+            else:
+                entry = _pick(loss, index, name, num_outputs, "loss")
+                weight = _pick(weights, index, name, num_outputs, "loss_weights")
+            out.append(None if entry is None else losses_lib.output_loss(entry, weight))
+        if all(o is None for o in out):
+            raise ValueError(
+                "Kfac found no loss: pass loss= to Kfac or to model.compile."
+            )
+        return out
+
+    # --- hyperparameters ---------------------------------------------------------
+    @property
+    def mutable_hyperparameters(self) -> tuple[str, ...]:
+        return self._mutable
+
+    def __setattr__(self, name, value):
+        if name in MUTABLE[1:] and getattr(self, "_mutable", None) is not None:
+            self._set_hyperparameter(name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _set_hyperparameter(self, name, value):
+        if name not in self._mutable:
+            raise ValueError(
+                f"{name} cannot change during training: it was None when this Kfac was "
+                f"created. Mutable hyperparameters: {self._mutable}."
+            )
+        getattr(self, f"_{name}").assign(value)
+
+    @property
+    def damping(self):
+        return self._damping
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @property
+    def weight_decay_coeff(self):
+        return self._weight_decay_coeff
+
+    @property
+    def norm_constraint(self):
+        return self._norm_constraint
+
+    @property
+    def batch_size(self):
+        return self._batch_size
+
+    def damping_value(self) -> tf.Tensor:
+        return tf.convert_to_tensor(self._damping)
+
+    def check_batch_size(self, local_batch_size) -> None:
+        """With batch_size given, the global batch must match it."""
+        if "batch_size" not in self._mutable:
+            return
+        global_batch = tf.cast(local_batch_size, tf.int64) * self.context.num_replicas
+        tf.debugging.assert_equal(
+            global_batch,
+            tf.convert_to_tensor(self._batch_size),
+            message="Kfac(batch_size=...) does not match the global batch size of the data",
+        )
+
+    # --- the update -----------------------------------------------------------------
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """All-reduce once, precondition in replica context, then Keras' per-variable update."""
+        trainable_variables = [
+            v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
+        ]
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        grads = self.context.all_reduce_gradients(grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+        by_index = {
+            self._get_variable_index(v): i for i, v in enumerate(trainable_variables)
+        }
+        block_grads = [
+            [grads[by_index[i]] for i in indices] for indices in self._block_indices
+        ]
+        preconditioned = self.curvature.precondition(block_grads, self._damping)
+        directions = list(grads)
+        inner = tf.constant(0.0)
+        for indices, block_grad, block_pre in zip(
+            self._block_indices, block_grads, preconditioned
+        ):
+            for i, g, p in zip(indices, block_grad, block_pre):
+                directions[by_index[i]] = tf.cast(p, g.dtype)
+                inner += tf.reduce_sum(tf.cast(p, tf.float32) * tf.cast(g, tf.float32))
+        if "norm_constraint" in self._mutable:
+            clip = linalg.kl_clip_factor(inner, learning_rate, self._norm_constraint)
+        else:
+            clip = tf.constant(1.0)
+        directions = [d * tf.cast(clip, d.dtype) for d in directions]
+        self._kl_clip.assign(clip)
+        self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        self._step_finite = finite
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step,
+            self._distribution_strategy,
+            list(zip(directions, trainable_variables)),
+            learning_rate,
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        """v = μv − lr·(d + wd·θ); θ = θ + v; nothing moves on a non-finite step."""
+        lr = tf.cast(learning_rate, variable.dtype)
+        velocity = self._velocities[self._get_variable_index(variable)]
+        decay = tf.cast(self._weight_decay_coeff, variable.dtype)
+        momentum = tf.cast(self._momentum, variable.dtype)
+        new_velocity = momentum * velocity - lr * (gradient + decay * variable)
+        new_velocity = tf.where(self._step_finite, new_velocity, velocity)
+        self.assign(velocity, new_velocity)
+        self.assign_add(
+            variable,
+            tf.where(self._step_finite, new_velocity, tf.zeros_like(new_velocity)),
+        )
+
+    def step_logs(self) -> dict[str, tf.Tensor]:
+        """K-FAC's own state for the `fit` history and TensorBoard."""
+        return {
+            "damping": tf.convert_to_tensor(self._damping),
+            "kl_clip": tf.convert_to_tensor(self._kl_clip.value),
+            "nonfinite_skips": tf.cast(
+                self._skipped_updates.value + self.curvature.skipped_statistics.value,
+                tf.float32,
+            ),
+        }
+
+    # --- serialization ---------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        for key in (
+            "weight_decay",
+            "clipnorm",
+            "clipvalue",
+            "global_clipnorm",
+            "use_ema",
+            "ema_momentum",
+            "ema_overwrite_frequency",
+            "loss_scale_factor",
+            "gradient_accumulation_steps",
+        ):
+            config.pop(key, None)
+        config.update(
+            {
+                "damping": float(self._damping.numpy()),
+                "loss": keras.losses.serialize(self.loss)
+                if self.loss is not None
+                and not isinstance(self.loss, (str, list, dict))
+                else self.loss,
+                "loss_weights": self.loss_weights,
+                "momentum": float(self._momentum.numpy()),
+                "weight_decay_coeff": float(self._weight_decay_coeff.numpy())
+                if "weight_decay_coeff" in self._mutable
+                else None,
+                "norm_constraint": float(self._norm_constraint.numpy())
+                if "norm_constraint" in self._mutable
+                else None,
+                "batch_size": int(self._batch_size.numpy())
+                if "batch_size" in self._mutable
+                else None,
+                "cov_ema_decay": self.cov_ema_decay,
+                "cov_update_every": self.cov_update_every,
+                "invert_every": self.invert_every,
+                "estimation_mode": self.estimation_mode,
+                "fisher_approx": self.fisher_approx
+                if _plain(self.fisher_approx)
+                else None,
+                "inverse_method": self.inverse_method,
+                "unsupported_layers": self.unsupported_layers,
+                "placement": self.placement
+                if isinstance(self.placement, str)
+                else "round_robin",
+                "factor_sync": self.factor_sync,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None, model=None):
+        config = dict(config)
+        lr = config.get("learning_rate")
+        if isinstance(lr, dict):
+            config["learning_rate"] = keras.optimizers.schedules.deserialize(
+                lr, custom_objects=custom_objects
+            )
+        if isinstance(config.get("loss"), dict):
+            config["loss"] = keras.losses.deserialize(
+                config["loss"], custom_objects=custom_objects
+            )
+        return cls(model=model, **config)
+
+
+def _plain(value) -> bool:
+    return (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, dict) and all(isinstance(k, str) for k in value))
+    )
+
+
+def _same_loss(a, b) -> bool:
+    def canonical(loss):
+        if isinstance(loss, (list, tuple)):
+            return [canonical(x) for x in loss]
+        if isinstance(loss, dict):
+            return {k: canonical(v) for k, v in loss.items()}
+        try:
+            return keras.losses.serialize(
+                keras.losses.get(loss) if isinstance(loss, str) else loss
+            )
+        except (ValueError, TypeError):
+            return repr(loss)
+
+    return a is b or canonical(a) == canonical(b) or _kind(a) == _kind(b)
+
+
+def _kind(loss):
+    try:
+        out = losses_lib.output_loss(loss)
+        return (out.kind, out.from_logits, out.label_smoothing)
+    except (ValueError, TypeError):
+        return object()
+
+
+def _pick(spec, index: int, name, count: int, what: str):
+    """The entry of a loss (or loss-weight) spec for one output."""
+    if spec is None or not isinstance(spec, (list, tuple, dict)):
+        return spec
+    if isinstance(spec, dict):
+        return spec.get(name)
+    if len(spec) != count:
+        raise ValueError(
+            f"{what} has {len(spec)} entries but the model has {count} outputs; give one per output."
+        )
+    return spec[index]

@@ -1,0 +1,176 @@
+"""The K-FAC train step that `Kfac` installs on the model it is bound to.
+
+One step (DESIGN.md §3): a forward pass that records each block's inputs and
+pre-activations; the compiled loss and its gradients; on factor-update steps,
+gradients of a pseudo-loss built from the model's predictive distribution at
+every recorded pre-activation, folded into local factor sums; on
+inverse-update steps, the sync, the owned inversions and the sharing; then
+`apply_gradients`, where the optimizer preconditions the all-reduced
+gradients. Returns Keras' metrics plus K-FAC's own state for the history.
+"""
+
+from __future__ import annotations
+
+import types
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as keras_loss_module
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from kfac_dist import capture
+from kfac_dist.losses import EXACT
+
+
+def _flatten(structure):
+    return keras.tree.flatten(structure)
+
+
+def _align_targets(y_true, y_pred, output_names):
+    """y_true as a flat list matching the flat model outputs."""
+    flat_pred = _flatten(y_pred)
+    if len(flat_pred) == 1:
+        flat_true = (
+            _flatten(y_true) if isinstance(y_true, (list, tuple, dict)) else [y_true]
+        )
+        return flat_true[:1]
+    if isinstance(y_true, dict) and not isinstance(y_pred, dict):
+        return [y_true.get(name) for name in output_names]
+    return _flatten(y_true)
+
+
+def _align_weights(sample_weight, count: int, output_names):
+    if sample_weight is None or not isinstance(sample_weight, (list, tuple, dict)):
+        return [sample_weight] * count
+    if isinstance(sample_weight, dict):
+        return [sample_weight.get(name) for name in output_names]
+    return list(sample_weight)
+
+
+def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
+    """Σ⟨u, η⟩ over outputs, one per output column in exact mode, else one.
+
+    Each example's vectors carry an independent random sign: Kronecker and
+    per-example statistics are unchanged by it, and it makes the diagonal
+    estimate of generic blocks unbiased (see blocks/diagonal.py).
+    """
+    model = kfac.model
+    flat_pred = _flatten(y_pred)
+    output_names = list(getattr(model, "output_names", None) or [])
+    flat_true = _align_targets(y_true, y_pred, output_names)
+    flat_weights = _align_weights(sample_weight, len(flat_pred), output_names)
+    output_losses = kfac.output_losses(len(flat_pred))
+    seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+    batch = tf.shape(flat_pred[0])[0]
+    signs = (
+        2.0
+        * tf.cast(
+            tf.random.stateless_uniform(
+                [batch], tf.random.experimental.stateless_fold_in(seed, -1)
+            )
+            < 0.5,
+            tf.float32,
+        )
+        - 1.0
+    )
+    columns = []
+    for index, (loss, pred, true, weight) in enumerate(
+        zip(output_losses, flat_pred, flat_true, flat_weights)
+    ):
+        if loss is None:
+            continue
+        eta = loss.natural_params(pred)
+        output_seed = tf.random.experimental.stateless_fold_in(seed, index)
+        sign = tf.reshape(signs, [-1] + [1] * (eta.shape.rank - 1))
+        vectors = loss.vectors(eta, true, weight, kfac.estimation_mode, output_seed)
+        columns.extend(tf.reduce_sum(sign * u * eta) for u in vectors)
+    if kfac.estimation_mode == EXACT:
+        return columns
+    return [tf.add_n(columns)]
+
+
+def kfac_train_step(model, data):
+    """Keras `train_step` with K-FAC's curvature work (installed per instance)."""
+    kfac = model.optimizer
+    if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
+        return type(model).train_step(model, data)
+    if not kfac.built:
+        kfac.build(model.trainable_variables)
+    curvature = kfac.curvature
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
+    kfac.check_batch_size(batch_size)
+    step = kfac.iterations
+    replica_id = curvature.context.replica_id()
+    seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
+
+    with tf.GradientTape(persistent=True) as tape:
+        with capture.recording(curvature.blocks) as records:
+            y_pred = (
+                model(x, training=True) if model._call_has_training_arg else model(x)
+            )  # noqa: SLF001
+        loss = model._compute_loss(  # noqa: SLF001
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        model._loss_tracker.update_state(  # noqa: SLF001
+            keras_loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=batch_size,
+        )
+        loss = kfac.scale_loss(loss)
+        pseudo = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
+
+    trainable_weights = model.trainable_weights
+    gradients = tape.gradient(loss, trainable_weights)
+
+    def update_statistics():
+        targets = []
+        for block, block_records in zip(curvature.blocks, records):
+            targets.extend(
+                r.outputs for r in block_records
+            ) if block.layer is not None else targets.extend(block.variables)
+        per_column = [
+            tape.gradient(p, targets, unconnected_gradients="zero") for p in pseudo
+        ]
+        stacked = [
+            tf.stack([tf.convert_to_tensor(c[i]) for c in per_column])
+            for i in range(len(targets))
+        ]
+        statistics, position = [], 0
+        for block, block_records in zip(curvature.blocks, records):
+            count = (
+                len(block_records) if block.layer is not None else len(block.variables)
+            )
+            statistics.extend(
+                block.statistics(
+                    block_records, stacked[position : position + count], batch_size
+                )
+            )
+            position += count
+        curvature.accumulate(statistics, batch_size)
+        return tf.no_op()
+
+    if kfac.cov_update_every == 1:
+        update_statistics()
+    else:
+        tf.cond(tf.equal(step % kfac.cov_update_every, 0), update_statistics, tf.no_op)
+    del tape
+    tf.cond(
+        tf.equal(step % kfac.invert_every, 0),
+        lambda: _update_inverses(curvature, kfac.damping_value()),
+        tf.no_op,
+    )
+    kfac.apply_gradients(zip(gradients, trainable_weights))
+    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    logs.update(kfac.step_logs())
+    return logs
+
+
+def _update_inverses(curvature, damping):
+    curvature.update_inverses(damping)
+    return tf.no_op()
+
+
+def install(model: keras.Model) -> None:
+    """Makes `model` run the K-FAC train step (on this instance only)."""
+    model.train_step = types.MethodType(kfac_train_step, model)
+    model.train_function = None
