@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from kfac_dist import linalg
+from kfac_dist.linalg import curvature_dtype
 from kfac_dist.blocks import CHOLESKY, Block
 from kfac_dist.placement import FlopCostModel, InversionUnit, PlacementPlan, make_plan
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
@@ -109,8 +110,8 @@ class Curvature:
         A batch with non-finite statistics is not folded (and counted), so
         the local sums stay as they were; this decision needs no collective.
         """
-        decay = tf.constant(self.cov_ema_decay, tf.float32)
-        b = tf.cast(batch_size, tf.float32)
+        decay = tf.constant(self.cov_ema_decay, curvature_dtype())
+        b = tf.cast(batch_size, curvature_dtype())
         finite = _all_finite(statistics)
         for var, stat in zip(self.factor_sums, statistics):
             updated = decay * var + (1.0 - decay) * b * tf.where(
@@ -204,7 +205,7 @@ class Curvature:
 
         def skip():
             return [
-                tf.zeros(p.shape, tf.float32)
+                tf.zeros(p.shape, curvature_dtype())
                 for p in self.payloads[self._unit_index(block, index)]
             ]
 
@@ -224,9 +225,10 @@ class Curvature:
         out = []
         for (block, factor_slice), grads in zip(self._block_slices(), block_grads):
             payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
-            out.append(
-                block.precondition(grads, payloads, damping, self.inverse_method)
-            )
+            cast = [tf.cast(g, curvature_dtype()) for g in grads]
+            damping = tf.cast(damping, curvature_dtype())
+            result = block.precondition(cast, payloads, damping, self.inverse_method)
+            out.append([tf.cast(r, g.dtype) for r, g in zip(result, grads)])
         return out
 
     # --- sizes, for reports -------------------------------------------------------
@@ -261,7 +263,8 @@ def per_replica_variable(optimizer: keras.optimizers.Optimizer):
     a sync).
     """
 
-    def add_variable(shape, name: str, dtype: str = "float32"):
+    def add_variable(shape, name: str, dtype: str | None = None):
+        dtype = dtype or curvature_dtype().name
         with keras.name_scope(optimizer.name, caller=optimizer):
             variable = keras.Variable(
                 initializer="zeros",

@@ -10,7 +10,7 @@ prints (or, with `--ssh`, runs) each host's command.
     python -m kfac_dist.launch --num-workers 2 -- python train.py --epochs 3
     python -m kfac_dist.launch --hosts h1,h2 --port 2222 -- python train.py
 
-Standard library only: the launcher never imports TensorFlow.
+This module uses the standard library only: it never imports TensorFlow.
 """
 
 from __future__ import annotations

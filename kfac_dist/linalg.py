@@ -6,8 +6,17 @@ plan can hand any factor to any replica. Shapes are static (TPU/XLA friendly).
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
+
+def curvature_dtype() -> tf.DType:
+    """Factors and inverses are float32, or float64 when Keras' floatx is float64.
+
+    Under mixed precision (float16/bfloat16 compute) they stay float32.
+    """
+    return tf.float64 if keras.config.floatx() == "float64" else tf.float32
+
 
 # Cholesky on a matrix that is not numerically positive definite returns NaN
 # in TF 2.21 (it does not raise): such a factor is retried with more damping.

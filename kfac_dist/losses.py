@@ -18,6 +18,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from kfac_dist.linalg import curvature_dtype
+
 MSE = "mean_squared_error"
 CATEGORICAL = "categorical_crossentropy"
 SPARSE_CATEGORICAL = "sparse_categorical_crossentropy"
@@ -54,7 +56,7 @@ class OutputLoss:
     # --- the natural parameters the Fisher is taken in ---------------------
     def natural_params(self, y_pred: tf.Tensor) -> tf.Tensor:
         """η: logits (recovered from probabilities when needed) or the prediction."""
-        y_pred = tf.cast(y_pred, tf.float32)
+        y_pred = tf.cast(y_pred, curvature_dtype())
         if self.kind == MSE or self.from_logits:
             return y_pred
         if self.kind == BINARY:
@@ -74,10 +76,10 @@ class OutputLoss:
     def element_scale(self, eta: tf.Tensor, sample_weight) -> tf.Tensor:
         """c = weight·w/T per loss element: b·∂²L/∂ℓ-element (shape η minus last axis)."""
         per_example = eta.shape[1:-1].num_elements() or 1
-        scale = tf.fill(tf.shape(eta)[:-1], self.weight / per_example)
+        scale = tf.fill(tf.shape(eta)[:-1], tf.constant(self.weight / per_example, eta.dtype))
         if sample_weight is None:
             return scale
-        w = tf.cast(sample_weight, tf.float32)
+        w = tf.cast(sample_weight, eta.dtype)
         while w.shape.rank > scale.shape.rank:
             w = tf.squeeze(w, -1)
         while w.shape.rank < scale.shape.rank:
@@ -101,7 +103,7 @@ class OutputLoss:
     def _hessian_root_column(self, mean, k: int, width: int) -> tf.Tensor:
         unit = tf.one_hot(k, width, dtype=mean.dtype)
         if self.kind == MSE:
-            return tf.broadcast_to(unit, tf.shape(mean)) * tf.sqrt(2.0 / width)
+            return tf.broadcast_to(unit, tf.shape(mean)) * (2.0 / width) ** 0.5
         if self.kind == BINARY:
             p = mean[..., k : k + 1]
             return unit * tf.sqrt(p * (1 - p) / width)
@@ -110,13 +112,13 @@ class OutputLoss:
 
     def _sampled_gradient(self, eta, mean, width: int, seed) -> tf.Tensor:
         if self.kind == MSE:
-            noise = tf.random.stateless_normal(tf.shape(eta), seed)
-            return noise * tf.sqrt(2.0 / width)
+            noise = tf.random.stateless_normal(tf.shape(eta), seed, dtype=eta.dtype)
+            return noise * (2.0 / width) ** 0.5
         if self.kind == BINARY:
             draw = tf.cast(
-                tf.random.stateless_uniform(tf.shape(mean), seed) < mean, mean.dtype
+                tf.random.stateless_uniform(tf.shape(mean), seed, dtype=mean.dtype) < mean, mean.dtype
             )
-            return (mean - draw) / tf.sqrt(float(width))
+            return (mean - draw) / width**0.5
         logits = tf.reshape(eta, [-1, width])
         draw = tf.random.stateless_categorical(logits, 1, seed)[:, 0]
         onehot = tf.reshape(tf.one_hot(draw, width), tf.shape(mean))
@@ -129,7 +131,7 @@ class OutputLoss:
                 labels = tf.squeeze(labels, -1)
             target = tf.one_hot(labels, width)
         else:
-            target = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(mean))
+            target = tf.reshape(tf.cast(y_true, curvature_dtype()), tf.shape(mean))
         if self.kind == MSE:
             return 2.0 / width * (mean - target)
         if self.label_smoothing:
@@ -147,7 +149,11 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
     kind = _FUNCTIONS.get(fn)
     if kind is None:
         name = (
-            getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss)
+            loss
+            if isinstance(loss, str)
+            else getattr(loss, "name", None)
+            or getattr(loss, "__name__", None)
+            or repr(loss)
         )
         raise UnsupportedLossError(
             f"K-FAC cannot register the loss {name!r}: it supports "

@@ -78,7 +78,9 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     return model
 
 
-def _maybe_symbolic_build(model: keras.Model, iterator=None, data_batch=None) -> None:
+def _maybe_symbolic_build(
+    model: keras.Model, iterator: Any = None, data_batch: Any = None
+) -> None:
     """Keras' build, fed this replica's share of the first batch."""
     if iterator is not None:
         strategy = model.distribute_strategy

@@ -421,17 +421,17 @@ class Kfac(keras.optimizers.Optimizer):
         ]
         preconditioned = self.curvature.precondition(block_grads, self._damping)
         directions = list(grads)
-        inner = tf.constant(0.0)
+        inner = tf.constant(0.0, linalg.curvature_dtype())
         for indices, block_grad, block_pre in zip(
             self._block_indices, block_grads, preconditioned
         ):
             for i, g, p in zip(indices, block_grad, block_pre):
                 directions[by_index[i]] = tf.cast(p, g.dtype)
-                inner += tf.reduce_sum(tf.cast(p, tf.float32) * tf.cast(g, tf.float32))
+                inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
         if "norm_constraint" in self._mutable:
             clip = linalg.kl_clip_factor(inner, learning_rate, self._norm_constraint)
         else:
-            clip = tf.constant(1.0)
+            clip = tf.constant(1.0, inner.dtype)
         directions = [d * tf.cast(clip, d.dtype) for d in directions]
         self._kl_clip.assign(clip)
         self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))

@@ -15,6 +15,8 @@ import types
 
 import keras
 import tensorflow as tf
+
+from kfac_dist.linalg import curvature_dtype
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
@@ -69,7 +71,7 @@ def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
                 [batch], tf.random.experimental.stateless_fold_in(seed, -1)
             )
             < 0.5,
-            tf.float32,
+            curvature_dtype(),
         )
         - 1.0
     )

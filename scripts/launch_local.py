@@ -1,6 +1,6 @@
 """Command-line entry point of the multi-worker launcher (see kfac_dist/launch.py).
 
-    python scripts/launch_local.py --num-workers 2 -- python train.py --flag
+python scripts/launch_local.py --num-workers 2 -- python train.py --flag
 """
 
 import sys

@@ -1,13 +1,15 @@
-"""Tests of the multi-worker launcher with real worker processes (no TensorFlow in them)."""
+"""Tests of the multi-worker launcher with real workers (no TensorFlow in them)."""
 
 import io
 import json
 import os
+import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,12 +129,14 @@ def test_interrupt_stops_every_worker_and_grandchild():
         text=True,
         start_new_session=True,
     )
+    output: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [output.put(line) for line in launcher.stdout], daemon=True
+    ).start()
     try:
         lines: list[str] = []
         while sum(line.endswith("] ready\n") for line in lines) < 2:
-            line = launcher.stdout.readline()
-            assert line, f"launcher ended early: {lines}"
-            lines.append(line)
+            lines.append(output.get(timeout=60))
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(timeout=15) == launch.EXIT_INTERRUPTED
         pids = _pids(lines)
@@ -142,7 +146,6 @@ def test_interrupt_stops_every_worker_and_grandchild():
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
-        launcher.stdout.close()
 
 
 def test_missing_command_exits_127(capsys):

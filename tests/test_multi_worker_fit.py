@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from kfac_dist import multi_worker
-from multiworker import assert_all_succeeded, run_workers
+from tests.multiworker import assert_all_succeeded, run_workers
 
 WORKER = Path(__file__).parent / "workers" / "adam_fit_worker.py"
 NUM_WORKERS = 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from kfac_dist.linalg import curvature_dtype
+
 from kfac_dist.blocks.base import Record, rows, with_ones
 from kfac_dist.blocks.dense import DenseBlock
 
@@ -27,7 +29,7 @@ class ConvBlock(DenseBlock):
         super().__init__(layer, approx)
 
     def input_rows(self, record: Record) -> tf.Tensor:
-        patches = extract_patches(self._layer, tf.cast(record.inputs, tf.float32))
+        patches = extract_patches(self._layer, tf.cast(record.inputs, curvature_dtype()))
         a = rows(patches)
         return with_ones(a) if self.has_bias else a
 

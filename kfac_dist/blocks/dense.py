@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from kfac_dist.linalg import curvature_dtype
+
 from kfac_dist.blocks.base import (
     Block,
     Record,
@@ -44,7 +46,7 @@ class DenseBlock(Block):
 
     # --- the linear map seen as rows of (input, output) pairs ----------------
     def input_rows(self, record: Record) -> tf.Tensor:
-        a = rows(tf.cast(record.inputs, tf.float32))
+        a = rows(tf.cast(record.inputs, curvature_dtype()))
         return with_ones(a) if self.has_bias else a
 
     def kron_dims(self):
@@ -55,7 +57,7 @@ class DenseBlock(Block):
     def kron_statistics(self, records, output_grads, batch_size):
         inputs = tf.concat([self.input_rows(r) for r in records], axis=0)
         outputs = tf.concat(
-            [rows(tf.cast(g, tf.float32)) for g in output_grads], axis=0
+            [rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0
         )
         return kron_factors(inputs, outputs, batch_size)
 
@@ -67,7 +69,7 @@ class DenseBlock(Block):
             inputs = tf.reshape(inputs, [batch, -1, inputs.shape[-1]])
             columns = tf.shape(grads)[0]
             outs = tf.reshape(
-                tf.cast(grads, tf.float32), [columns, batch, -1, grads.shape[-1]]
+                tf.cast(grads, curvature_dtype()), [columns, batch, -1, grads.shape[-1]]
             )
             # Σ_t ā_t g_tᵀ for each column and example, flattened row-major:
             # the kernel rows first, then the bias row, as the variables are.

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from kfac_dist.linalg import curvature_dtype
+
 from kfac_dist.blocks.base import DIAGONAL, Block
 
 
@@ -28,11 +30,11 @@ class GenericDiagonalBlock(Block):
         # `output_grads` are the variables' gradients, one (C, *shape) per variable.
         flat = tf.concat(
             [
-                tf.reshape(tf.cast(g, tf.float32), [g.shape[0], -1])
+                tf.reshape(tf.cast(g, curvature_dtype()), [g.shape[0], -1])
                 for g in output_grads
             ],
             axis=1,
         )
         return [
-            tf.reduce_sum(tf.square(flat), axis=0) / tf.cast(batch_size, tf.float32)
+            tf.reduce_sum(tf.square(flat), axis=0) / tf.cast(batch_size, curvature_dtype())
         ]

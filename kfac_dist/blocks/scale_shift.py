@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kfac_dist.linalg import curvature_dtype
+
 from kfac_dist.blocks.base import DIAGONAL, FULL, Block, Record
 
 
@@ -39,7 +41,7 @@ class ScaleShiftBlock(Block):
     def record(self, call, inputs, *args, **kwargs):
         outputs = call(inputs, *args, **kwargs)
         training = kwargs.get("training", args[0] if args else None)
-        normalized = self._normalize(tf.cast(inputs, tf.float32), training)
+        normalized = self._normalize(tf.cast(inputs, curvature_dtype()), training)
         return outputs, Record(
             inputs=inputs, outputs=outputs, extras={"normalized": normalized}
         )
@@ -54,19 +56,21 @@ class ScaleShiftBlock(Block):
                 mean, variance = tf.nn.moments(x, reduce_axes, keepdims=True)
             else:
                 shape = [x.shape[a] if a in param_axes else 1 for a in range(rank)]
-                mean = tf.reshape(tf.cast(layer.moving_mean, tf.float32), shape)
-                variance = tf.reshape(tf.cast(layer.moving_variance, tf.float32), shape)
+                mean = tf.reshape(tf.cast(layer.moving_mean, curvature_dtype()), shape)
+                variance = tf.reshape(tf.cast(layer.moving_variance, curvature_dtype()), shape)
             return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
         if getattr(layer, "rms_scaling", False):
-            mean_square = tf.reduce_mean(tf.square(x), param_axes, keepdims=True)
-            return x * tf.math.rsqrt(mean_square + layer.epsilon)
+            # Keras 3's (deprecated) rms_scaling divides x — not centred — by
+            # the standard deviation, not by the root mean square.
+            _, variance = tf.nn.moments(x, param_axes, keepdims=True)
+            return x * tf.math.rsqrt(variance + layer.epsilon)
         mean, variance = tf.nn.moments(x, param_axes, keepdims=True)
         return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
 
     def per_example_gradients(self, records, output_grads):
         total = None
         for record, grads in zip(records, output_grads):
-            g = tf.cast(grads, tf.float32)  # (C, b, ...)
+            g = tf.cast(grads, curvature_dtype())  # (C, b, ...)
             rank = g.shape.rank - 1
             param_axes = sorted(a % rank for a in self._param_axes)
             shared_axes = [a + 1 for a in range(1, rank) if a not in param_axes]

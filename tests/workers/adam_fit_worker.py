@@ -61,6 +61,7 @@ def fit(model: keras.Model, data: dict[str, np.ndarray], epochs: int) -> dict:
         dataset(data["x"], data["y"]),
         epochs=epochs,
         validation_data=dataset(data["x_val"], data["y_val"]),
+        shuffle=False,  # The dataset's order is the reference's order.
         verbose=0,
     ).history
 

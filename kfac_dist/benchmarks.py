@@ -1,0 +1,478 @@
+"""The MNIST autoencoder benchmark: K-FAC against Keras Adam, in one process, as ratios.
+
+Both optimizers train the same model (same initial weights) on the same
+sequence of shuffled batches, one `model.train_on_batch` per step, so each
+step's own batch loss (computed before that step's update) is known. A run
+reports, per optimizer, the first step and the seconds at which the 10-step
+moving average of those losses reaches each threshold (100, 70, 60), the time
+per step (steps after the first 10), the first step's time apart (it traces
+and compiles), and the final loss; then the ratios K-FAC/Adam that the
+project's floors are stated in (DESIGN.md §7). Timings are never asserted in
+tests: `scripts/benchmark_autoencoder.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+THRESHOLDS = (100.0, 70.0, 60.0)
+WINDOW = 10  # steps in the moving average of the batch losses
+WARMUP_STEPS = 10  # steps left out of the time per step
+BATCH_SIZE = 500
+ADAM_LEARNING_RATE = 1e-3
+
+# K-FAC's fixed hyperparameters (no adaptation), and the small grid of the
+# three that matter most. The default point is kfac-jax's fixed setting that
+# DESIGN.md §7 reports (lr 1, momentum 0.9, damping 1, norm constraint 0.01).
+KFAC_FIXED = {
+    "momentum": 0.9,
+    "invert_every": 10,
+    "cov_update_every": 1,
+    "cov_ema_decay": 0.95,
+    "estimation_mode": "sampled",
+    "inverse_method": "cholesky",
+}
+KFAC_DEFAULT = {"learning_rate": 1.0, "damping": 1.0, "norm_constraint": 0.01}
+KFAC_GRID = tuple(
+    {"learning_rate": lr, "damping": damping, "norm_constraint": c}
+    for lr in (1.0, 0.3)
+    for damping in (1.0, 0.1)
+    for c in (0.01, 0.001)
+)
+
+# The project's floors, as ratios K-FAC/Adam measured in one run.
+FLOORS = {
+    "step_time_ratio": 3.0,  # a K-FAC step (invert_every=10) ≤ 3 Adam steps
+    "steps_to_100_ratio": 0.25,  # ≤ 1/4 of Adam's steps to reach 100
+    "seconds_to_100_ratio": 1 / 1.3,  # ≤ 1/1.3 of Adam's wall time to reach 100
+}
+
+
+# --- bookkeeping: pure functions over the per-step record ----------------------
+def moving_average(losses: Sequence[float], window: int = WINDOW) -> np.ndarray:
+    """Trailing mean of the last `window` losses; NaN until `window` steps exist.
+
+    Entry k (0-based) is the mean of losses[k-window+1 .. k]. A non-finite
+    loss makes every average it enters non-finite, so a diverged run never
+    counts as crossing.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}.")
+    values = np.asarray(losses, np.float64)
+    out = np.full(values.shape, np.nan)
+    if values.size >= window:
+        sums = np.convolve(values, np.ones(window), mode="valid")
+        out[window - 1 :] = sums / window
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Crossing:
+    """When the moving average first reached a threshold (None: not reached)."""
+
+    threshold: float
+    step: int | None  # 1-based: the number of steps taken
+    seconds: float | None  # training seconds up to and including that step
+
+
+def training_seconds(step_seconds: Sequence[float]) -> np.ndarray:
+    """Cumulative seconds after each step, leaving out step 1 (trace and compile).
+
+    Entry k (0-based) is the wall time of steps 2..k+1; entry 0 is 0. The
+    first step's time is reported apart, as compile time.
+    """
+    times = np.asarray(step_seconds, np.float64).copy()
+    if times.size:
+        times[0] = 0.0
+    return np.cumsum(times)
+
+
+def first_crossings(
+    losses: Sequence[float],
+    step_seconds: Sequence[float],
+    thresholds: Sequence[float] = THRESHOLDS,
+    window: int = WINDOW,
+) -> list[Crossing]:
+    """First step (1-based) and seconds at which the moving average is ≤ each threshold."""
+    if len(losses) != len(step_seconds):
+        raise ValueError(
+            f"{len(losses)} losses but {len(step_seconds)} step times: one each per step."
+        )
+    average = moving_average(losses, window)
+    elapsed = training_seconds(step_seconds)
+    out = []
+    for threshold in thresholds:
+        hits = np.flatnonzero(average <= threshold)  # NaN compares False
+        if hits.size:
+            k = int(hits[0])
+            out.append(Crossing(float(threshold), k + 1, float(elapsed[k])))
+        else:
+            out.append(Crossing(float(threshold), None, None))
+    return out
+
+
+def time_per_step(step_seconds: Sequence[float], warmup: int = WARMUP_STEPS) -> float:
+    """Mean seconds per step after the first `warmup` steps (NaN if none left)."""
+    times = np.asarray(step_seconds, np.float64)[warmup:]
+    return float(times.mean()) if times.size else math.nan
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One optimizer's run: the per-step record and what is derived from it."""
+
+    name: str
+    hyperparameters: dict
+    losses: list[float]
+    step_seconds: list[float]
+    thresholds: Sequence[float] = THRESHOLDS
+    window: int = WINDOW
+    load_before: tuple[float, float, float] | None = None
+    load_after: tuple[float, float, float] | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def crossings(self) -> list[Crossing]:
+        return first_crossings(
+            self.losses, self.step_seconds, self.thresholds, self.window
+        )
+
+    def crossing(self, threshold: float) -> Crossing:
+        for c in self.crossings:
+            if c.threshold == float(threshold):
+                return c
+        raise KeyError(threshold)
+
+    @property
+    def compile_seconds(self) -> float:
+        return float(self.step_seconds[0]) if self.step_seconds else math.nan
+
+    @property
+    def seconds_per_step(self) -> float:
+        return time_per_step(self.step_seconds)
+
+    @property
+    def median_seconds_per_step(self) -> float:
+        times = np.asarray(self.step_seconds[WARMUP_STEPS:], np.float64)
+        return float(np.median(times)) if times.size else math.nan
+
+    @property
+    def final_loss(self) -> float:
+        """Moving average at the last step (the last loss if fewer steps than the window)."""
+        average = moving_average(self.losses, self.window)
+        if average.size and not np.isnan(average[-1]):
+            return float(average[-1])
+        return float(self.losses[-1]) if self.losses else math.nan
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "hyperparameters": self.hyperparameters,
+            "steps": self.steps,
+            "compile_seconds": self.compile_seconds,
+            "seconds_per_step": self.seconds_per_step,
+            "median_seconds_per_step": self.median_seconds_per_step,
+            "final_loss": self.final_loss,
+            "crossings": [dataclasses.asdict(c) for c in self.crossings],
+            "load_before": self.load_before,
+            "load_after": self.load_after,
+        }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return float(a) / float(b)
+
+
+def ratios(kfac: RunResult, adam: RunResult, threshold: float = 100.0) -> dict:
+    """K-FAC/Adam: time per step, steps and seconds to `threshold` (None: not reached)."""
+    k, a = kfac.crossing(threshold), adam.crossing(threshold)
+    return {
+        "step_time_ratio": _ratio(kfac.seconds_per_step, adam.seconds_per_step),
+        "steps_to_100_ratio": _ratio(k.step, a.step),
+        "seconds_to_100_ratio": _ratio(k.seconds, a.seconds),
+    }
+
+
+def check_floors(measured: dict) -> dict:
+    """For each floor: True (met), False (missed) or None (not measurable)."""
+    return {
+        key: None if measured.get(key) is None else measured[key] <= bound
+        for key, bound in FLOORS.items()
+    }
+
+
+def better(a: RunResult, b: RunResult, threshold: float = 100.0) -> bool:
+    """Whether run `a` is better than `b`: sooner to `threshold` in seconds, then lower final loss."""
+
+    def key(run):
+        c = run.crossing(threshold)
+        final = run.final_loss if math.isfinite(run.final_loss) else math.inf
+        return (c.seconds if c.seconds is not None else math.inf, final)
+
+    return key(a) < key(b)
+
+
+# --- the runs --------------------------------------------------------------------
+def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int = 0):
+    """Index arrays of `steps` batches: a fresh permutation each epoch, fixed by `seed`.
+
+    Incomplete trailing batches are dropped, so every step sees `batch_size` examples.
+    """
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {num_examples} examples."
+        )
+    rng = np.random.default_rng(seed)
+    per_epoch = num_examples // batch_size
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = rng.permutation(num_examples)
+        for i in range(per_epoch):
+            if len(out) == steps:
+                break
+            out.append(order[i * batch_size : (i + 1) * batch_size])
+    return out
+
+
+def train(
+    model,
+    images: np.ndarray,
+    batches: Sequence[np.ndarray],
+    *,
+    name: str,
+    hyperparameters: dict | None = None,
+    stop_on_divergence: int = 20,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Trains `model` (compiled) one `train_on_batch` per batch; times every step.
+
+    Stops early after `stop_on_divergence` consecutive non-finite losses.
+    """
+    losses: list[float] = []
+    seconds: list[float] = []
+    load_before = _load()
+    bad = 0
+    for step, index in enumerate(batches, start=1):
+        x = images[index]
+        start = time.perf_counter()
+        logs = model.train_on_batch(x, x, return_dict=True)
+        seconds.append(time.perf_counter() - start)
+        loss = float(logs["loss"])
+        losses.append(loss)
+        bad = 0 if math.isfinite(loss) else bad + 1
+        if progress and (step % 50 == 0 or step == 1):
+            progress(f"  {name} step {step}: loss {loss:.2f} ({seconds[-1] * 1e3:.1f} ms)")
+        if stop_on_divergence and bad >= stop_on_divergence:
+            if progress:
+                progress(f"  {name} diverged at step {step}; stopped")
+            break
+    return RunResult(
+        name=name,
+        hyperparameters=dict(hyperparameters or {}),
+        losses=losses,
+        step_seconds=seconds,
+        load_before=load_before,
+        load_after=_load(),
+    )
+
+
+def _load():
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+    }
+
+
+def run_benchmark(
+    *,
+    kfac_steps: int = 400,
+    adam_steps: int = 2500,
+    grid: Sequence[dict] | None = None,
+    kfac_point: dict | None = None,
+    seed: int = 0,
+    batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    run_adam: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Adam, then K-FAC at one point (or at every point of `grid`), back to back.
+
+    Every run starts from the same initial weights and sees the same batches.
+    Returns a JSON-ready dict: the machine, the data notice, each run's
+    summary, the best K-FAC run and its ratios to Adam.
+    """
+    import keras
+
+    import kfac_dist
+    from kfac_dist.examples import autoencoder, data
+
+    mnist = data.load_mnist(
+        flatten=True, limit=limit, data_dir=data_dir, verbose=progress is not None
+    )
+    images = mnist.images
+    steps = max(kfac_steps, adam_steps if run_adam else 0)
+    batches = batch_indices(len(images), batch_size, steps, seed)
+    initial = autoencoder.build_autoencoder(seed=seed).get_weights()
+
+    def fresh_model():
+        model = autoencoder.build_autoencoder(seed=seed)
+        model.set_weights(initial)
+        return model
+
+    runs: list[RunResult] = []
+    adam = None
+    if run_adam:
+        model = fresh_model()
+        autoencoder.compile_autoencoder(
+            model, keras.optimizers.Adam(learning_rate=ADAM_LEARNING_RATE)
+        )
+        if progress:
+            progress(f"Adam(lr={ADAM_LEARNING_RATE}), {adam_steps} steps")
+        adam = train(
+            model,
+            images,
+            batches[:adam_steps],
+            name="adam",
+            hyperparameters={"learning_rate": ADAM_LEARNING_RATE},
+            progress=progress,
+        )
+        runs.append(adam)
+
+    points = list(grid) if grid else [dict(kfac_point or KFAC_DEFAULT)]
+    kfac_runs = []
+    for point in points:
+        hyper = {**KFAC_FIXED, **point}
+        model = fresh_model()
+        optimizer = kfac_dist.Kfac(
+            model=model, loss=autoencoder.autoencoder_loss(), seed=seed, **hyper
+        )
+        autoencoder.compile_autoencoder(model, optimizer)
+        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        if progress:
+            progress(f"K-FAC({label}), {kfac_steps} steps")
+        result = train(
+            model,
+            images,
+            batches[:kfac_steps],
+            name=f"kfac[{label}]",
+            hyperparameters=hyper,
+            progress=progress,
+        )
+        runs.append(result)
+        kfac_runs.append(result)
+
+    best = kfac_runs[0]
+    for run in kfac_runs[1:]:
+        if better(run, best):
+            best = run
+    measured = ratios(best, adam) if adam is not None else {}
+    return {
+        "machine": machine(),
+        "data": {"source": mnist.source, "notice": mnist.notice, "examples": len(mnist)},
+        "batch_size": batch_size,
+        "seed": seed,
+        "window": WINDOW,
+        "warmup_steps": WARMUP_STEPS,
+        "thresholds": list(THRESHOLDS),
+        "adam": adam.summary() if adam else None,
+        "kfac": [r.summary() for r in kfac_runs],
+        "best_kfac": best.summary(),
+        "ratios": measured,
+        "floors": {"bounds": FLOORS, "met": check_floors(measured)},
+        "_runs": runs,
+    }
+
+
+# --- reports -----------------------------------------------------------------------
+def _fmt(value, spec: str, missing: str = "not reached") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(runs: Sequence[RunResult]) -> str:
+    """A Markdown table: per run, steps/seconds to each threshold, ms per step, compile, final loss."""
+    thresholds = runs[0].thresholds if runs else THRESHOLDS
+    head = ["optimizer", "steps"]
+    for t in thresholds:
+        head += [f"steps to {t:g}", f"s to {t:g}"]
+    head += ["ms/step", "first step (s)", "final loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        row = [run.name, str(run.steps)]
+        for c in run.crossings:
+            row += [_fmt(c.step, "d"), _fmt(c.seconds, ".1f", "—")]
+        row += [
+            f"{run.seconds_per_step * 1e3:.1f}",
+            f"{run.compile_seconds:.2f}",
+            f"{run.final_loss:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(measured: dict) -> str:
+    checks = check_floors(measured)
+    lines = ["| ratio K-FAC/Adam | measured | floor | met |", "|---|---|---|---|"]
+    for key, bound in FLOORS.items():
+        value = measured.get(key)
+        met = checks[key]
+        lines.append(
+            f"| {key} | {_fmt(value, '.3f', 'n/a')} | ≤ {bound:.3f} | "
+            f"{'n/a' if met is None else ('yes' if met else 'NO')} |"
+        )
+    return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    runs = result["_runs"]
+    parts = [result["data"]["notice"], "", table(runs)]
+    if result["ratios"]:
+        parts += ["", f"best K-FAC: {result['best_kfac']['name']}", "", ratio_table(result["ratios"])]
+    return "\n".join(parts)
+
+
+__all__ = [
+    "FLOORS",
+    "KFAC_DEFAULT",
+    "KFAC_FIXED",
+    "KFAC_GRID",
+    "THRESHOLDS",
+    "Crossing",
+    "RunResult",
+    "batch_indices",
+    "first_crossings",
+    "moving_average",
+    "ratios",
+    "report",
+    "run_benchmark",
+    "table",
+    "time_per_step",
+    "training_seconds",
+]

