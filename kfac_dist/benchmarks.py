@@ -369,6 +369,7 @@ def run_benchmark(
     points = list(grid) if grid else [dict(kfac_point or KFAC_DEFAULT)]
     kfac_runs = []
     for point in points:
+        point = {key: float(value) for key, value in point.items()}
         hyper = {**KFAC_FIXED, **point}
         model = fresh_model()
         optimizer = kfac_dist.Kfac(

@@ -75,8 +75,10 @@ class OutputLoss:
     # --- output-space vectors ---------------------------------------------
     def element_scale(self, eta: tf.Tensor, sample_weight) -> tf.Tensor:
         """c = weight·w/T per loss element: b·∂²L/∂ℓ-element (shape η minus last axis)."""
-        per_example = eta.shape[1:-1].num_elements() or 1
-        scale = tf.fill(tf.shape(eta)[:-1], tf.constant(self.weight / per_example, eta.dtype))
+        # Positions per example from the run-time shape: a sequence length
+        # unknown when the step is traced (None) must still divide.
+        per_example = tf.cast(tf.reduce_prod(tf.shape(eta)[1:-1]), eta.dtype)
+        scale = tf.fill(tf.shape(eta)[:-1], self.weight / per_example)
         if sample_weight is None:
             return scale
         w = tf.cast(sample_weight, eta.dtype)

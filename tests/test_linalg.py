@@ -32,9 +32,7 @@ def test_pack_symmetric_is_row_major_upper_triangle():
     matrix = matrix + matrix.T
     packed = linalg.pack_symmetric(tf.constant(matrix)).numpy()
     np.testing.assert_array_equal(packed, matrix[np.triu_indices(4)])
-    np.testing.assert_array_equal(
-        packed, [0, 5, 10, 15, 10, 15, 20, 20, 25, 30]
-    )
+    np.testing.assert_array_equal(packed, [0, 5, 10, 15, 10, 15, 20, 20, 25, 30])
 
 
 def test_unpack_symmetric_mirrors_the_upper_triangle():
@@ -92,9 +90,7 @@ def test_damped_inverse_retries_inside_tf_function():
         tf.constant(matrix), tf.constant(0.01)
     )
     assert int(retries) == 3
-    np.testing.assert_allclose(
-        inverse.numpy(), np.diag([1 / 11.0, 1 / 5.0]), rtol=1e-5
-    )
+    np.testing.assert_allclose(inverse.numpy(), np.diag([1 / 11.0, 1 / 5.0]), rtol=1e-5)
 
 
 def test_pi_adjustment_is_ratio_of_mean_eigenvalues():

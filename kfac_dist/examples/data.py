@@ -105,16 +105,15 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
 def _from_tfds(split: str, data_dir: str | None, download: bool):
     import tensorflow_datasets as tfds  # optional: the "examples" extra
 
-    arrays = tfds.as_numpy(
-        tfds.load(
-            "mnist",
-            split=split,
-            batch_size=-1,
-            as_supervised=True,
-            data_dir=data_dir,
-            download=download,
-        )
+    dataset = tfds.load(
+        "mnist",
+        split=split,
+        batch_size=-1,
+        as_supervised=True,
+        data_dir=data_dir,
+        download=download,
     )
+    arrays = tfds.as_numpy(dataset)
     images, labels = arrays
     return _to_unit(images), np.asarray(labels, np.int64)
 

@@ -10,11 +10,33 @@ MultiWorkerMirroredStrategy uses for its all-reduce, and merge_call-free.
 
 from __future__ import annotations
 
+import itertools
+
 import tensorflow as tf
-from tensorflow.python.distribute import collective_util
-from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
+from tensorflow.python.distribute import collective_util, cross_device_utils, device_util
 
 from kfac_dist.strategies.base import CrossReplicaContext
+
+# Group keys of K-FAC's own, apart from the strategy's (which start at 1), so
+# its instance keys never collide with Keras' gradient all-reduce; one new key
+# per context, since a key names one set of devices for the whole process.
+# Every worker creates its contexts in the same order, so the keys agree.
+_GROUP_KEYS = itertools.count(1_000_000)
+
+
+class _TraceTimeKeyLauncher(cross_device_utils.CollectiveReplicaLauncher):
+    """Instance keys fixed when the step is traced, in trace order.
+
+    TensorFlow's default draws keys when the function is called, in an order
+    that differs between replicas for collectives inside `tf.cond` branches
+    (one replica's factor sync then met another's inverse sharing). Every
+    replica traces K-FAC's collectives in the same program order, so keys
+    drawn at trace time agree, and reusing them on every call is what
+    collective instances allow.
+    """
+
+    def _use_unique_instance_key(self):
+        return False
 
 
 class CollectiveContext(CrossReplicaContext):
@@ -22,25 +44,21 @@ class CollectiveContext(CrossReplicaContext):
 
     def __init__(self, strategy: tf.distribute.Strategy):
         super().__init__(strategy, num_replicas=strategy.num_replicas_in_sync)
-        extended = strategy.extended
-        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        if multi_worker:
-            # Share the strategy's own group: its keys already span the workers.
-            self._collectives = extended._cross_device_ops  # noqa: SLF001
-        else:
-            self._collectives = cross_device_ops_lib.CollectiveAllReduce(
-                devices=extended.worker_devices,
-                group_size=self.num_replicas,
-                options=collective_util.Options(),
-            )
+        devices = tuple(device_util.canonicalize(d) for d in strategy.extended.worker_devices)
+        keys = cross_device_utils.CollectiveKeys(group_key_start=next(_GROUP_KEYS))
+        group_key = keys.get_group_key(devices)
         self._options = collective_util.Options()
+        self._launchers = [
+            _TraceTimeKeyLauncher(group_key, self.num_replicas, keys, device, self._options)
+            for device in devices
+        ]
 
     def replica_id(self) -> tf.Tensor:
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     def _launcher(self):
         local_id = tf.distribute.get_replica_context()._replica_id  # noqa: SLF001
-        return self._collectives._launchers[local_id]  # noqa: SLF001
+        return self._launchers[local_id]
 
     def _all_reduce_sum(self, buffer: tf.Tensor) -> tf.Tensor:
         return self._launcher().all_reduce(buffer, options=self._options)

@@ -1,0 +1,294 @@
+"""ConvBlock (KFC) against a NumPy im2col: Ω over patches, Γ over output
+locations, per-example statistics, and the 1×1-convolution = Dense identity."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kfac_dist.blocks import CHOLESKY, DIAGONAL, EIGEN, FULL, ConvBlock, DenseBlock
+
+B, C = 3, 2
+DAMPING = 0.05
+
+
+def _im2col(x, kernel_size, strides, dilation, padding):
+    """(b, OH, OW, kh·kw·channels) patches of a channels-last image, zero padded.
+
+    'same' pads as TensorFlow does: total = max((O-1)·s + (k-1)·d + 1 - H, 0),
+    the smaller half before.
+    """
+    b, height, width, channels = x.shape
+    sizes = (height, width)
+    out, before = [], []
+    for size, k, s, d in zip(sizes, kernel_size, strides, dilation, strict=True):
+        span = (k - 1) * d + 1
+        if padding == "valid":
+            o = (size - span) // s + 1
+            out.append(o)
+            before.append(0)
+        else:
+            o = -(-size // s)
+            out.append(o)
+            before.append(max((o - 1) * s + span - size, 0) // 2)
+    kh, kw = kernel_size
+    patches = np.zeros((b, out[0], out[1], kh, kw, channels))
+    for i in range(out[0]):
+        for j in range(out[1]):
+            for p in range(kh):
+                for q in range(kw):
+                    r = i * strides[0] - before[0] + p * dilation[0]
+                    c = j * strides[1] - before[1] + q * dilation[1]
+                    if 0 <= r < height and 0 <= c < width:
+                        patches[:, i, j, p, q] = x[:, r, c]
+    return patches.reshape(b, out[0], out[1], kh * kw * channels)
+
+
+def _im2col_1d(x, kernel, stride, dilation, padding):
+    """Conv1D patches (b, OL, k·channels); 'causal' pads (k-1)·d zeros on the left."""
+    if padding == "causal":
+        x = np.pad(x, [(0, 0), ((kernel - 1) * dilation, 0), (0, 0)])
+        padding = "valid"
+    patches = _im2col(x[:, None], (1, kernel), (1, stride), (1, dilation), padding)
+    return patches[:, 0]
+
+
+CONV2D_CASES = {
+    "valid": dict(filters=3, kernel_size=3),
+    "same_strided_asymmetric": dict(
+        filters=2, kernel_size=(3, 2), strides=(2, 1), padding="same"
+    ),
+    "valid_strided_no_bias": dict(filters=2, kernel_size=3, strides=2, use_bias=False),
+    "same_dilated": dict(filters=2, kernel_size=3, dilation_rate=2, padding="same"),
+    "valid_dilated_no_bias": dict(
+        filters=3, kernel_size=2, dilation_rate=(2, 1), use_bias=False
+    ),
+    "channels_first_same": dict(
+        filters=2, kernel_size=2, padding="same", data_format="channels_first"
+    ),
+}
+CONV1D_CASES = {
+    "causal_dilated": dict(filters=3, kernel_size=3, dilation_rate=2, padding="causal"),
+    "causal_no_bias": dict(filters=2, kernel_size=2, padding="causal", use_bias=False),
+    "same_strided": dict(filters=2, kernel_size=3, strides=2, padding="same"),
+    "valid": dict(filters=2, kernel_size=2),
+}
+IMAGE = (6, 7, 2)  # H, W, channels (channels last)
+SEQUENCE = (9, 2)  # L, channels
+
+
+def _build(cls, config, seed):
+    rng = np.random.default_rng(seed)
+    layer = cls(activation="relu", **config)
+    channels_first = config.get("data_format") == "channels_first"
+    shape = IMAGE if cls is keras.layers.Conv2D else SEQUENCE
+    x = rng.normal(size=(B, *shape)).astype(np.float32)
+    if channels_first:
+        x = np.moveaxis(x, -1, 1)
+    layer.build(x.shape)
+    layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32))
+    if layer.bias is not None:
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype(np.float32))
+    return layer, x
+
+
+def _reference_patches(layer, x):
+    """NumPy patches (b, positions, fan_in) with the bias column, channels last."""
+    if isinstance(layer, keras.layers.Conv1D):
+        patches = _im2col_1d(
+            x,
+            layer.kernel_size[0],
+            layer.strides[0],
+            layer.dilation_rate[0],
+            layer.padding,
+        )
+    else:
+        if layer.data_format == "channels_first":
+            x = np.moveaxis(x, 1, -1)
+        patches = _im2col(
+            x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
+        )
+    patches = patches.reshape(B, -1, patches.shape[-1])
+    if layer.bias is not None:
+        patches = np.concatenate([patches, np.ones(patches.shape[:-1] + (1,))], -1)
+    return patches
+
+
+def _layer_case(cls, cases, name, approx=None, seed=0):
+    layer, x = _build(cls, cases[name], seed)
+    block = ConvBlock(layer, approx)
+    output, record = block.record(layer.call, tf.constant(x))
+    patches = _reference_patches(layer, x.astype(np.float64))
+    s = record.outputs.numpy()
+    # The reference im2col reproduces the layer's own convolution.
+    kernel = layer.kernel.numpy().reshape(-1, layer.filters)
+    if layer.bias is not None:
+        kernel = np.concatenate([kernel, layer.bias.numpy()[None]], axis=0)
+    s_last = np.moveaxis(s, 1, -1) if layer.data_format == "channels_first" else s
+    np.testing.assert_allclose(
+        (patches @ kernel).reshape(s_last.shape), s_last, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(output.numpy(), np.maximum(s, 0), rtol=1e-6)
+    rng = np.random.default_rng(seed + 100)
+    grads = rng.normal(size=(C, *s.shape))
+    grads_last = np.moveaxis(grads, 2, -1) if s_last is not s else grads
+    grads_rows = grads_last.reshape(C, B, -1, layer.filters)
+    return block, record, tf.constant(grads, tf.float32), patches, grads_rows
+
+
+ALL_CASES = [(keras.layers.Conv2D, CONV2D_CASES, n) for n in CONV2D_CASES] + [
+    (keras.layers.Conv1D, CONV1D_CASES, n) for n in CONV1D_CASES
+]
+IDS = [f"{cls.__name__}-{name}" for cls, _, name in ALL_CASES]
+
+
+@pytest.mark.parametrize("cls, cases, name", ALL_CASES, ids=IDS)
+def test_kron_factors_are_patch_and_location_averaged_moments(cls, cases, name):
+    block, record, grads, patches, grads_rows = _layer_case(cls, cases, name)
+    omega, gamma = block.statistics([record], [grads], B)
+    positions = patches.shape[1]
+    rows = patches.reshape(-1, patches.shape[-1])
+    expected_omega = rows.T @ rows / B
+    expected_gamma = sum(
+        grads_rows[c].reshape(-1, grads_rows.shape[-1]).T
+        @ grads_rows[c].reshape(-1, grads_rows.shape[-1])
+        for c in range(C)
+    ) / (B * positions)
+    assert [tuple(omega.shape), tuple(gamma.shape)] == block.factor_shapes()
+    np.testing.assert_allclose(omega.numpy(), expected_omega, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gamma.numpy(), expected_gamma, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cls, cases, name",
+    [
+        (keras.layers.Conv2D, CONV2D_CASES, "same_strided_asymmetric"),
+        (keras.layers.Conv2D, CONV2D_CASES, "channels_first_same"),
+        (keras.layers.Conv1D, CONV1D_CASES, "causal_dilated"),
+    ],
+)
+@pytest.mark.parametrize("approx", [DIAGONAL, FULL])
+def test_diagonal_and_full_statistics_sum_patch_gradients(cls, cases, name, approx):
+    block, record, grads, patches, grads_rows = _layer_case(cls, cases, name, approx)
+    (stat,) = block.statistics([record], [grads], B)
+    # ĝ[c, i] = Σ_t ā_t g_tᵀ, flattened (kernel rows in (row, col, channel) order,
+    # then the bias row), as the variables are flattened.
+    per_example = np.einsum("bti,cbto->cbio", patches, grads_rows).reshape(C * B, -1)
+    if approx == DIAGONAL:
+        expected = np.sum(per_example**2, axis=0) / B
+    else:
+        expected = per_example.T @ per_example / B
+    np.testing.assert_allclose(stat.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_per_example_gradient_order_matches_kernel_autodiff():
+    """The flattened kernel-then-bias layout is the gradient of ⟨g, s⟩ per example."""
+    block, record, grads, patches, grads_rows = _layer_case(
+        keras.layers.Conv2D, CONV2D_CASES, "same_strided_asymmetric", DIAGONAL
+    )
+    layer = block.layer
+    per_example = np.einsum("bti,cbto->cbio", patches, grads_rows)
+    x = record.inputs
+    for i in range(B):
+        with tf.GradientTape() as tape:
+            s = layer.convolution_op(x[i : i + 1], layer.kernel) + layer.bias
+            pseudo = tf.reduce_sum(grads[0, i : i + 1] * s)
+        kernel, bias = tape.gradient(pseudo, [layer.kernel, layer.bias])
+        flat = np.concatenate([kernel.numpy().ravel(), bias.numpy()])
+        np.testing.assert_allclose(
+            flat, per_example[0, i].ravel(), rtol=1e-4, atol=1e-4
+        )
+
+
+# --- 1×1 convolution over a 1×1 image is a Dense layer -----------------------
+
+
+@pytest.fixture(scope="module")
+def pointwise():
+    rng = np.random.default_rng(11)
+    d_in, d_out = 4, 3
+    conv = keras.layers.Conv2D(d_out, 1)
+    conv.build((None, 1, 1, d_in))
+    dense = keras.layers.Dense(d_out)
+    dense.build((None, d_in))
+    kernel = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    bias = rng.normal(size=(d_out,)).astype(np.float32)
+    conv.set_weights([kernel.reshape(1, 1, d_in, d_out), bias])
+    dense.set_weights([kernel, bias])
+    conv_block, dense_block = ConvBlock(conv), DenseBlock(dense)
+    x = rng.normal(size=(B, d_in)).astype(np.float32)
+    g = rng.normal(size=(C, B, d_out)).astype(np.float32)
+    conv_out, conv_record = conv_block.record(conv.call, tf.constant(x[:, None, None]))
+    dense_out, dense_record = dense_block.record(dense.call, tf.constant(x))
+    np.testing.assert_allclose(
+        conv_out.numpy()[:, 0, 0], dense_out.numpy(), rtol=1e-6, atol=1e-6
+    )
+    conv_factors = conv_block.statistics(
+        [conv_record], [tf.constant(g[:, :, None, None])], B
+    )
+    dense_factors = dense_block.statistics([dense_record], [tf.constant(g)], B)
+    grad = rng.normal(size=(d_in + 1, d_out)).astype(np.float32)
+    return dict(
+        blocks=(conv_block, dense_block),
+        factors=(conv_factors, dense_factors),
+        x=x.astype(np.float64),
+        g=g.astype(np.float64),
+        grad=grad,
+    )
+
+
+def test_pointwise_conv_on_one_pixel_gives_dense_factors(pointwise):
+    conv_factors, dense_factors = pointwise["factors"]
+    a_bar = np.concatenate([pointwise["x"], np.ones((B, 1))], axis=1)
+    g = pointwise["g"]
+    expected = [a_bar.T @ a_bar / B, sum(g[c].T @ g[c] for c in range(C)) / B]
+    for conv_f, dense_f, ref in zip(conv_factors, dense_factors, expected, strict=True):
+        np.testing.assert_allclose(conv_f.numpy(), dense_f.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(conv_f.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [CHOLESKY, EIGEN])
+def test_pointwise_conv_on_one_pixel_gives_dense_update(pointwise, method):
+    conv_block, dense_block = pointwise["blocks"]
+    grad = pointwise["grad"]
+    d_in, d_out = grad.shape[0] - 1, grad.shape[1]
+    updates = []
+    for block, factors, kernel_shape in zip(
+        (conv_block, dense_block),
+        pointwise["factors"],
+        ((1, 1, d_in, d_out), (d_in, d_out)),
+        strict=True,
+    ):
+        payloads = [block.invert(i, factors, DAMPING, method)[0] for i in range(2)]
+        kernel, bias = block.precondition(
+            [tf.constant(grad[:-1].reshape(kernel_shape)), tf.constant(grad[-1])],
+            payloads,
+            DAMPING,
+            method,
+        )
+        assert kernel.shape == kernel_shape
+        updates.append(
+            np.concatenate([kernel.numpy().reshape(d_in, d_out), bias.numpy()[None]])
+        )
+    np.testing.assert_allclose(updates[0], updates[1], rtol=1e-5, atol=1e-6)
+
+    a, g = (f.numpy().astype(np.float64) for f in pointwise["factors"][1])
+    if method == CHOLESKY:
+        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        root = np.sqrt(DAMPING)
+        expected = (
+            np.linalg.inv(a + pi * root * np.eye(len(a)))
+            @ grad
+            @ np.linalg.inv(g + root / pi * np.eye(len(g)))
+        )
+    else:
+        system = np.kron(a, g) + DAMPING * np.eye(a.shape[0] * g.shape[0])
+        expected = np.linalg.solve(system, grad.reshape(-1)).reshape(grad.shape)
+    np.testing.assert_allclose(updates[0], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_grouped_convolution_is_rejected():
+    layer = keras.layers.Conv2D(4, 3, groups=2)
+    layer.build((None, 5, 5, 4))
+    with pytest.raises(ValueError, match="grouped convolution"):
+        ConvBlock(layer)

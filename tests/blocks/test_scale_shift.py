@@ -1,0 +1,188 @@
+"""ScaleShiftBlock against NumPy: the recorded x̂ of BatchNormalization and
+LayerNormalization, and the diagonal / full Fisher of (γ, β) from per-example
+gradients dγ_i = Σ_t g_t x̂_t, dβ_i = Σ_t g_t."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kfac_dist.blocks import CHOLESKY, DIAGONAL, EIGEN, FULL, ScaleShiftBlock
+
+B, C = 4, 2
+
+
+def _layer(kind: str, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rms_scaling is deprecated in Keras 3.15
+        if kind == "bn":
+            layer = keras.layers.BatchNormalization()
+        elif kind == "bn_no_center":
+            layer = keras.layers.BatchNormalization(center=False)
+        elif kind == "ln":
+            layer = keras.layers.LayerNormalization()
+        elif kind == "ln_two_axes":
+            layer = keras.layers.LayerNormalization(axis=(-2, -1))
+        else:
+            layer = keras.layers.LayerNormalization(rms_scaling=True)
+    layer.build(shape)
+    for v in (getattr(layer, "gamma", None), getattr(layer, "beta", None)):
+        if v is not None:
+            v.assign(rng.normal(size=v.shape).astype(np.float32))
+    return layer
+
+
+def _numpy_normalized(kind, x):
+    """x̂ as NumPy computes it from the layer's definition (ε = 1e-3)."""
+    eps = 1e-3
+    if kind.startswith("bn"):
+        axes = tuple(range(x.ndim - 1))  # batch moments over all but channels
+        return (x - x.mean(axes, keepdims=True)) / np.sqrt(
+            x.var(axes, keepdims=True) + eps
+        )
+    axes = (-2, -1) if kind == "ln_two_axes" else (-1,)
+    var = x.var(axes, keepdims=True)
+    if kind == "ln_rms":
+        # Keras 3.15's (deprecated) rms_scaling: x / sqrt(var + ε), not centred.
+        return x / np.sqrt(var + eps)
+    return (x - x.mean(axes, keepdims=True)) / np.sqrt(var + eps)
+
+
+CASES = {
+    "bn": (B, 3, 2, 3),  # image: γ shared over (H, W)
+    "bn_no_center": (B, 3),
+    "ln": (B, 3, 4),  # sequence: γ shared over T
+    "ln_two_axes": (B, 3, 4),  # γ of shape (T, d): nothing shared
+    "ln_rms": (B, 2, 5),
+}
+
+
+def _recorded(kind, approx, seed=0):
+    shape = CASES[kind]
+    layer = _layer(kind, shape, seed)
+    block = ScaleShiftBlock(layer, approx)
+    rng = np.random.default_rng(seed + 1)
+    x = (rng.normal(size=shape) * 2.0 + 0.5).astype(np.float32)
+    kwargs = {"training": True} if kind.startswith("bn") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        output, record = block.record(layer.call, tf.constant(x), **kwargs)
+    grads = rng.normal(size=(C, *shape))
+    return layer, block, x.astype(np.float64), output, record, grads
+
+
+def _per_example_numpy(layer, x_hat, grads):
+    """[dγ_i, dβ_i] for every column and example, summed over shared axes."""
+    param_shape = tuple(layer.gamma.shape)
+    n_param = len(param_shape)
+    shared = tuple(range(2, grads.ndim - n_param))  # grads is (C, b, ..., params)
+    parts = [np.sum(grads * x_hat, axis=shared).reshape(C * B, -1)]
+    if getattr(layer, "beta", None) is not None:
+        parts.append(np.sum(grads, axis=shared).reshape(C * B, -1))
+    return np.concatenate(parts, axis=1)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_recorded_normalized_input_matches_layer_definition(kind):
+    layer, _, x, output, record, _ = _recorded(kind, None)
+    x_hat = _numpy_normalized(kind, x)
+    np.testing.assert_allclose(
+        record.extras["normalized"].numpy(), x_hat, rtol=1e-4, atol=1e-5
+    )
+    # s = γ·x̂ + β is what the layer itself returned.
+    beta = layer.beta.numpy() if getattr(layer, "beta", None) is not None else 0.0
+    np.testing.assert_allclose(
+        output.numpy(), layer.gamma.numpy() * x_hat + beta, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_batch_norm_in_inference_normalizes_with_moving_moments():
+    layer = _layer("bn", (B, 3))
+    rng = np.random.default_rng(5)
+    layer.moving_mean.assign(rng.normal(size=3).astype(np.float32))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=3).astype(np.float32))
+    block = ScaleShiftBlock(layer)
+    x = rng.normal(size=(B, 3)).astype(np.float32)
+    output, record = block.record(layer.call, tf.constant(x), training=False)
+    x_hat = (x - layer.moving_mean.numpy()) / np.sqrt(
+        layer.moving_variance.numpy() + layer.epsilon
+    )
+    np.testing.assert_allclose(
+        record.extras["normalized"].numpy(), x_hat, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        output.numpy(),
+        layer.gamma.numpy() * x_hat + layer.beta.numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("approx", [DIAGONAL, FULL])
+def test_statistics_average_per_example_scale_and_shift_gradients(kind, approx):
+    layer, block, x, _, record, grads = _recorded(kind, approx)
+    (stat,) = block.statistics([record], [tf.constant(grads, tf.float32)], B)
+    per_example = _per_example_numpy(layer, _numpy_normalized(kind, x), grads)
+    assert per_example.shape[1] == block.num_params
+    if approx == DIAGONAL:
+        expected = np.sum(per_example**2, axis=0) / B
+    else:
+        expected = per_example.T @ per_example / B
+    assert tuple(stat.shape) == block.factor_shapes()[0]
+    np.testing.assert_allclose(stat.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_per_example_reference_matches_autodiff_of_the_layer():
+    """dγ_i, dβ_i of ⟨g_i, s_i⟩ with x̂ held fixed (LayerNorm is per example)."""
+    layer, _, x, _, _, grads = _recorded("ln", DIAGONAL)
+    per_example = _per_example_numpy(layer, _numpy_normalized("ln", x), grads)
+    for i in range(B):
+        with tf.GradientTape() as tape:
+            s = layer.call(tf.constant(x[i : i + 1], tf.float32))
+            pseudo = tf.reduce_sum(tf.constant(grads[0, i : i + 1], tf.float32) * s)
+        gamma, beta = tape.gradient(pseudo, [layer.gamma, layer.beta])
+        np.testing.assert_allclose(
+            np.concatenate([gamma.numpy(), beta.numpy()]),
+            per_example[i],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_diagonal_is_the_default_and_kron_is_rejected():
+    layer = _layer("ln", (B, 3))
+    assert ScaleShiftBlock(layer).approx == DIAGONAL
+    with pytest.raises(ValueError, match="fisher_approx"):
+        ScaleShiftBlock(layer, "kron")
+
+
+@pytest.mark.parametrize("method", [CHOLESKY, EIGEN])
+@pytest.mark.parametrize("approx", [DIAGONAL, FULL])
+def test_precondition_applies_damped_inverse_to_scale_and_shift(approx, method):
+    layer, block, _, _, record, grads = _recorded("bn", approx)
+    (factor,) = block.statistics([record], [tf.constant(grads, tf.float32)], B)
+    damping = 0.3
+    payload, _ = block.invert(0, [factor], damping, method)
+    rng = np.random.default_rng(3)
+    d_gamma, d_beta = rng.normal(size=3), rng.normal(size=3)
+    new_gamma, new_beta = block.precondition(
+        [tf.constant(d_gamma, tf.float32), tf.constant(d_beta, tf.float32)],
+        [payload],
+        damping,
+        method,
+    )
+    f = factor.numpy().astype(np.float64)
+    matrix = np.diag(f) if approx == DIAGONAL else f
+    expected = np.linalg.solve(
+        matrix + damping * np.eye(6), np.concatenate([d_gamma, d_beta])
+    )
+    np.testing.assert_allclose(
+        np.concatenate([new_gamma.numpy(), new_beta.numpy()]),
+        expected,
+        rtol=1e-4,
+        atol=1e-5,
+    )
