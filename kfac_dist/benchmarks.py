@@ -143,9 +143,7 @@ class RunResult:
 
     @property
     def crossings(self) -> list[Crossing]:
-        return first_crossings(
-            self.losses, self.step_seconds, self.thresholds, self.window
-        )
+        return first_crossings(self.losses, self.step_seconds, self.thresholds, self.window)
 
     def crossing(self, threshold: float) -> Crossing:
         for c in self.crossings:
@@ -231,9 +229,7 @@ def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int = 0)
     Incomplete trailing batches are dropped, so every step sees `batch_size` examples.
     """
     if batch_size > num_examples:
-        raise ValueError(
-            f"batch_size {batch_size} exceeds the {num_examples} examples."
-        )
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples.")
     rng = np.random.default_rng(seed)
     per_epoch = num_examples // batch_size
     out: list[np.ndarray] = []
@@ -369,7 +365,7 @@ def run_benchmark(
     points = list(grid) if grid else [dict(kfac_point or KFAC_DEFAULT)]
     kfac_runs = []
     for point in points:
-        point = {key: float(value) for key, value in point.items()}
+        point = {key: None if value is None else float(value) for key, value in point.items()}
         hyper = {**KFAC_FIXED, **point}
         model = fresh_model()
         optimizer = kfac_dist.Kfac(
@@ -455,7 +451,12 @@ def report(result: dict) -> str:
     runs = result["_runs"]
     parts = [result["data"]["notice"], "", table(runs)]
     if result["ratios"]:
-        parts += ["", f"best K-FAC: {result['best_kfac']['name']}", "", ratio_table(result["ratios"])]
+        parts += [
+            "",
+            f"best K-FAC: {result['best_kfac']['name']}",
+            "",
+            ratio_table(result["ratios"]),
+        ]
     return "\n".join(parts)
 
 

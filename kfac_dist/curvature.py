@@ -19,8 +19,8 @@ import keras
 import tensorflow as tf
 
 from kfac_dist import linalg
-from kfac_dist.linalg import curvature_dtype
 from kfac_dist.blocks import CHOLESKY, Block
+from kfac_dist.linalg import curvature_dtype
 from kfac_dist.placement import FlopCostModel, InversionUnit, PlacementPlan, make_plan
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
 
@@ -85,10 +85,7 @@ class Curvature:
                 block.factor_names(), block.payload_shapes(self.inverse_method)
             ):
                 self.payloads.append(
-                    [
-                        add_variable(s, f"{block.name}_{name}_inv{i}")
-                        for i, s in enumerate(shapes)
-                    ]
+                    [add_variable(s, f"{block.name}_{name}_inv{i}") for i, s in enumerate(shapes)]
                 )
         self.skipped_statistics = add_variable((), "skipped_statistics", "int64")
         self.inversions = add_variable((), "inversions_computed", "int64")
@@ -102,9 +99,7 @@ class Curvature:
             start += count
 
     # --- statistics -----------------------------------------------------------
-    def accumulate(
-        self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor
-    ) -> None:
+    def accumulate(self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor) -> None:
         """Folds one batch's statistics (flat, in factor order) into the local sums.
 
         A batch with non-finite statistics is not folded (and counted), so
@@ -114,14 +109,10 @@ class Curvature:
         b = tf.cast(batch_size, curvature_dtype())
         finite = _all_finite(statistics)
         for var, stat in zip(self.factor_sums, statistics):
-            updated = decay * var + (1.0 - decay) * b * tf.where(
-                finite, stat, tf.zeros_like(stat)
-            )
+            updated = decay * var + (1.0 - decay) * b * tf.where(finite, stat, tf.zeros_like(stat))
             var.assign(tf.where(finite, updated, var))
         self.weight_sum.assign(
-            tf.where(
-                finite, decay * self.weight_sum + (1.0 - decay) * b, self.weight_sum
-            )
+            tf.where(finite, decay * self.weight_sum + (1.0 - decay) * b, self.weight_sum)
         )
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         if self.factor_sync == EVERY_UPDATE:
@@ -173,9 +164,7 @@ class Curvature:
             block_factors = factors[factor_slice]
             for index in range(len(block_factors)):
                 owner = self.plan.owners[unit]
-                payload = self._owned_payload(
-                    block, index, block_factors, damping, replica, owner
-                )
+                payload = self._owned_payload(block, index, block_factors, damping, replica, owner)
                 computed.append(payload)
                 if self.plan.is_shared(unit) and self.context.num_replicas > 1:
                     shared.append(unit)
@@ -193,9 +182,7 @@ class Curvature:
 
     def _owned_payload(self, block, index, block_factors, damping, replica, owner):
         def compute():
-            payload, retries = block.invert(
-                index, block_factors, damping, self.inverse_method
-            )
+            payload, retries = block.invert(index, block_factors, damping, self.inverse_method)
             self.inversions.assign_add(1)
             self.inversion_retries.assign_add(tf.cast(retries, tf.int64))
             return payload

@@ -162,10 +162,7 @@ class WorkerGroup:
         try:
             self._signal_groups(signal.SIGTERM)
             deadline = time.monotonic() + self.grace_period
-            while (
-                any(code is None for code in self.returncodes)
-                and time.monotonic() < deadline
-            ):
+            while any(code is None for code in self.returncodes) and time.monotonic() < deadline:
                 time.sleep(_POLL_INTERVAL_S)
             # Also reaches descendants of workers that exited on their own.
             self._signal_groups(signal.SIGKILL)
@@ -246,15 +243,12 @@ def host_commands(
     cluster = [host if ":" in host else f"{host}:{port}" for host in hosts]
     prefix = f"cd {shlex.quote(workdir)} && " if workdir else ""
     return [
-        f"{prefix}TF_CONFIG={shlex.quote(tf_config(cluster, index))} "
-        + shlex.join(command)
+        f"{prefix}TF_CONFIG={shlex.quote(tf_config(cluster, index))} " + shlex.join(command)
         for index in range(len(hosts))
     ]
 
 
-def ssh_commands(
-    hosts: Sequence[str], remote_commands: Sequence[str]
-) -> list[list[str]]:
+def ssh_commands(hosts: Sequence[str], remote_commands: Sequence[str]) -> list[list[str]]:
     """`ssh` invocations that run each remote command on its host.
 
     `-tt` gives the remote command a terminal, so that it gets SIGHUP and ends
@@ -294,20 +288,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a command as a multi-worker TensorFlow job.",
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--num-workers", type=int, help="start this many workers on this machine"
-    )
+    where.add_argument("--num-workers", type=int, help="start this many workers on this machine")
     where.add_argument(
         "--hosts",
         help="comma-separated worker hosts (host or host:port), one worker each; "
         "prints each host's command unless --ssh is given",
     )
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port for hosts without one"
-    )
-    parser.add_argument(
-        "--ssh", action="store_true", help="run the hosts' commands over ssh"
-    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for hosts without one")
+    parser.add_argument("--ssh", action="store_true", help="run the hosts' commands over ssh")
     parser.add_argument(
         "--workdir",
         default=os.getcwd(),

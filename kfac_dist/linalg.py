@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+
 def curvature_dtype() -> tf.DType:
     """Factors and inverses are float32, or float64 when Keras' floatx is float64.
 
@@ -52,9 +53,7 @@ def factored_damping(
     return pi * root, root / pi
 
 
-def damped_inverse(
-    factor: tf.Tensor, damping: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor]:
+def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(F + damping·I)⁻¹ through Cholesky, retrying with more damping.
 
     Returns the inverse and the number of retries it took. A diagonal factor
@@ -106,9 +105,7 @@ def kl_clip_factor(
     lr = tf.cast(learning_rate, dtype)
     bound = tf.cast(norm_constraint, dtype)
     ratio = tf.math.divide_no_nan(bound, lr * lr * tf.abs(inner_product))
-    return tf.where(
-        inner_product == 0, tf.ones_like(ratio), tf.minimum(1.0, tf.sqrt(ratio))
-    )
+    return tf.where(inner_product == 0, tf.ones_like(ratio), tf.minimum(1.0, tf.sqrt(ratio)))
 
 
 def triangle_size(n: int) -> int:

@@ -118,12 +118,13 @@ class OutputLoss:
             return noise * (2.0 / width) ** 0.5
         if self.kind == BINARY:
             draw = tf.cast(
-                tf.random.stateless_uniform(tf.shape(mean), seed, dtype=mean.dtype) < mean, mean.dtype
+                tf.random.stateless_uniform(tf.shape(mean), seed, dtype=mean.dtype) < mean,
+                mean.dtype,
             )
             return (mean - draw) / width**0.5
         logits = tf.reshape(eta, [-1, width])
         draw = tf.random.stateless_categorical(logits, 1, seed)[:, 0]
-        onehot = tf.reshape(tf.one_hot(draw, width), tf.shape(mean))
+        onehot = tf.reshape(tf.one_hot(draw, width, dtype=mean.dtype), tf.shape(mean))
         return mean - onehot
 
     def _label_gradient(self, mean, y_true, width: int) -> tf.Tensor:
@@ -131,7 +132,7 @@ class OutputLoss:
             labels = tf.cast(y_true, tf.int32)
             if labels.shape.rank == mean.shape.rank:
                 labels = tf.squeeze(labels, -1)
-            target = tf.one_hot(labels, width)
+            target = tf.one_hot(labels, width, dtype=mean.dtype)
         else:
             target = tf.reshape(tf.cast(y_true, curvature_dtype()), tf.shape(mean))
         if self.kind == MSE:
@@ -153,9 +154,7 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
         name = (
             loss
             if isinstance(loss, str)
-            else getattr(loss, "name", None)
-            or getattr(loss, "__name__", None)
-            or repr(loss)
+            else getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss)
         )
         raise UnsupportedLossError(
             f"K-FAC cannot register the loss {name!r}: it supports "
@@ -172,9 +171,7 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
             "K-FAC supports the default 'sum_over_batch_size'."
         )
     if kwargs.get("axis", -1) != -1:
-        raise UnsupportedLossError(
-            f"Loss {kind} with axis={kwargs['axis']}: K-FAC needs axis=-1."
-        )
+        raise UnsupportedLossError(f"Loss {kind} with axis={kwargs['axis']}: K-FAC needs axis=-1.")
     return OutputLoss(
         kind=kind,
         from_logits=bool(kwargs.get("from_logits", False)),

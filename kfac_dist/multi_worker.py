@@ -66,9 +66,7 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     Returns:
         `model`, for chaining.
     """
-    if is_multi_worker_fit_enabled(model) or not _is_multi_worker(
-        model.distribute_strategy
-    ):
+    if is_multi_worker_fit_enabled(model) or not _is_multi_worker(model.distribute_strategy):
         return model
     _check_keras_version(keras.version())
     model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
@@ -78,9 +76,7 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     return model
 
 
-def _maybe_symbolic_build(
-    model: keras.Model, iterator: Any = None, data_batch: Any = None
-) -> None:
+def _maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
     """Keras' build, fed this replica's share of the first batch."""
     if iterator is not None:
         strategy = model.distribute_strategy
@@ -93,9 +89,7 @@ def _maybe_symbolic_build(
     type(model)._maybe_symbolic_build(model, data_batch=data_batch)
 
 
-def _make_function(
-    model: keras.Model, step_function: Callable[[Any], Any]
-) -> Callable[[Any], Any]:
+def _make_function(model: keras.Model, step_function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Keras' train/test function around a step whose scalar logs have shape [1]."""
 
     @functools.wraps(step_function)

@@ -128,20 +128,14 @@ class Kfac(keras.optimizers.Optimizer):
         if kwargs:
             raise TypeError(f"Kfac got unexpected argument(s): {sorted(kwargs)}.")
         _require(damping is not None, "Kfac needs damping=λ > 0 (e.g. damping=0.01).")
-        _require(
-            learning_rate is not None, "Kfac needs learning_rate=... (e.g. 0.001)."
-        )
-        if not isinstance(
-            learning_rate, keras.optimizers.schedules.LearningRateSchedule
-        ):
+        _require(learning_rate is not None, "Kfac needs learning_rate=... (e.g. 0.001).")
+        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             _require(
                 float(learning_rate) > 0,
                 f"learning_rate must be > 0, got {learning_rate}.",
             )
         _require(float(damping) > 0, f"damping must be > 0, got {damping}.")
-        _require(
-            0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}."
-        )
+        _require(0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}.")
         _require(
             momentum_type == "regular",
             f"momentum_type must be 'regular', got {momentum_type!r}.",
@@ -166,9 +160,7 @@ class Kfac(keras.optimizers.Optimizer):
             int(cov_update_every) >= 1,
             f"cov_update_every must be >= 1, got {cov_update_every}.",
         )
-        _require(
-            int(invert_every) >= 1, f"invert_every must be >= 1, got {invert_every}."
-        )
+        _require(int(invert_every) >= 1, f"invert_every must be >= 1, got {invert_every}.")
         _require(
             estimation_mode in losses_lib.ESTIMATION_MODES,
             f"estimation_mode must be one of {losses_lib.ESTIMATION_MODES}, got {estimation_mode!r}.",
@@ -208,12 +200,8 @@ class Kfac(keras.optimizers.Optimizer):
             self._weight_decay_coeff = self._hyper_variable(
                 "weight_decay_coeff", weight_decay_coeff or 0.0
             )
-            self._norm_constraint = self._hyper_variable(
-                "norm_constraint", norm_constraint or 0.0
-            )
-            self._batch_size = self._hyper_variable(
-                "batch_size", batch_size or 0, "int64"
-            )
+            self._norm_constraint = self._hyper_variable("norm_constraint", norm_constraint or 0.0)
+            self._batch_size = self._hyper_variable("batch_size", batch_size or 0, "int64")
         self.loss = loss
         self.loss_weights = loss_weights
         self.cov_ema_decay = float(cov_ema_decay)
@@ -289,12 +277,8 @@ class Kfac(keras.optimizers.Optimizer):
         add = curvature_lib.per_replica_variable(self)
         self._kl_clip = add((), "kl_clip")
         self._skipped_updates = add((), "skipped_updates", "int64")
-        self._velocities = [
-            self.add_variable_from_reference(v, "velocity") for v in var_list
-        ]
-        self._block_indices = [
-            [self._get_variable_index(v) for v in b.variables] for b in blocks
-        ]
+        self._velocities = [self.add_variable_from_reference(v, "velocity") for v in var_list]
+        self._block_indices = [[self._get_variable_index(v) for v in b.variables] for b in blocks]
         registered = {i for indices in self._block_indices for i in indices}
         self._unregistered = [i for i in range(len(var_list)) if i not in registered]
         self.built = True
@@ -330,9 +314,7 @@ class Kfac(keras.optimizers.Optimizer):
                 f"loss_weights={compiled_weights!r}; pass the same to both, or only to compile."
             )
         loss = self.loss if self.loss is not None else compiled_loss
-        weights = (
-            self.loss_weights if self.loss_weights is not None else compiled_weights
-        )
+        weights = self.loss_weights if self.loss_weights is not None else compiled_weights
         names = list(getattr(model, "output_names", None) or [])
         manual = self.layer_collection.losses if self.layer_collection else {}
         out = []
@@ -345,9 +327,7 @@ class Kfac(keras.optimizers.Optimizer):
                 weight = _pick(weights, index, name, num_outputs, "loss_weights")
             out.append(None if entry is None else losses_lib.output_loss(entry, weight))
         if all(o is None for o in out):
-            raise ValueError(
-                "Kfac found no loss: pass loss= to Kfac or to model.compile."
-            )
+            raise ValueError("Kfac found no loss: pass loss= to Kfac or to model.compile.")
         return out
 
     # --- hyperparameters ---------------------------------------------------------
@@ -413,18 +393,12 @@ class Kfac(keras.optimizers.Optimizer):
         grads = self.context.all_reduce_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
-        by_index = {
-            self._get_variable_index(v): i for i, v in enumerate(trainable_variables)
-        }
-        block_grads = [
-            [grads[by_index[i]] for i in indices] for indices in self._block_indices
-        ]
+        by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
+        block_grads = [[grads[by_index[i]] for i in indices] for indices in self._block_indices]
         preconditioned = self.curvature.precondition(block_grads, self._damping)
         directions = list(grads)
         inner = tf.constant(0.0, linalg.curvature_dtype())
-        for indices, block_grad, block_pre in zip(
-            self._block_indices, block_grads, preconditioned
-        ):
+        for indices, block_grad, block_pre in zip(self._block_indices, block_grads, preconditioned):
             for i, g, p in zip(indices, block_grad, block_pre):
                 directions[by_index[i]] = tf.cast(p, g.dtype)
                 inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
@@ -468,6 +442,21 @@ class Kfac(keras.optimizers.Optimizer):
             ),
         }
 
+    # --- saving ----------------------------------------------------------------------
+    def sync_factors(self) -> None:
+        """Brings every replica's factor sums to their common average (one sync).
+
+        Called before saving, so that replica 0's copy is every replica's state.
+        """
+        if self.curvature is None:
+            return
+        strategy = self.context.strategy
+        tf.function(lambda: strategy.run(self.curvature.sync))()
+
+    def save_own_variables(self, store):
+        self.sync_factors()
+        super().save_own_variables(store)
+
     # --- serialization ---------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
@@ -487,8 +476,7 @@ class Kfac(keras.optimizers.Optimizer):
             {
                 "damping": float(self._damping.numpy()),
                 "loss": keras.losses.serialize(self.loss)
-                if self.loss is not None
-                and not isinstance(self.loss, (str, list, dict))
+                if self.loss is not None and not isinstance(self.loss, (str, list, dict))
                 else self.loss,
                 "loss_weights": self.loss_weights,
                 "momentum": float(self._momentum.numpy()),
@@ -505,14 +493,10 @@ class Kfac(keras.optimizers.Optimizer):
                 "cov_update_every": self.cov_update_every,
                 "invert_every": self.invert_every,
                 "estimation_mode": self.estimation_mode,
-                "fisher_approx": self.fisher_approx
-                if _plain(self.fisher_approx)
-                else None,
+                "fisher_approx": self.fisher_approx if _plain(self.fisher_approx) else None,
                 "inverse_method": self.inverse_method,
                 "unsupported_layers": self.unsupported_layers,
-                "placement": self.placement
-                if isinstance(self.placement, str)
-                else "round_robin",
+                "placement": self.placement if isinstance(self.placement, str) else "round_robin",
                 "factor_sync": self.factor_sync,
                 "seed": self.seed,
             }
@@ -528,9 +512,7 @@ class Kfac(keras.optimizers.Optimizer):
                 lr, custom_objects=custom_objects
             )
         if isinstance(config.get("loss"), dict):
-            config["loss"] = keras.losses.deserialize(
-                config["loss"], custom_objects=custom_objects
-            )
+            config["loss"] = keras.losses.deserialize(config["loss"], custom_objects=custom_objects)
         return cls(model=model, **config)
 
 
@@ -549,9 +531,7 @@ def _same_loss(a, b) -> bool:
         if isinstance(loss, dict):
             return {k: canonical(v) for k, v in loss.items()}
         try:
-            return keras.losses.serialize(
-                keras.losses.get(loss) if isinstance(loss, str) else loss
-            )
+            return keras.losses.serialize(keras.losses.get(loss) if isinstance(loss, str) else loss)
         except (ValueError, TypeError):
             return repr(loss)
 

@@ -57,9 +57,7 @@ class LayerCollection:
         self.blocks: list[Block] = []
         self.losses: dict[str | int, tuple[object, float]] = {}
 
-    def register_layer(
-        self, layer: keras.layers.Layer, fisher_approx: str | None = None
-    ) -> Block:
+    def register_layer(self, layer: keras.layers.Layer, fisher_approx: str | None = None) -> Block:
         """Registers a supported layer (Dense, Conv1D/2D, Embedding, BN, LN)."""
         block = _block_for(layer, fisher_approx)
         if block is None:
@@ -100,9 +98,7 @@ def _unsupported_message(layers) -> str:
 
 def _approx_for(layer, fisher_approx: Mapping | str | None) -> str | None:
     if fisher_approx is None or isinstance(fisher_approx, str):
-        return (
-            fisher_approx if isinstance(fisher_approx, str) and fisher_approx else None
-        )
+        return fisher_approx if isinstance(fisher_approx, str) and fisher_approx else None
     if layer.name in fisher_approx:
         return fisher_approx[layer.name]
     for key, approx in fisher_approx.items():
@@ -140,9 +136,7 @@ def collect_blocks(
         if not own:
             continue
         block = _block_for(layer, _approx_for(layer, fisher_approx))
-        if block is None or {_key(v) for v in block.variables} != {
-            _key(v) for v in own
-        }:
+        if block is None or {_key(v) for v in block.variables} != {_key(v) for v in own}:
             unsupported.append(layer)
             continue
         blocks.append(block)
@@ -152,9 +146,7 @@ def collect_blocks(
             raise UnsupportedLayerError(_unsupported_message(unsupported))
         warnings.warn(
             "K-FAC preconditions these layers with a diagonal block: "
-            + ", ".join(
-                f"'{layer.name}' ({type(layer).__name__})" for layer in unsupported
-            ),
+            + ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in unsupported),
             stacklevel=3,
         )
         for layer in unsupported:

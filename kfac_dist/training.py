@@ -15,12 +15,11 @@ import types
 
 import keras
 import tensorflow as tf
-
-from kfac_dist.linalg import curvature_dtype
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from kfac_dist import capture
+from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
 
 
@@ -32,9 +31,7 @@ def _align_targets(y_true, y_pred, output_names):
     """y_true as a flat list matching the flat model outputs."""
     flat_pred = _flatten(y_pred)
     if len(flat_pred) == 1:
-        flat_true = (
-            _flatten(y_true) if isinstance(y_true, (list, tuple, dict)) else [y_true]
-        )
+        flat_true = _flatten(y_true) if isinstance(y_true, (list, tuple, dict)) else [y_true]
         return flat_true[:1]
     if isinstance(y_true, dict) and not isinstance(y_pred, dict):
         return [y_true.get(name) for name in output_names]
@@ -67,9 +64,7 @@ def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
     signs = (
         2.0
         * tf.cast(
-            tf.random.stateless_uniform(
-                [batch], tf.random.experimental.stateless_fold_in(seed, -1)
-            )
+            tf.random.stateless_uniform([batch], tf.random.experimental.stateless_fold_in(seed, -1))
             < 0.5,
             curvature_dtype(),
         )
@@ -108,9 +103,7 @@ def kfac_train_step(model, data):
 
     with tf.GradientTape(persistent=True) as tape:
         with capture.recording(curvature.blocks) as records:
-            y_pred = (
-                model(x, training=True) if model._call_has_training_arg else model(x)
-            )  # noqa: SLF001
+            y_pred = model(x, training=True) if model._call_has_training_arg else model(x)  # noqa: SLF001
         loss = model._compute_loss(  # noqa: SLF001
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
@@ -125,29 +118,22 @@ def kfac_train_step(model, data):
     gradients = tape.gradient(loss, trainable_weights)
 
     def update_statistics():
-        targets = []
-        for block, block_records in zip(curvature.blocks, records):
-            targets.extend(
-                r.outputs for r in block_records
-            ) if block.layer is not None else targets.extend(block.variables)
-        per_column = [
-            tape.gradient(p, targets, unconnected_gradients="zero") for p in pseudo
+        # Gradients are taken at each layer block's recorded pre-activations,
+        # or at the variables of a generic block.
+        targets = [
+            [r.outputs for r in block_records] if block.layer is not None else block.variables
+            for block, block_records in zip(curvature.blocks, records)
         ]
-        stacked = [
-            tf.stack([tf.convert_to_tensor(c[i]) for c in per_column])
-            for i in range(len(targets))
-        ]
-        statistics, position = [], 0
-        for block, block_records in zip(curvature.blocks, records):
-            count = (
-                len(block_records) if block.layer is not None else len(block.variables)
-            )
-            statistics.extend(
-                block.statistics(
-                    block_records, stacked[position : position + count], batch_size
-                )
-            )
-            position += count
+        flat_targets = [t for block_targets in targets for t in block_targets]
+        per_column = [tape.gradient(p, flat_targets, unconnected_gradients="zero") for p in pseudo]
+        stacked = iter(
+            tf.stack([tf.convert_to_tensor(column[i]) for column in per_column])
+            for i in range(len(flat_targets))
+        )
+        statistics = []
+        for block, block_records, block_targets in zip(curvature.blocks, records, targets):
+            output_grads = [next(stacked) for _ in block_targets]
+            statistics.extend(block.statistics(block_records, output_grads, batch_size))
         curvature.accumulate(statistics, batch_size)
         return tf.no_op()
 
@@ -155,7 +141,6 @@ def kfac_train_step(model, data):
         update_statistics()
     else:
         tf.cond(tf.equal(step % kfac.cov_update_every, 0), update_statistics, tf.no_op)
-    del tape
     tf.cond(
         tf.equal(step % kfac.invert_every, 0),
         lambda: _update_inverses(curvature, kfac.damping_value()),

@@ -279,6 +279,29 @@ def test_empirical_vector_is_scaled_true_label_gradient(name, setting):
     )
 
 
+@pytest.fixture
+def float64():
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
+@pytest.mark.parametrize("mode", [losses.EXACT, losses.SAMPLED, losses.EMPIRICAL])
+@pytest.mark.parametrize(
+    "name", ["mse", "categorical_probs", "sparse_logits", "binary_logits"]
+)
+def test_vectors_follow_float64_floatx(name, mode, float64):
+    loss, logits, y_pred, y_true, sample_weight, c = _problem(name, "sequence_weighted")
+    eta = loss.natural_params(tf.cast(y_pred, tf.float64))
+    assert eta.dtype == tf.float64
+    columns = loss.vectors(eta, y_true, sample_weight, mode, [1, 2])
+    assert all(col.dtype == tf.float64 for col in columns)
+    if mode == losses.EXACT:
+        expected = c[..., None, None] * _numpy_hessian(name, eta.numpy())
+        np.testing.assert_allclose(_outer_sum(columns), expected, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "spec, shown",
     [

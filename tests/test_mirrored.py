@@ -60,7 +60,12 @@ def trained(num_replicas: int, placement: str = "round_robin", factor_sync: str 
     return model, opt
 
 
-CASES = [(n, p, s) for n in (2, 4) for p in ("round_robin", "balanced", "replicated") for s in ("lazy", "every_update")]
+CASES = [
+    (n, p, s)
+    for n in (2, 4)
+    for p in ("round_robin", "balanced", "replicated")
+    for s in ("lazy", "every_update")
+]
 
 
 @pytest.mark.parametrize("num_replicas, placement, factor_sync", CASES)
@@ -85,7 +90,9 @@ def test_communication_budget_per_step(num_replicas, placement, factor_sync):
         assert counts[strategies.ADAPTIVE]["calls"] == 0
 
 
-@pytest.mark.parametrize("num_replicas, placement", [(2, "round_robin"), (4, "balanced"), (2, "replicated")])
+@pytest.mark.parametrize(
+    "num_replicas, placement", [(2, "round_robin"), (4, "balanced"), (2, "replicated")]
+)
 def test_each_replica_inverts_only_the_factors_it_owns(num_replicas, placement):
     _, opt = trained(num_replicas, placement)
     plan = opt.curvature.plan

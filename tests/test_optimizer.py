@@ -14,7 +14,9 @@ Y = RNG.normal(size=(32, 3)).astype("float32")
 
 def dense_model(seed=0, units=3, inputs=4, activation=None):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(units, activation=activation)])
+    return keras.Sequential(
+        [keras.Input((inputs,)), keras.layers.Dense(units, activation=activation)]
+    )
 
 
 def exact_kfac(model, **overrides):
@@ -48,7 +50,9 @@ def test_one_exact_step_reaches_least_squares_float32():
     model.compile(optimizer=exact_kfac(model), loss="mse")
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     solution = least_squares(X, Y)
-    np.testing.assert_allclose(kernel_and_bias(model), solution, rtol=1e-3, atol=1e-3 * np.abs(solution).max())
+    np.testing.assert_allclose(
+        kernel_and_bias(model), solution, rtol=1e-3, atol=1e-3 * np.abs(solution).max()
+    )
 
 
 def test_one_exact_step_reaches_least_squares_float64():
@@ -58,10 +62,19 @@ def test_one_exact_step_reaches_least_squares_float64():
     try:
         model = dense_model()
         model.compile(optimizer=exact_kfac(model), loss="mse")
-        model.fit(X.astype("float64"), Y.astype("float64"), batch_size=32, epochs=1, verbose=0, shuffle=False)
+        model.fit(
+            X.astype("float64"),
+            Y.astype("float64"),
+            batch_size=32,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
         solution = least_squares(X, Y)
         assert model.layers[0].kernel.dtype == "float64"
-        np.testing.assert_allclose(kernel_and_bias(model), solution, rtol=1e-6, atol=1e-6 * np.abs(solution).max())
+        np.testing.assert_allclose(
+            kernel_and_bias(model), solution, rtol=1e-6, atol=1e-6 * np.abs(solution).max()
+        )
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy("float32")
@@ -72,7 +85,9 @@ def test_cholesky_with_tiny_damping_also_reaches_least_squares():
     model.compile(optimizer=exact_kfac(model, inverse_method="cholesky", damping=1e-12), loss="mse")
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     solution = least_squares(X, Y)
-    np.testing.assert_allclose(kernel_and_bias(model), solution, rtol=1e-3, atol=1e-3 * np.abs(solution).max())
+    np.testing.assert_allclose(
+        kernel_and_bias(model), solution, rtol=1e-3, atol=1e-3 * np.abs(solution).max()
+    )
 
 
 def test_update_unchanged_when_loss_and_damping_scale_together():
@@ -133,7 +148,9 @@ def test_momentum_accumulates_velocity():
     np.testing.assert_allclose(w2 - w1, v2, rtol=1e-5, atol=1e-8)
     # v2 = μ v1 − lr·P∇₂: the momentum part is exactly μ v1.
     assert not np.allclose(v2, mu * v1)
-    np.testing.assert_allclose(v1, w1 - dense_model(activation="tanh").layers[0].kernel.numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        v1, w1 - dense_model(activation="tanh").layers[0].kernel.numpy(), rtol=1e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize(
@@ -168,7 +185,9 @@ def test_missing_damping_and_positional_arguments_raise():
 
 def test_loss_weights_must_match_outputs():
     model = dense_model()
-    opt = kfac.Kfac(learning_rate=0.1, damping=0.01, model=model, loss="mse", loss_weights=[1.0, 2.0])
+    opt = kfac.Kfac(
+        learning_rate=0.1, damping=0.01, model=model, loss="mse", loss_weights=[1.0, 2.0]
+    )
     model.compile(optimizer=opt, loss="mse")
     with pytest.raises(ValueError, match="loss_weights"):
         model.fit(X, Y, batch_size=32, epochs=1, verbose=0)
@@ -183,8 +202,15 @@ def test_loss_given_to_both_and_different_raises():
 
 
 def test_mutable_hyperparameters_follow_construction():
-    opt = kfac.Kfac(learning_rate=0.1, damping=0.01, model=dense_model(), loss="mse", norm_constraint=0.01)
-    assert set(opt.mutable_hyperparameters) == {"learning_rate", "damping", "momentum", "norm_constraint"}
+    opt = kfac.Kfac(
+        learning_rate=0.1, damping=0.01, model=dense_model(), loss="mse", norm_constraint=0.01
+    )
+    assert set(opt.mutable_hyperparameters) == {
+        "learning_rate",
+        "damping",
+        "momentum",
+        "norm_constraint",
+    }
     opt.damping = 0.5
     assert float(opt.damping.numpy()) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="weight_decay_coeff cannot change"):
@@ -197,7 +223,9 @@ def test_learning_rate_scheduler_callback_changes_the_rate():
     model.compile(optimizer=opt, loss="mse")
     seen = []
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1))
-    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(float(opt.learning_rate.numpy())))
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: seen.append(float(opt.learning_rate.numpy()))
+    )
     model.fit(X, Y, batch_size=16, epochs=3, verbose=0, callbacks=[schedule, record])
     np.testing.assert_allclose(seen, [0.1, 0.05, 0.1 / 3], rtol=1e-6)
 

@@ -18,7 +18,6 @@ G = (1/(b·T)) Σ_{i,t} g gᵀ, which is exact for a linear layer under MSE.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Sequence
 
@@ -45,7 +44,7 @@ class Record:
     extras: dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
 
 
-class Block(abc.ABC):
+class Block:
     """A group of variables with one curvature approximation."""
 
     #: approximations this block kind supports, the first is the default.
@@ -159,20 +158,14 @@ class Block(abc.ABC):
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
         if method == CHOLESKY:
             inverse = payloads[0][0]
-            out = (
-                flat * inverse
-                if self.approx == DIAGONAL
-                else tf.linalg.matvec(inverse, flat)
-            )
+            out = flat * inverse if self.approx == DIAGONAL else tf.linalg.matvec(inverse, flat)
         else:
             values, vectors = payloads[0]
             damping = tf.cast(damping, flat.dtype)
             if self.approx == DIAGONAL:
                 out = flat / (values + damping)
             else:
-                coords = tf.linalg.matvec(vectors, flat, transpose_a=True) / (
-                    values + damping
-                )
+                coords = tf.linalg.matvec(vectors, flat, transpose_a=True) / (values + damping)
                 out = tf.linalg.matvec(vectors, coords)
         return _split_flat(out, grads)
 
@@ -191,9 +184,7 @@ def _kron_eigen_solve(matrix, input_eig, output_eig, damping) -> tf.Tensor:
     diagonal_a = vectors_a.shape[0] == 0
     coords = matrix if diagonal_a else tf.matmul(vectors_a, matrix, transpose_a=True)
     coords = tf.matmul(coords, vectors_g)
-    scale = values_a[:, tf.newaxis] * values_g[tf.newaxis, :] + tf.cast(
-        damping, matrix.dtype
-    )
+    scale = values_a[:, tf.newaxis] * values_g[tf.newaxis, :] + tf.cast(damping, matrix.dtype)
     coords = coords / scale
     out = coords if diagonal_a else tf.matmul(vectors_a, coords)
     return tf.matmul(out, vectors_g, transpose_b=True)
@@ -215,9 +206,7 @@ def with_ones(rows_: tf.Tensor) -> tf.Tensor:
     return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
 
 
-def kron_factors(
-    input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size
-) -> list[tf.Tensor]:
+def kron_factors(input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size) -> list[tf.Tensor]:
     """A = (1/b) Σ ā āᵀ and G = (1/(b·T)) Σ g gᵀ.
 
     `input_rows` holds the b·T positions of the local batch; `output_rows`

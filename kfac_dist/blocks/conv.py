@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kfac_dist.linalg import curvature_dtype
-
 from kfac_dist.blocks.base import Record, rows, with_ones
 from kfac_dist.blocks.dense import DenseBlock
+from kfac_dist.linalg import curvature_dtype
 
 
 class ConvBlock(DenseBlock):
@@ -34,18 +33,13 @@ class ConvBlock(DenseBlock):
         return with_ones(a) if self.has_bias else a
 
     def kron_statistics(self, records, output_grads, batch_size):
-        output_grads = [
-            _channels_last(self._layer, g, column_axis=True) for g in output_grads
-        ]
+        output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
         return super().kron_statistics(records, output_grads, batch_size)
 
     def per_example_gradients(self, records, output_grads):
-        output_grads = [
-            _channels_last(self._layer, g, column_axis=True) for g in output_grads
-        ]
+        output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
         records = [
-            Record(r.inputs, _channels_last(self._layer, r.outputs), r.extras)
-            for r in records
+            Record(r.inputs, _channels_last(self._layer, r.outputs), r.extras) for r in records
         ]
         return super().per_example_gradients(records, output_grads)
 

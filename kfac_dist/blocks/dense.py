@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from kfac_dist.linalg import curvature_dtype
-
 from kfac_dist.blocks.base import (
     Block,
     Record,
@@ -14,6 +12,7 @@ from kfac_dist.blocks.base import (
     rows,
     with_ones,
 )
+from kfac_dist.linalg import curvature_dtype
 
 
 class DenseBlock(Block):
@@ -56,9 +55,7 @@ class DenseBlock(Block):
 
     def kron_statistics(self, records, output_grads, batch_size):
         inputs = tf.concat([self.input_rows(r) for r in records], axis=0)
-        outputs = tf.concat(
-            [rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0
-        )
+        outputs = tf.concat([rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0)
         return kron_factors(inputs, outputs, batch_size)
 
     def per_example_gradients(self, records, output_grads):

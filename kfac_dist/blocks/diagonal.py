@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from kfac_dist.linalg import curvature_dtype
-
 from kfac_dist.blocks.base import DIAGONAL, Block
+from kfac_dist.linalg import curvature_dtype
 
 
 class GenericDiagonalBlock(Block):
@@ -29,12 +28,7 @@ class GenericDiagonalBlock(Block):
     def statistics(self, records, output_grads, batch_size):
         # `output_grads` are the variables' gradients, one (C, *shape) per variable.
         flat = tf.concat(
-            [
-                tf.reshape(tf.cast(g, curvature_dtype()), [g.shape[0], -1])
-                for g in output_grads
-            ],
+            [tf.reshape(tf.cast(g, curvature_dtype()), [g.shape[0], -1]) for g in output_grads],
             axis=1,
         )
-        return [
-            tf.reduce_sum(tf.square(flat), axis=0) / tf.cast(batch_size, curvature_dtype())
-        ]
+        return [tf.reduce_sum(tf.square(flat), axis=0) / tf.cast(batch_size, curvature_dtype())]

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kfac_dist.linalg import curvature_dtype
-
 from kfac_dist.blocks.base import KRON, Block, Record, kron_factors, rows
+from kfac_dist.linalg import curvature_dtype
 
 
 class EmbeddingBlock(Block):
@@ -36,17 +35,11 @@ class EmbeddingBlock(Block):
 
     def kron_statistics(self, records, output_grads, batch_size):
         vocabulary = self.kron_dims()[0][0]
-        ids = tf.concat(
-            [tf.reshape(tf.cast(r.inputs, tf.int32), [-1]) for r in records], 0
-        )
-        counts = tf.math.unsorted_segment_sum(
-            tf.ones_like(ids, curvature_dtype()), ids, vocabulary
-        )
-        outputs = tf.concat(
-            [rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0
-        )
+        ids = tf.concat([tf.reshape(tf.cast(r.inputs, tf.int32), [-1]) for r in records], 0)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(ids, curvature_dtype()), ids, vocabulary)
+        outputs = tf.concat([rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0)
         # kron_factors on one-hot rows would materialise (b·T, V): use counts.
-        _, g = kron_factors(tf.zeros([tf.shape(ids)[0], 0]), outputs, batch_size)
+        _, g = kron_factors(tf.zeros([tf.shape(ids)[0], 0], curvature_dtype()), outputs, batch_size)
         return [counts / tf.cast(batch_size, curvature_dtype()), g]
 
     def gradient_matrix(self, grads):

@@ -13,9 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kfac_dist.linalg import curvature_dtype
-
 from kfac_dist.blocks.base import DIAGONAL, FULL, Block, Record
+from kfac_dist.linalg import curvature_dtype
 
 
 class ScaleShiftBlock(Block):
@@ -42,9 +41,7 @@ class ScaleShiftBlock(Block):
         outputs = call(inputs, *args, **kwargs)
         training = kwargs.get("training", args[0] if args else None)
         normalized = self._normalize(tf.cast(inputs, curvature_dtype()), training)
-        return outputs, Record(
-            inputs=inputs, outputs=outputs, extras={"normalized": normalized}
-        )
+        return outputs, Record(inputs=inputs, outputs=outputs, extras={"normalized": normalized})
 
     def _normalize(self, x: tf.Tensor, training) -> tf.Tensor:
         layer = self._layer
@@ -76,9 +73,7 @@ class ScaleShiftBlock(Block):
             shared_axes = [a + 1 for a in range(1, rank) if a not in param_axes]
             parts = []
             if getattr(self._layer, "gamma", None) is not None:
-                parts.append(
-                    tf.reduce_sum(g * record.extras["normalized"], shared_axes)
-                )
+                parts.append(tf.reduce_sum(g * record.extras["normalized"], shared_axes))
             if getattr(self._layer, "beta", None) is not None:
                 parts.append(tf.reduce_sum(g, shared_axes))
             flat = [tf.reshape(p, [-1, int(np.prod(p.shape[2:]))]) for p in parts]

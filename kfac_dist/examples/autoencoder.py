@@ -60,9 +60,7 @@ def autoencoder_loss() -> keras.losses.Loss:
 
 def compile_autoencoder(model: keras.Model, optimizer) -> keras.Model:
     """Compiles with the benchmark's loss: 784 × BCE(from_logits) (summed over pixels)."""
-    model.compile(
-        optimizer=optimizer, loss=autoencoder_loss(), loss_weights=LOSS_WEIGHT
-    )
+    model.compile(optimizer=optimizer, loss=autoencoder_loss(), loss_weights=LOSS_WEIGHT)
     return model
 
 

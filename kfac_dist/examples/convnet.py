@@ -45,9 +45,7 @@ def build_convnet(
         ]
     layers += [
         keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(
-            hidden, activation="relu", kernel_initializer=init(), name="hidden"
-        ),
+        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init(), name="hidden"),
         keras.layers.Dense(NUM_CLASSES, kernel_initializer=init(), name="logits"),
     ]
     return keras.Sequential(layers, name=name)

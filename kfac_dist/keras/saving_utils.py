@@ -1,1 +1,49 @@
-"""`kfac.keras.saving_utils.load_model`: placeholder until saving lands."""
+"""`kfac.keras.saving_utils.load_model`: load a `.keras` file compiled with Kfac.
+
+Keras builds the optimizer of a loaded model before any model exists for it
+to bind to, and Kfac needs its model (its layers are its curvature blocks).
+This loader does what the reference's did: load the model, construct the
+optimizer bound to it, compile, build, then restore the optimizer's state —
+factors, inverses, counters, momentum and the step that seeds its sampling.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import h5py
+import keras
+from keras.src.saving import serialization_lib
+
+from kfac_dist.optimizer import Kfac
+
+
+def load_model(filepath, custom_objects=None, compile: bool = True, safe_mode: bool = True):
+    """Like `keras.models.load_model`, binding a saved Kfac to the loaded model."""
+    model = keras.models.load_model(
+        filepath, custom_objects=custom_objects, compile=False, safe_mode=safe_mode
+    )
+    with zipfile.ZipFile(filepath) as archive:
+        config = json.loads(archive.read("config.json"))
+        compile_config = config.get("compile_config")
+        if not compile or not compile_config:
+            return model
+        optimizer_config = compile_config.pop("optimizer")
+        if optimizer_config.get("class_name") != "Kfac":
+            model.compile_from_config({**compile_config, "optimizer": optimizer_config})
+            return model
+        with model.distribute_strategy.scope():
+            optimizer = Kfac.from_config(optimizer_config["config"], custom_objects, model=model)
+            rest = serialization_lib.deserialize_keras_object(compile_config, custom_objects)
+            model.compile(optimizer=optimizer, **rest)
+            optimizer.build(model.trainable_variables)
+        weights = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(weights, "r") as store:
+        saved = store["optimizer"]["vars"]
+        optimizer.load_own_variables({key: saved[key][()] for key in saved})
+    return model
+
+
+__all__ = ["load_model"]

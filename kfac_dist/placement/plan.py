@@ -40,13 +40,10 @@ class PlacementPlan:
             object.__setattr__(self, field, tuple(getattr(self, field)))
         if len(self.costs) != len(self.units):
             raise ValueError(
-                f"PlacementPlan has {len(self.costs)} costs "
-                f"for {len(self.units)} units."
+                f"PlacementPlan has {len(self.costs)} costs for {len(self.units)} units."
             )
         check_request(self.costs, self.num_replicas, self.policy_name)
-        owners = check_owners(
-            self.owners, len(self.units), self.num_replicas, self.policy_name
-        )
+        owners = check_owners(self.owners, len(self.units), self.num_replicas, self.policy_name)
         object.__setattr__(self, "owners", owners)
 
     def is_shared(self, i: int) -> bool:
@@ -101,9 +98,7 @@ class PlacementPlan:
 
     def _check_replica(self, replica: int) -> None:
         if not 0 <= replica < self.num_replicas:
-            raise ValueError(
-                f"replica must be in [0, {self.num_replicas}), got {replica!r}."
-            )
+            raise ValueError(f"replica must be in [0, {self.num_replicas}), got {replica!r}.")
 
 
 def make_plan(

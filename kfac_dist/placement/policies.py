@@ -33,8 +33,7 @@ def check_request(costs: Sequence[float], num_replicas: int, name: str) -> None:
         or num_replicas < 1
     ):
         raise ValueError(
-            f"Placement policy {name!r}: num_replicas must be an int >= 1, "
-            f"got {num_replicas!r}."
+            f"Placement policy {name!r}: num_replicas must be an int >= 1, got {num_replicas!r}."
         )
     for i, cost in enumerate(costs):
         if not isinstance(cost, numbers.Real) or not math.isfinite(cost) or cost < 0:

@@ -71,10 +71,7 @@ def format_placement_table(
     lines = [line(header), line(["-" * width for width in widths])]
     lines += [line(row) for row in rows]
     replicated = info["replicated_units"]
-    summary = (
-        f"policy {info['policy']}: {len(info['units'])} units on "
-        f"{plan.num_replicas} replicas"
-    )
+    summary = f"policy {info['policy']}: {len(info['units'])} units on {plan.num_replicas} replicas"
     if replicated:
         summary += (
             f", {len(replicated)} computed by every replica "
@@ -153,9 +150,7 @@ def plan_to_dict(
                 "cost": cost,
                 "owner": owner,
             }
-            for unit, cost, owner in zip(
-                plan.units, plan.costs, plan.owners, strict=True
-            )
+            for unit, cost, owner in zip(plan.units, plan.costs, plan.owners, strict=True)
         ],
         "replicas": replicas,
         "replicated_units": [plan.units[i].name for i in plan.replicated()],

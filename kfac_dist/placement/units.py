@@ -12,9 +12,7 @@ UNIT_KINDS = ("matrix", "diagonal")
 def check_method(method: str) -> str:
     """Returns `method` if it is a known inverse method, else raises ValueError."""
     if method not in INVERSE_METHODS:
-        raise ValueError(
-            f"Unknown inverse method {method!r}: expected one of {INVERSE_METHODS}."
-        )
+        raise ValueError(f"Unknown inverse method {method!r}: expected one of {INVERSE_METHODS}.")
     return method
 
 
@@ -37,31 +35,22 @@ class InversionUnit:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(
-                f"InversionUnit name must be a non-empty str, got {self.name!r}."
-            )
+            raise ValueError(f"InversionUnit name must be a non-empty str, got {self.name!r}.")
         if not isinstance(self.block, str) or not self.block:
             raise ValueError(
-                f"InversionUnit {self.name!r}: block must be a non-empty str, "
-                f"got {self.block!r}."
+                f"InversionUnit {self.name!r}: block must be a non-empty str, got {self.block!r}."
             )
         # bool is an int subclass, but dim=True is always a mistake.
-        if (
-            isinstance(self.dim, bool)
-            or not isinstance(self.dim, numbers.Integral)
-            or self.dim < 1
-        ):
+        if isinstance(self.dim, bool) or not isinstance(self.dim, numbers.Integral) or self.dim < 1:
             raise ValueError(
-                f"InversionUnit {self.name!r}: dim must be an int >= 1, "
-                f"got {self.dim!r}."
+                f"InversionUnit {self.name!r}: dim must be an int >= 1, got {self.dim!r}."
             )
         # Shapes often arrive as NumPy integers; a plain int keeps units hashable
         # and JSON-ready.
         object.__setattr__(self, "dim", int(self.dim))
         if self.kind not in UNIT_KINDS:
             raise ValueError(
-                f"InversionUnit {self.name!r}: kind must be one of {UNIT_KINDS}, "
-                f"got {self.kind!r}."
+                f"InversionUnit {self.name!r}: kind must be one of {UNIT_KINDS}, got {self.kind!r}."
             )
 
     def result_floats(self, method: str) -> int:

@@ -25,9 +25,7 @@ SUPPORTED = (
 def resolve(strategy: tf.distribute.Strategy | None = None) -> CrossReplicaContext:
     """The context for `strategy` (default: the active one)."""
     strategy = strategy or tf.distribute.get_strategy()
-    if isinstance(
-        strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
-    ):
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return TpuContext(strategy)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return CollectiveContext(strategy)

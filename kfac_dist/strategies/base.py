@@ -70,9 +70,7 @@ class CrossReplicaContext(abc.ABC):
         """One all-gather of equally sized flat buffers: (num_replicas, size)."""
 
     # --- counted public collectives --------------------------------------
-    def all_reduce_sum(
-        self, tensors: Sequence[tf.Tensor], kind: str
-    ) -> list[tf.Tensor]:
+    def all_reduce_sum(self, tensors: Sequence[tf.Tensor], kind: str) -> list[tf.Tensor]:
         """Sums every replica's tensors with one collective of a packed buffer."""
         buffer = pack(tensors)
         self._count(kind, buffer)
@@ -94,13 +92,9 @@ class CrossReplicaContext(abc.ABC):
             tf.distribute.ReduceOp.SUM, list(grads)
         )
 
-    def _count(
-        self, kind: str, buffer: tf.Tensor | None, nbytes: int | None = None
-    ) -> None:
+    def _count(self, kind: str, buffer: tf.Tensor | None, nbytes: int | None = None) -> None:
         if kind not in self._calls:
-            raise ValueError(
-                f"Unknown collective kind {kind!r}; expected one of {KINDS}."
-            )
+            raise ValueError(f"Unknown collective kind {kind!r}; expected one of {KINDS}.")
         nbytes = _nbytes(buffer) if nbytes is None else nbytes
         self._calls[kind].assign_add(1)
         self._bytes[kind].assign_add(nbytes)

@@ -22,12 +22,8 @@ class TpuContext(CrossReplicaContext):
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     def _all_reduce_sum(self, buffer: tf.Tensor) -> tf.Tensor:
-        return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, buffer
-        )
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, buffer)
 
     def _all_gather(self, buffer: tf.Tensor) -> tf.Tensor:
-        gathered = tf.distribute.get_replica_context().all_gather(
-            buffer[tf.newaxis], axis=0
-        )
+        gathered = tf.distribute.get_replica_context().all_gather(buffer[tf.newaxis], axis=0)
         return tf.reshape(gathered, [self.num_replicas, -1])

@@ -131,7 +131,8 @@ def _layer_case(cls, cases, name, approx=None, seed=0):
     np.testing.assert_allclose(output.numpy(), np.maximum(s, 0), rtol=1e-6)
     rng = np.random.default_rng(seed + 100)
     grads = rng.normal(size=(C, *s.shape))
-    grads_last = np.moveaxis(grads, 2, -1) if s_last is not s else grads
+    channels_first = layer.data_format == "channels_first"
+    grads_last = np.moveaxis(grads, 2, -1) if channels_first else grads
     grads_rows = grads_last.reshape(C, B, -1, layer.filters)
     return block, record, tf.constant(grads, tf.float32), patches, grads_rows
 

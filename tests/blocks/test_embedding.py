@@ -107,3 +107,25 @@ def test_embedding_supports_only_kron():
     assert EmbeddingBlock(layer).approx == KRON
     with pytest.raises(ValueError, match="fisher_approx"):
         EmbeddingBlock(layer, "diagonal")
+
+
+def test_embedding_statistics_follow_float64_floatx():
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        layer = keras.layers.Embedding(VOCAB, WIDTH)
+        layer.build((None, T))
+        block = EmbeddingBlock(layer)
+        ids = np.array([[1, 2, 2], [0, 6, 1], [3, 3, 3], [5, 4, 0]])
+        _, record = block.record(layer.call, tf.constant(ids))
+        grads = np.random.default_rng(3).normal(size=(C, B, T, WIDTH))
+        a_stat, g_stat = block.statistics([record], [tf.constant(grads)], B)
+    finally:
+        keras.config.set_floatx(previous)
+    assert a_stat.dtype == g_stat.dtype == tf.float64
+    rows = grads.reshape(C, -1, WIDTH)
+    expected_g = sum(rows[c].T @ rows[c] for c in range(C)) / (B * T)
+    np.testing.assert_allclose(
+        a_stat.numpy(), np.bincount(ids.ravel(), None, VOCAB) / B
+    )
+    np.testing.assert_allclose(g_stat.numpy(), expected_g, rtol=1e-12)
