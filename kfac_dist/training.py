@@ -89,6 +89,12 @@ def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
 def kfac_train_step(model, data):
     """Keras `train_step` with K-FAC's curvature work (installed per instance)."""
     kfac = model.optimizer
+    if getattr(getattr(kfac, "inner_optimizer", None), "is_kfac", False):
+        raise ValueError(
+            "Kfac was wrapped in a LossScaleOptimizer (the mixed_float16 policy does this "
+            "at compile): K-FAC does not support loss scaling yet. Use the float32 or the "
+            "mixed_bfloat16 policy; factors and inverses stay float32 under both."
+        )
     if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
         return type(model).train_step(model, data)
     if not kfac.built:

@@ -69,9 +69,7 @@ def run_workers(
             timed_out = True
     return [
         WorkerResult(index, launch.exit_code(code), "".join(lines), timed_out)
-        for index, (code, lines) in enumerate(
-            zip(group.returncodes, outputs, strict=True)
-        )
+        for index, (code, lines) in enumerate(zip(group.returncodes, outputs, strict=True))
     ]
 
 

@@ -95,9 +95,7 @@ def test_autoencoder_has_the_documented_layers_and_loss():
     model = autoencoder.build_autoencoder(seed=0)
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [layer.units for layer in dense] == [512, 256, 32, 256, 512, 784]
-    activations = [
-        layer.activation.__name__ if layer.activation else None for layer in dense
-    ]
+    activations = [layer.activation.__name__ if layer.activation else None for layer in dense]
     assert activations == ["tanh"] * 5 + ["linear"]
     linear_code = autoencoder.build_autoencoder(code_activation=None, seed=0)
     assert linear_code.get_layer("code").activation.__name__ == "linear"
@@ -147,9 +145,7 @@ def test_moving_average_is_trailing_and_undefined_before_a_full_window():
 def test_first_crossing_gives_the_step_and_seconds_without_the_first_step():
     losses = [200, 150, 120, 100, 90, 80, 75, 60, 50, 40]
     seconds = [5.0] + [0.5] * 9  # step 1 compiles
-    crossings = benchmarks.first_crossings(
-        losses, seconds, thresholds=(100, 70, 45), window=2
-    )
+    crossings = benchmarks.first_crossings(losses, seconds, thresholds=(100, 70, 45), window=2)
     # averages from step 2: 175, 135, 110, 95, 85, 77.5, 67.5, 55, 45
     assert crossings[0] == benchmarks.Crossing(100.0, 5, 2.0)
     assert crossings[1] == benchmarks.Crossing(70.0, 8, 3.5)
@@ -158,9 +154,7 @@ def test_first_crossing_gives_the_step_and_seconds_without_the_first_step():
 
 def test_a_threshold_never_reached_or_a_diverged_run_does_not_cross():
     losses = [100, 90, math.nan, 10, 10, 80]
-    crossings = benchmarks.first_crossings(
-        losses, [1.0] * 6, thresholds=(50, 95), window=3
-    )
+    crossings = benchmarks.first_crossings(losses, [1.0] * 6, thresholds=(50, 95), window=3)
     # averages: nan, nan, nan, nan, nan (nan in window), 33.3
     assert crossings[0] == benchmarks.Crossing(50.0, 6, 5.0)
     assert crossings[1] == benchmarks.Crossing(95.0, 6, 5.0)

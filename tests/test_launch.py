@@ -79,10 +79,7 @@ def test_workers_get_their_task_index_and_prefixed_output():
     code, lines, _ = _run(2)
     assert code == 0
     for index in range(2):
-        assert any(
-            line.startswith(f"[worker {index}] task {index} of 2 pid ")
-            for line in lines
-        )
+        assert any(line.startswith(f"[worker {index}] task {index} of 2 pid ") for line in lines)
     assert all(re.match(r"\[worker [01]\] ", line) for line in lines)
 
 

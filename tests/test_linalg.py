@@ -38,9 +38,7 @@ def test_pack_symmetric_is_row_major_upper_triangle():
 def test_unpack_symmetric_mirrors_the_upper_triangle():
     packed = np.arange(1, 7, dtype=np.float32)
     expected = np.array([[1, 2, 3], [2, 4, 5], [3, 5, 6]], dtype=np.float32)
-    np.testing.assert_array_equal(
-        linalg.unpack_symmetric(tf.constant(packed), 3).numpy(), expected
-    )
+    np.testing.assert_array_equal(linalg.unpack_symmetric(tf.constant(packed), 3).numpy(), expected)
 
 
 def test_damped_inverse_of_full_factor_equals_numpy_inverse(factor):
@@ -67,9 +65,7 @@ def test_damped_inverse_uses_the_symmetric_part():
 
 def test_damped_inverse_retries_non_positive_definite_factor_with_more_damping():
     rotation, _ = np.linalg.qr(RNG.normal(size=(4, 4)))
-    matrix = (rotation @ np.diag([1.0, 2.0, 0.5, -50.0]) @ rotation.T).astype(
-        np.float32
-    )
+    matrix = (rotation @ np.diag([1.0, 2.0, 0.5, -50.0]) @ rotation.T).astype(np.float32)
     damping = 1e-3
     # Cholesky of matrix + damping·I fails (NaN in TF 2.21, no exception).
     assert not np.all(np.isfinite(tf.linalg.cholesky(matrix + damping * np.eye(4))))
@@ -86,9 +82,7 @@ def test_damped_inverse_retries_non_positive_definite_factor_with_more_damping()
 
 def test_damped_inverse_retries_inside_tf_function():
     matrix = np.diag([1.0, -5.0]).astype(np.float32)
-    inverse, retries = tf.function(linalg.damped_inverse)(
-        tf.constant(matrix), tf.constant(0.01)
-    )
+    inverse, retries = tf.function(linalg.damped_inverse)(tf.constant(matrix), tf.constant(0.01))
     assert int(retries) == 3
     np.testing.assert_allclose(inverse.numpy(), np.diag([1 / 11.0, 1 / 5.0]), rtol=1e-5)
 
@@ -134,9 +128,7 @@ def test_factored_damping_splits_damping_by_pi():
 def test_eigendecomposition_reconstructs_factor(factor):
     values, vectors = linalg.eigendecomposition(tf.constant(factor))
     values, vectors = values.numpy(), vectors.numpy()
-    np.testing.assert_allclose(
-        vectors @ np.diag(values) @ vectors.T, factor, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, factor, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(5), atol=1e-5)
     np.testing.assert_allclose(
         np.sort(values), np.linalg.eigvalsh(factor.astype(np.float64)), rtol=1e-4

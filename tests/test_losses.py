@@ -137,9 +137,7 @@ def _problem(name, setting, seed=0):
     y_pred = _prediction(name, tf.constant(logits))
     c = np.full(shape[:-1], WEIGHT / int(np.prod(shape[1:-1])))
     if sample_weight is not None:
-        w = sample_weight.reshape(
-            sample_weight.shape + (1,) * (c.ndim - sample_weight.ndim)
-        )
+        w = sample_weight.reshape(sample_weight.shape + (1,) * (c.ndim - sample_weight.ndim))
         c = c * w
     return loss, logits, y_pred, y_true, sample_weight, c
 
@@ -185,9 +183,7 @@ def test_natural_params_recover_logits(name):
     else:
         # Softmax logits are defined up to a constant per example.
         shift = eta - logits
-        np.testing.assert_allclose(
-            shift, np.broadcast_to(shift[..., :1], shift.shape), atol=1e-4
-        )
+        np.testing.assert_allclose(shift, np.broadcast_to(shift[..., :1], shift.shape), atol=1e-4)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -220,9 +216,7 @@ def test_exact_vectors_divide_by_sequence_length_unknown_when_traced(name):
     loss, logits, y_pred, y_true, sample_weight, c = _problem(name, "sequence_weighted")
     eta = loss.natural_params(y_pred)
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, None, K]), tf.TensorSpec([None, 1])]
-    )
+    @tf.function(input_signature=[tf.TensorSpec([None, None, K]), tf.TensorSpec([None, 1])])
     def exact(eta, weight):
         return loss.vectors(eta, None, weight, losses.EXACT, [1, 2])
 
@@ -288,9 +282,7 @@ def float64():
 
 
 @pytest.mark.parametrize("mode", [losses.EXACT, losses.SAMPLED, losses.EMPIRICAL])
-@pytest.mark.parametrize(
-    "name", ["mse", "categorical_probs", "sparse_logits", "binary_logits"]
-)
+@pytest.mark.parametrize("name", ["mse", "categorical_probs", "sparse_logits", "binary_logits"])
 def test_vectors_follow_float64_floatx(name, mode, float64):
     loss, logits, y_pred, y_true, sample_weight, c = _problem(name, "sequence_weighted")
     eta = loss.natural_params(tf.cast(y_pred, tf.float64))

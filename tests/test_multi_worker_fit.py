@@ -105,16 +105,12 @@ def test_workers_agree_bit_for_bit(workers):
     assert logs_0["evaluate"] == logs_1["evaluate"]
 
 
-def test_two_workers_match_one_process_with_the_same_global_batch(
-    workers, reference, data
-):
+def test_two_workers_match_one_process_with_the_same_global_batch(workers, reference, data):
     (arrays, logs), _ = workers
     reference_arrays, reference_logs = reference
     for i in range(4):
         assert not np.allclose(arrays[f"w{i}"], data[f"w{i}"])  # it trained
-        np.testing.assert_allclose(
-            arrays[f"w{i}"], reference_arrays[f"w{i}"], rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(arrays[f"w{i}"], reference_arrays[f"w{i}"], rtol=1e-5, atol=1e-6)
     # predict gathers the workers' shards back in dataset order.
     np.testing.assert_allclose(
         arrays["predictions"], reference_arrays["predictions"], rtol=1e-5, atol=1e-6
@@ -122,9 +118,7 @@ def test_two_workers_match_one_process_with_the_same_global_batch(
     # Logs are means over the global batch, as in one process.
     assert logs["history"].keys() == reference_logs["history"].keys()
     for name, values in logs["history"].items():
-        np.testing.assert_allclose(
-            values, reference_logs["history"][name], rtol=1e-5, err_msg=name
-        )
+        np.testing.assert_allclose(values, reference_logs["history"][name], rtol=1e-5, err_msg=name)
     for name, value in logs["evaluate"].items():
         np.testing.assert_allclose(value, reference_logs["evaluate"][name], rtol=1e-5)
 

@@ -55,14 +55,10 @@ def _im2col_1d(x, kernel, stride, dilation, padding):
 
 CONV2D_CASES = {
     "valid": dict(filters=3, kernel_size=3),
-    "same_strided_asymmetric": dict(
-        filters=2, kernel_size=(3, 2), strides=(2, 1), padding="same"
-    ),
+    "same_strided_asymmetric": dict(filters=2, kernel_size=(3, 2), strides=(2, 1), padding="same"),
     "valid_strided_no_bias": dict(filters=2, kernel_size=3, strides=2, use_bias=False),
     "same_dilated": dict(filters=2, kernel_size=3, dilation_rate=2, padding="same"),
-    "valid_dilated_no_bias": dict(
-        filters=3, kernel_size=2, dilation_rate=(2, 1), use_bias=False
-    ),
+    "valid_dilated_no_bias": dict(filters=3, kernel_size=2, dilation_rate=(2, 1), use_bias=False),
     "channels_first_same": dict(
         filters=2, kernel_size=2, padding="same", data_format="channels_first"
     ),
@@ -105,9 +101,7 @@ def _reference_patches(layer, x):
     else:
         if layer.data_format == "channels_first":
             x = np.moveaxis(x, 1, -1)
-        patches = _im2col(
-            x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
-        )
+        patches = _im2col(x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
     patches = patches.reshape(B, -1, patches.shape[-1])
     if layer.bias is not None:
         patches = np.concatenate([patches, np.ones(patches.shape[:-1] + (1,))], -1)
@@ -196,9 +190,7 @@ def test_conv_per_example_gradient_order_matches_kernel_autodiff():
             pseudo = tf.reduce_sum(grads[0, i : i + 1] * s)
         kernel, bias = tape.gradient(pseudo, [layer.kernel, layer.bias])
         flat = np.concatenate([kernel.numpy().ravel(), bias.numpy()])
-        np.testing.assert_allclose(
-            flat, per_example[0, i].ravel(), rtol=1e-4, atol=1e-4
-        )
+        np.testing.assert_allclose(flat, per_example[0, i].ravel(), rtol=1e-4, atol=1e-4)
 
 
 # --- 1×1 convolution over a 1×1 image is a Dense layer -----------------------
@@ -221,12 +213,8 @@ def pointwise():
     g = rng.normal(size=(C, B, d_out)).astype(np.float32)
     conv_out, conv_record = conv_block.record(conv.call, tf.constant(x[:, None, None]))
     dense_out, dense_record = dense_block.record(dense.call, tf.constant(x))
-    np.testing.assert_allclose(
-        conv_out.numpy()[:, 0, 0], dense_out.numpy(), rtol=1e-6, atol=1e-6
-    )
-    conv_factors = conv_block.statistics(
-        [conv_record], [tf.constant(g[:, :, None, None])], B
-    )
+    np.testing.assert_allclose(conv_out.numpy()[:, 0, 0], dense_out.numpy(), rtol=1e-6, atol=1e-6)
+    conv_factors = conv_block.statistics([conv_record], [tf.constant(g[:, :, None, None])], B)
     dense_factors = dense_block.statistics([dense_record], [tf.constant(g)], B)
     grad = rng.normal(size=(d_in + 1, d_out)).astype(np.float32)
     return dict(
@@ -268,9 +256,7 @@ def test_pointwise_conv_on_one_pixel_gives_dense_update(pointwise, method):
             method,
         )
         assert kernel.shape == kernel_shape
-        updates.append(
-            np.concatenate([kernel.numpy().reshape(d_in, d_out), bias.numpy()[None]])
-        )
+        updates.append(np.concatenate([kernel.numpy().reshape(d_in, d_out), bias.numpy()[None]]))
     np.testing.assert_allclose(updates[0], updates[1], rtol=1e-5, atol=1e-6)
 
     a, g = (f.numpy().astype(np.float64) for f in pointwise["factors"][1])

@@ -104,9 +104,7 @@ def test_sequence_factors_divide_input_by_batch_and_output_by_positions():
     _, record = block.record(layer.call, tf.constant(x))
     a_stat, g_stat = block.statistics([record], [tf.constant(g)], B)
     a_sum = sum(
-        np.outer(_with_ones(x[i, t]), _with_ones(x[i, t]))
-        for i in range(B)
-        for t in range(3)
+        np.outer(_with_ones(x[i, t]), _with_ones(x[i, t])) for i in range(B) for t in range(3)
     )
     g_sum = sum(np.outer(g[0, i, t], g[0, i, t]) for i in range(B) for t in range(3))
     np.testing.assert_allclose(a_stat.numpy(), a_sum / B, rtol=1e-5, atol=1e-6)
@@ -127,8 +125,7 @@ def test_numpy_per_example_gradients_match_autodiff_of_the_layer():
                 pseudo = tf.add_n(
                     [
                         tf.reduce_sum(
-                            tf.constant(g[c, i], tf.float32)
-                            * linear(tf.constant(x[i], tf.float32))
+                            tf.constant(g[c, i], tf.float32) * linear(tf.constant(x[i], tf.float32))
                         )
                         for x, g in zip(inputs, grads, strict=True)
                     ]
@@ -141,9 +138,7 @@ def test_numpy_per_example_gradients_match_autodiff_of_the_layer():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("approx", [DIAGONAL, FULL])
-def test_diagonal_and_full_statistics_average_per_example_gradients(
-    case, use_bias, approx
-):
+def test_diagonal_and_full_statistics_average_per_example_gradients(case, use_bias, approx):
     layer, block = _dense(use_bias, approx)
     records, output_grads, inputs, grads = _recorded(block, layer, CASES[case])
     (stat,) = block.statistics(records, output_grads, B)
@@ -233,9 +228,7 @@ def test_diagonal_and_full_precondition_apply_damped_inverse(approx, method):
     _, block = _dense(True, approx)
     n = (D_IN + 1) * D_OUT
     factor = rng.uniform(0.1, 2.0, size=n) if approx == DIAGONAL else _spd(rng, n)
-    payload, retries = block.invert(
-        0, [tf.constant(factor, tf.float32)], DAMPING, method
-    )
+    payload, retries = block.invert(0, [tf.constant(factor, tf.float32)], DAMPING, method)
     assert int(retries) == 0
     assert [[tuple(p.shape) for p in payload]] == block.payload_shapes(method)
     grad = rng.normal(size=(D_IN + 1, D_OUT))

@@ -23,12 +23,8 @@ def column_grads():
     return [rng.normal(size=(C, *s)) for s in SHAPES]
 
 
-def test_generic_statistics_are_squared_gradients_summed_over_columns(
-    block, column_grads
-):
-    (stat,) = block.statistics(
-        [], [tf.constant(g, tf.float32) for g in column_grads], B
-    )
+def test_generic_statistics_are_squared_gradients_summed_over_columns(block, column_grads):
+    (stat,) = block.statistics([], [tf.constant(g, tf.float32) for g in column_grads], B)
     flat = np.concatenate([g.reshape(C, -1) for g in column_grads], axis=1)
     expected = np.sum(flat**2, axis=0) / B
     assert block.factor_shapes() == [(10,)] and stat.shape == (10,)
@@ -52,9 +48,7 @@ def test_generic_precondition_divides_by_damped_diagonal(block, method):
     rng = np.random.default_rng(1)
     factor = rng.uniform(0.0, 2.0, size=10)
     damping = 0.05
-    payload, retries = block.invert(
-        0, [tf.constant(factor, tf.float32)], damping, method
-    )
+    payload, retries = block.invert(0, [tf.constant(factor, tf.float32)], damping, method)
     assert int(retries) == 0
     grads = [rng.normal(size=s) for s in SHAPES]
     out = block.precondition(

@@ -59,9 +59,7 @@ def test_embedding_used_twice_counts_tokens_of_both_uses(embedding):
         B,
     )
     counts = np.bincount(np.concatenate([ids.ravel(), more_ids.ravel()]), None, VOCAB)
-    rows = np.concatenate(
-        [grads.reshape(C, -1, WIDTH), more_grads.reshape(C, -1, WIDTH)], axis=1
-    )
+    rows = np.concatenate([grads.reshape(C, -1, WIDTH), more_grads.reshape(C, -1, WIDTH)], axis=1)
     expected_g = sum(rows[c].T @ rows[c] for c in range(C)) / (B * (T + 1))
     np.testing.assert_allclose(a_stat.numpy(), counts / B, rtol=1e-6)
     np.testing.assert_allclose(g_stat.numpy(), expected_g, rtol=1e-5, atol=1e-6)
@@ -76,13 +74,9 @@ def test_embedding_precondition_with_diagonal_input_factor(embedding, method):
         payload, retries = block.invert(index, factors, DAMPING, method)
         assert int(retries) == 0
         payloads.append(payload)
-    assert [[tuple(p.shape) for p in pl] for pl in payloads] == block.payload_shapes(
-        method
-    )
+    assert [[tuple(p.shape) for p in pl] for pl in payloads] == block.payload_shapes(method)
     grad = np.random.default_rng(2).normal(size=(VOCAB, WIDTH))
-    (update,) = block.precondition(
-        [tf.constant(grad, tf.float32)], payloads, DAMPING, method
-    )
+    (update,) = block.precondition([tf.constant(grad, tf.float32)], payloads, DAMPING, method)
     a = np.diag(np.bincount(ids.ravel(), minlength=VOCAB) / B)
     rows = grads.reshape(C, -1, WIDTH)
     g = sum(rows[c].T @ rows[c] for c in range(C)) / (B * T)
@@ -125,7 +119,5 @@ def test_embedding_statistics_follow_float64_floatx():
     assert a_stat.dtype == g_stat.dtype == tf.float64
     rows = grads.reshape(C, -1, WIDTH)
     expected_g = sum(rows[c].T @ rows[c] for c in range(C)) / (B * T)
-    np.testing.assert_allclose(
-        a_stat.numpy(), np.bincount(ids.ravel(), None, VOCAB) / B
-    )
+    np.testing.assert_allclose(a_stat.numpy(), np.bincount(ids.ravel(), None, VOCAB) / B)
     np.testing.assert_allclose(g_stat.numpy(), expected_g, rtol=1e-12)

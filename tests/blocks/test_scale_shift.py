@@ -40,9 +40,7 @@ def _numpy_normalized(kind, x):
     eps = 1e-3
     if kind.startswith("bn"):
         axes = tuple(range(x.ndim - 1))  # batch moments over all but channels
-        return (x - x.mean(axes, keepdims=True)) / np.sqrt(
-            x.var(axes, keepdims=True) + eps
-        )
+        return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + eps)
     axes = (-2, -1) if kind == "ln_two_axes" else (-1,)
     var = x.var(axes, keepdims=True)
     if kind == "ln_rms":
@@ -89,9 +87,7 @@ def _per_example_numpy(layer, x_hat, grads):
 def test_recorded_normalized_input_matches_layer_definition(kind):
     layer, _, x, output, record, _ = _recorded(kind, None)
     x_hat = _numpy_normalized(kind, x)
-    np.testing.assert_allclose(
-        record.extras["normalized"].numpy(), x_hat, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(record.extras["normalized"].numpy(), x_hat, rtol=1e-4, atol=1e-5)
     # s = γ·x̂ + β is what the layer itself returned.
     beta = layer.beta.numpy() if getattr(layer, "beta", None) is not None else 0.0
     np.testing.assert_allclose(
@@ -107,12 +103,8 @@ def test_batch_norm_in_inference_normalizes_with_moving_moments():
     block = ScaleShiftBlock(layer)
     x = rng.normal(size=(B, 3)).astype(np.float32)
     output, record = block.record(layer.call, tf.constant(x), training=False)
-    x_hat = (x - layer.moving_mean.numpy()) / np.sqrt(
-        layer.moving_variance.numpy() + layer.epsilon
-    )
-    np.testing.assert_allclose(
-        record.extras["normalized"].numpy(), x_hat, rtol=1e-5, atol=1e-6
-    )
+    x_hat = (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+    np.testing.assert_allclose(record.extras["normalized"].numpy(), x_hat, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         output.numpy(),
         layer.gamma.numpy() * x_hat + layer.beta.numpy(),
@@ -177,9 +169,7 @@ def test_precondition_applies_damped_inverse_to_scale_and_shift(approx, method):
     )
     f = factor.numpy().astype(np.float64)
     matrix = np.diag(f) if approx == DIAGONAL else f
-    expected = np.linalg.solve(
-        matrix + damping * np.eye(6), np.concatenate([d_gamma, d_beta])
-    )
+    expected = np.linalg.solve(matrix + damping * np.eye(6), np.concatenate([d_gamma, d_beta]))
     np.testing.assert_allclose(
         np.concatenate([new_gamma.numpy(), new_beta.numpy()]),
         expected,

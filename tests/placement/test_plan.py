@@ -104,9 +104,7 @@ def test_mixed_plan_load_adds_replicated_units_to_each_replica():
     owners = [None, 2, 0, 2]
     plan = make_plan(units, 3, FixedOwners(owners))
     for replica in range(3):
-        expected = sum(
-            c for c, o in zip(costs, owners, strict=True) if o in (None, replica)
-        )
+        expected = sum(c for c, o in zip(costs, owners, strict=True) if o in (None, replica))
         assert plan.load(replica) == expected
     assert plan.loads == (189.0, 64.0, 197.0)
     assert plan.max_share == pytest.approx(197 / 322)
@@ -152,9 +150,7 @@ def test_make_plan_rejects_duplicate_names_and_non_units():
 def test_make_plan_rejects_bad_costs_naming_the_unit(bad_cost):
     units = dense_units((3, 2))
     with pytest.raises(ValueError, match=r"for unit 'dense_0/G'"):
-        make_plan(
-            units, 2, cost_model=lambda u: bad_cost if u.name.endswith("G") else 1
-        )
+        make_plan(units, 2, cost_model=lambda u: bad_cost if u.name.endswith("G") else 1)
 
 
 def test_make_plan_reports_bad_custom_owners_naming_the_policy():

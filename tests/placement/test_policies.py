@@ -37,9 +37,7 @@ def test_round_robin_matches_hand_computed_owners():
 
 @pytest.mark.parametrize("num_replicas", [2, 4, 8])
 def test_round_robin_windows_cover_every_replica_once(num_replicas):
-    owners = RoundRobin().assign(
-        [1.0] * (3 * num_replicas * num_replicas), num_replicas
-    )
+    owners = RoundRobin().assign([1.0] * (3 * num_replicas * num_replicas), num_replicas)
     for start in range(0, len(owners), num_replicas):
         window = owners[start : start + num_replicas]
         assert sorted(window) == list(range(num_replicas))

@@ -49,9 +49,7 @@ def test_table_has_one_row_per_replica_with_owned_units_and_shares():
 
 def test_table_columns_are_aligned():
     plan = make_plan(UNITS, 4, "balanced")
-    lines = format_placement_table(
-        plan, state_bytes_per_replica=[1, 2, 3, 4]
-    ).splitlines()
+    lines = format_placement_table(plan, state_bytes_per_replica=[1, 2, 3, 4]).splitlines()
     # The share column ends at the same place on every row.
     ends = {line.index("%") for line in lines[2:6]}
     assert len(ends) == 1
@@ -77,9 +75,7 @@ def test_table_shows_bytes_when_given():
 def test_table_lists_replicated_units_in_the_footer():
     table = format_placement_table(make_plan(UNITS, 3, "replicated"))
     rows = replica_rows(table, 3)
-    assert [row[:4] for row in rows] == [
-        [str(r), "0", "330", "100.0%"] for r in range(3)
-    ]
+    assert [row[:4] for row in rows] == [[str(r), "0", "330", "100.0%"] for r in range(3)]
     assert "5 computed by every replica (dense/A, dense/G" in table
     assert "max share 100.0% (lower bound 37.9%)" in table
 

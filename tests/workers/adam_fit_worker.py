@@ -46,14 +46,8 @@ def dataset(*arrays: np.ndarray) -> tf.data.Dataset:
     slice of each global batch, so one process with the same batches is an
     exact reference."""
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA
-    )
-    return (
-        tf.data.Dataset.from_tensor_slices(arrays)
-        .batch(GLOBAL_BATCH)
-        .with_options(options)
-    )
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return tf.data.Dataset.from_tensor_slices(arrays).batch(GLOBAL_BATCH).with_options(options)
 
 
 def fit(model: keras.Model, data: dict[str, np.ndarray], epochs: int) -> dict:

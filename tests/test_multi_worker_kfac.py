@@ -1,0 +1,61 @@
+"""Kfac with `model.fit` on 2 real worker processes (MultiWorkerMirroredStrategy)."""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.multiworker import assert_all_succeeded, run_workers
+
+WORKER = Path(__file__).parent / "workers" / "kfac_fit_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import kfac_fit_worker as worker  # noqa: E402
+
+
+@functools.cache
+def worker_results(out: Path):
+    results = run_workers(WORKER, 2, ["--out", str(out)], timeout=300)
+    assert_all_succeeded(results)
+    return [
+        (dict(np.load(out / f"worker-{i}.npz")), json.loads((out / f"worker-{i}.json").read_text()))
+        for i in range(2)
+    ]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return worker_results(tmp_path_factory.mktemp("kfac_workers"))
+
+
+@functools.cache
+def reference_weights():
+    model = worker.build("round_robin", "lazy")
+    model.fit(worker.dataset(), epochs=1, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("placement, factor_sync", worker.CONFIGS)
+def test_two_workers_train_like_one_process_on_the_global_batch(results, placement, factor_sync):
+    name = f"{placement}-{factor_sync}"
+    reference = reference_weights()
+    for arrays, _ in results:
+        for i, want in enumerate(reference):
+            np.testing.assert_allclose(arrays[f"{name}/{i}"], want, rtol=1e-4, atol=1e-5)
+    first, second = results[0][0], results[1][0]
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+@pytest.mark.parametrize("placement, factor_sync", worker.CONFIGS)
+def test_two_workers_keep_the_communication_budget(results, placement, factor_sync):
+    inverse_updates = -(-worker.STEPS // worker.INVERT_EVERY)
+    for _, counts in results:
+        count = counts[f"{placement}-{factor_sync}"]
+        assert count["gradients"]["calls"] == worker.STEPS
+        syncs = worker.STEPS if factor_sync == "every_update" else inverse_updates
+        assert count["factor_sync"]["calls"] == syncs
+        shares = 0 if placement == "replicated" else inverse_updates
+        assert count["inverse_share"]["calls"] == shares
