@@ -33,6 +33,20 @@ def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
+def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
+    """One placement unit per factor, block by block (A then G)."""
+    return [
+        InversionUnit(
+            name=f"{block.name}/{factor_name}",
+            block=block.name,
+            dim=shape[0],
+            kind="diagonal" if len(shape) == 1 else "matrix",
+        )
+        for block in blocks
+        for factor_name, shape in zip(block.factor_names(), block.factor_shapes())
+    ]
+
+
 class Curvature:
     """Factor statistics and inverses of a list of blocks, on every replica."""
 
@@ -51,16 +65,7 @@ class Curvature:
         self.inverse_method = inverse_method
         self.cov_ema_decay = cov_ema_decay
         self.factor_sync = factor_sync
-        self.units = [
-            InversionUnit(
-                name=f"{block.name}/{factor_name}",
-                block=block.name,
-                dim=shape[0],
-                kind="diagonal" if len(shape) == 1 else "matrix",
-            )
-            for block in self.blocks
-            for factor_name, shape in zip(block.factor_names(), block.factor_shapes())
-        ]
+        self.units = inversion_units(self.blocks)
         self.plan: PlacementPlan = make_plan(
             self.units,
             context.num_replicas,

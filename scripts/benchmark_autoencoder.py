@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="steps for both optimizers")
-    parser.add_argument("--kfac-steps", type=int, default=400)
+    parser.add_argument("--kfac-steps", type=int, default=600)
     parser.add_argument(
         "--adam-steps",
         type=int,
@@ -40,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--norm-constraint", type=float)
     parser.add_argument("--no-adam", action="store_true", help="K-FAC runs only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init",
+        default="glorot_uniform",
+        help="kernel initializer of the autoencoder: glorot_uniform (Keras' default) "
+        "or lecun_normal (Haiku's, as in kfac-jax's runs)",
+    )
     parser.add_argument("--batch-size", type=int, default=benchmarks.BATCH_SIZE)
     parser.add_argument("--data-dir", help="a tensorflow-datasets data directory")
     parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
@@ -67,6 +73,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
+        kernel_initializer=args.init,
         run_adam=not args.no_adam,
         progress=progress,
     )

@@ -25,20 +25,24 @@ def build_autoencoder(
     *,
     activation: str = "tanh",
     code_activation: str | None = "tanh",
+    kernel_initializer: str = "glorot_uniform",
     seed: int | None = 0,
     name: str = "autoencoder",
 ) -> keras.Sequential:
     """The autoencoder: (batch, 784) images in [0, 1] → (batch, 784) logits.
 
-    `seed` makes the initial weights reproducible (Glorot-uniform kernels,
-    zero biases, Keras' defaults); None draws fresh ones.
+    `kernel_initializer` is a Keras initializer name: "glorot_uniform"
+    (Keras' default, zero biases) or e.g. "lecun_normal" (a truncated normal
+    with variance 1/fan_in: Haiku's default, the one kfac-jax's runs start
+    from). `seed` makes the initial weights reproducible; None draws fresh ones.
     """
     layers: list = []
 
     def dense(units, act, layer_name):
         # One fixed seed per layer: the same `seed` gives the same weights.
-        initializer = keras.initializers.GlorotUniform(
-            seed=None if seed is None else int(seed) * 1000 + len(layers)
+        config = {"seed": None if seed is None else int(seed) * 1000 + len(layers)}
+        initializer = keras.initializers.get(
+            {"class_name": kernel_initializer, "config": config}
         )
         return keras.layers.Dense(
             units, activation=act, kernel_initializer=initializer, name=layer_name
