@@ -215,7 +215,7 @@ def check_floors(measured: dict) -> dict:
 
 
 def better(a: RunResult, b: RunResult, threshold: float = 100.0) -> bool:
-    """Whether run `a` beats `b`: fewer steps to `threshold`, then fewer seconds, then lower final loss.
+    """Whether run `a` beats `b`: fewer steps to `threshold`, then seconds, then final loss.
 
     Steps first: they do not depend on the machine's load, seconds do.
     """
@@ -347,10 +347,9 @@ def run_benchmark(
     images = mnist.images
     steps = max(kfac_steps, adam_steps if run_adam else 0)
     batches = batch_indices(len(images), batch_size, steps, seed)
+
     def build():
-        return autoencoder.build_autoencoder(
-            seed=seed, kernel_initializer=kernel_initializer
-        )
+        return autoencoder.build_autoencoder(seed=seed, kernel_initializer=kernel_initializer)
 
     initial = build().get_weights()
 
@@ -431,7 +430,7 @@ def _fmt(value, spec: str, missing: str = "not reached") -> str:
 
 
 def table(runs: Sequence[RunResult]) -> str:
-    """A Markdown table: per run, steps/seconds to each threshold, ms per step, compile, final loss."""
+    """A Markdown table: per run, steps and seconds to each threshold, ms/step, final loss."""
     thresholds = runs[0].thresholds if runs else THRESHOLDS
     head = ["optimizer", "steps"]
     for t in thresholds:

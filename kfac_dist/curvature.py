@@ -27,6 +27,7 @@ from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
 LAZY = "lazy"
 EVERY_UPDATE = "every_update"
 FACTOR_SYNC_MODES = (LAZY, EVERY_UPDATE)
+SHARING_METHODS = ("auto", "all_reduce", "all_gather")
 
 
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -59,12 +60,14 @@ class Curvature:
         placement,
         cov_ema_decay: float,
         factor_sync: str = LAZY,
+        sharing: str = "auto",
     ):
         self.blocks = list(blocks)
         self.context = context
         self.inverse_method = inverse_method
         self.cov_ema_decay = cov_ema_decay
         self.factor_sync = factor_sync
+        self.sharing = sharing
         self.units = inversion_units(self.blocks)
         self.plan: PlacementPlan = make_plan(
             self.units,
@@ -161,53 +164,138 @@ class Curvature:
         tf.cond(finite, lambda: self._invert_and_share(damping), tf.no_op)
 
     def _invert_and_share(self, damping):
-        factors = self.factors()
-        replica = self.context.replica_id()
-        shared, computed = [], []
-        unit = 0
+        payloads = self.owned_payloads(self.factors(), damping, self.context.replica_id())
+        self.install(self.share(payloads))
+        return tf.no_op()
+
+    def owned_payloads(self, factors, damping, replica) -> list[list[tf.Tensor]]:
+        """Each unit's payload if this replica owns it (or all do), else zeros.
+
+        The branch depends on `replica`, a run-time tensor (as on TPU), so
+        one compiled step serves every replica.
+        """
+        payloads, unit = [], 0
         for block, factor_slice in self._block_slices():
             block_factors = factors[factor_slice]
             for index in range(len(block_factors)):
-                owner = self.plan.owners[unit]
-                payload = self._owned_payload(block, index, block_factors, damping, replica, owner)
-                computed.append(payload)
-                if self.plan.is_shared(unit) and self.context.num_replicas > 1:
-                    shared.append(unit)
+                payloads.append(
+                    self._owned_payload(block, index, block_factors, damping, replica, unit)
+                )
                 unit += 1
-        if shared:
-            wire = [t for u in shared for t in _to_wire(computed[u])]
-            received = iter(self.context.all_reduce_sum(wire, INVERSE_SHARE))
-            for u in shared:
-                computed[u] = _from_wire(received, computed[u])
-        for variables, payload in zip(self.payloads, computed):
-            ok = _all_finite(payload)
-            for var, value in zip(variables, payload):
-                var.assign(tf.where(ok, value, var))
-        return tf.no_op()
+        return payloads
 
-    def _owned_payload(self, block, index, block_factors, damping, replica, owner):
+    def _owned_payload(self, block, index, block_factors, damping, replica, unit):
         def compute():
             payload, retries = block.invert(index, block_factors, damping, self.inverse_method)
             self.inversions.assign_add(1)
             self.inversion_retries.assign_add(tf.cast(retries, tf.int64))
             return payload
 
-        if owner is None or self.context.num_replicas == 1:
+        if unit not in self.shared_units:
             return compute()
 
         def skip():
-            return [
-                tf.zeros(p.shape, curvature_dtype())
-                for p in self.payloads[self._unit_index(block, index)]
-            ]
+            return [tf.zeros(v.shape, curvature_dtype()) for v in self.payloads[unit]]
 
-        return tf.cond(tf.equal(replica, owner), compute, skip)
+        return tf.cond(tf.equal(replica, self.plan.owners[unit]), compute, skip)
 
-    def _unit_index(self, block, index) -> int:
-        for b, factor_slice in self._block_slices():
-            if b is block:
-                return factor_slice.start + index
-        raise KeyError(block.name)
+    @property
+    def shared_units(self) -> list[int]:
+        """Units computed by one owner and shared (none with one replica)."""
+        if self.context.num_replicas == 1:
+            return []
+        return [u for u in range(len(self.units)) if self.plan.is_shared(u)]
+
+    def _wire_sizes(self) -> dict[int, int]:
+        return {u: _wire_size([v.shape for v in self.payloads[u]]) for u in self.shared_units}
+
+    @property
+    def sharing_method(self) -> str | None:
+        """How owners' results reach every replica, chosen per plan.
+
+        A sum all-reduce of a buffer holding every shared payload (each replica
+        fills only its own) is portable and needs no memory beyond the
+        inverses. An all-gather of each replica's own payloads, padded to the
+        largest, moves fewer bytes (on a ring, about half), but its transient
+        buffer is N × the largest payload: used only when that is no more than
+        the all-reduce buffer, i.e. when padding waste is small.
+        """
+        sizes = self._wire_sizes()
+        if not sizes:
+            return None
+        if self.sharing != "auto":
+            return self.sharing
+        total = sum(sizes.values())
+        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
+        return "all_gather" if self.context.num_replicas * largest <= total else "all_reduce"
+
+    def _replica_wire_size(self, replica: int, sizes: dict[int, int]) -> int:
+        return sum(sizes[u] for u in self.shared_units if self.plan.owners[u] == replica)
+
+    def sharing_bytes(self) -> dict[str, int]:
+        """Bytes each replica hands in per sharing phase, and the transient buffer."""
+        sizes = self._wire_sizes()
+        item = curvature_dtype().size
+        if not sizes:
+            return {"sent": 0, "transient": 0}
+        total = sum(sizes.values())
+        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
+        if self.sharing_method == "all_gather":
+            return {"sent": largest * item, "transient": self.context.num_replicas * largest * item}
+        return {"sent": total * item, "transient": total * item}
+
+    def share(self, payloads: list[list[tf.Tensor]]) -> list[list[tf.Tensor]]:
+        """One collective brings every owner's payloads to every replica."""
+        shared = self.shared_units
+        if not shared:
+            return payloads
+        payloads = list(payloads)
+        if self.sharing_method == "all_reduce":
+            wire = [t for u in shared for t in _to_wire(payloads[u])]
+            received = iter(self.context.all_reduce_sum(wire, INVERSE_SHARE))
+            for u in shared:
+                payloads[u] = _from_wire(received, payloads[u])
+            return payloads
+        sizes = self._wire_sizes()
+        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
+
+        def packer(replica):
+            def pack():
+                own = [
+                    t
+                    for u in shared
+                    if self.plan.owners[u] == replica
+                    for t in _to_wire(payloads[u])
+                ]
+                flat = tf.concat(
+                    [tf.reshape(t, [-1]) for t in own] or [tf.zeros([0], curvature_dtype())], 0
+                )
+                return tf.pad(flat, [[0, largest - self._replica_wire_size(replica, sizes)]])
+
+            return pack
+
+        branches = [packer(r) for r in range(self.context.num_replicas)]
+        buffer = tf.switch_case(self.context.replica_id(), branches)
+        gathered = self.context.all_gather(buffer, INVERSE_SHARE)
+        for replica in range(self.context.num_replicas):
+            own = [u for u in shared if self.plan.owners[u] == replica]
+            flat = gathered[replica]
+            offset = 0
+            for u in own:
+                parts = []
+                for t in _to_wire(payloads[u]):
+                    n = t.shape.num_elements()
+                    parts.append(tf.reshape(flat[offset : offset + n], t.shape))
+                    offset += n
+                payloads[u] = _from_wire(iter(parts), payloads[u])
+        return payloads
+
+    def install(self, payloads: list[list[tf.Tensor]]) -> None:
+        """Writes the shared payloads; a non-finite one keeps the previous inverse."""
+        for variables, payload in zip(self.payloads, payloads):
+            ok = _all_finite(payload)
+            for var, value in zip(variables, payload):
+                var.assign(tf.where(ok, value, var))
 
     # --- preconditioning ----------------------------------------------------------
     def precondition(
@@ -232,6 +320,14 @@ class Curvature:
             "factors": sum(nbytes(v) for v in self.factor_sums + self.good_sums) + 8,
             "inverses": sum(nbytes(v) for p in self.payloads for v in p),
         }
+
+
+def _wire_size(shapes) -> int:
+    """Floats a payload takes on the wire (see `_to_wire`)."""
+    shapes = [tf.TensorShape(s) for s in shapes]
+    if len(shapes) == 1 and shapes[0].rank == 2:
+        return linalg.triangle_size(shapes[0][0])
+    return sum(s.num_elements() for s in shapes)
 
 
 def _to_wire(payload: Sequence[tf.Tensor]) -> list[tf.Tensor]:

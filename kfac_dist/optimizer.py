@@ -77,6 +77,9 @@ class Kfac(keras.optimizers.Optimizer):
             policy object with `assign(costs, num_replicas)`.
         factor_sync: "lazy" (default: sync on inverse updates) or
             "every_update".
+        inverse_sharing: how owners' inverses reach every replica: "auto"
+            (default: all-gather when its padded buffer is no larger than the
+            all-reduce's, else all-reduce), "all_reduce" or "all_gather".
         seed: seed of the sampled Fisher.
     """
 
@@ -105,6 +108,7 @@ class Kfac(keras.optimizers.Optimizer):
         unsupported_layers: str = "error",
         placement="round_robin",
         factor_sync: str = curvature_lib.LAZY,
+        inverse_sharing: str = "auto",
         seed: int | None = None,
         name: str | None = None,
         **kwargs,
@@ -178,6 +182,11 @@ class Kfac(keras.optimizers.Optimizer):
             factor_sync in curvature_lib.FACTOR_SYNC_MODES,
             f"factor_sync must be one of {curvature_lib.FACTOR_SYNC_MODES}, got {factor_sync!r}.",
         )
+        _require(
+            inverse_sharing in curvature_lib.SHARING_METHODS,
+            f"inverse_sharing must be one of {curvature_lib.SHARING_METHODS}, "
+            f"got {inverse_sharing!r}.",
+        )
         super().__init__(learning_rate=learning_rate, name=name)
         self._mutable = tuple(
             h
@@ -214,6 +223,7 @@ class Kfac(keras.optimizers.Optimizer):
         self.unsupported_layers = unsupported_layers
         self.placement = placement
         self.factor_sync = factor_sync
+        self.inverse_sharing = inverse_sharing
         self.seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else int(seed)
         self._model_ref = None
         self._output_losses = None
@@ -272,6 +282,7 @@ class Kfac(keras.optimizers.Optimizer):
             placement=self.placement,
             cov_ema_decay=self.cov_ema_decay,
             factor_sync=self.factor_sync,
+            sharing=self.inverse_sharing,
         )
         self.curvature.build(curvature_lib.per_replica_variable(self))
         add = curvature_lib.per_replica_variable(self)
@@ -442,6 +453,59 @@ class Kfac(keras.optimizers.Optimizer):
             ),
         }
 
+    # --- placement report --------------------------------------------------------------
+    def placement_report(self, as_dict: bool = False) -> str | dict:
+        """Who inverts which factor, at what cost, and what each replica holds and moves.
+
+        One row per replica: the factors it inverts and shares, their cost
+        under the plan's cost model and its share of the total, and its K-FAC
+        memory — the persistent state (factor sums, their last-good copies,
+        inverse payloads) apart from the transient buffers handed to the
+        factor sync and to the inverse sharing, whose sizes are also the
+        bytes every replica hands in to those collectives. A table for logs,
+        or with `as_dict=True` a JSON-ready dict.
+        """
+        from kfac_dist.placement import report
+
+        if self.curvature is None:
+            raise ValueError(
+                "placement_report needs a built Kfac: the placement is made when the "
+                "optimizer is built, at the first fit step or with "
+                "optimizer.build(model.trainable_variables)."
+            )
+        curvature = self.curvature
+        plan = curvature.plan
+        itemsize = tf.as_dtype(curvature.weight_sum.dtype).size
+        sync_bytes = report.factor_sync_bytes(curvature.units, itemsize)
+        share_bytes = report.inverse_share_bytes(plan, curvature.inverse_method, itemsize)
+        # Every replica holds every factor and every (shared) inverse.
+        memory = report.ReplicaMemory(
+            factor_sums=self._placement_bytes([*curvature.factor_sums, curvature.weight_sum]),
+            last_good=self._placement_bytes([*curvature.good_sums, curvature.good_weight]),
+            inverses=self._placement_bytes([v for p in curvature.payloads for v in p]),
+            sync_buffer=sync_bytes,
+            share_buffer=share_bytes,
+        )
+        reported = dict(
+            bytes_per_factor_sync=sync_bytes,
+            bytes_per_inverse_share=share_bytes,
+            memory_per_replica=[memory] * plan.num_replicas,
+        )
+        if not as_dict:
+            return report.format_placement_table(plan, **reported)
+        return {
+            **report.plan_to_dict(plan, **reported),
+            "inverse_method": curvature.inverse_method,
+            "factor_sync": curvature.factor_sync,
+            "dtype": tf.as_dtype(curvature.weight_sum.dtype).name,
+        }
+
+    @staticmethod
+    def _placement_bytes(variables) -> int:
+        return sum(
+            int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size for v in variables
+        )
+
     # --- saving ----------------------------------------------------------------------
     def sync_factors(self) -> None:
         """Brings every replica's factor sums to their common average (one sync).
@@ -498,6 +562,7 @@ class Kfac(keras.optimizers.Optimizer):
                 "unsupported_layers": self.unsupported_layers,
                 "placement": self.placement if isinstance(self.placement, str) else "round_robin",
                 "factor_sync": self.factor_sync,
+                "inverse_sharing": self.inverse_sharing,
                 "seed": self.seed,
             }
         )

@@ -54,32 +54,51 @@ def build(num_replicas: int, **kfac_args):
 
 
 @functools.cache
-def trained(num_replicas: int, placement: str = "round_robin", factor_sync: str = "lazy"):
-    model, opt = build(num_replicas, placement=placement, factor_sync=factor_sync)
+def trained(
+    num_replicas: int,
+    placement: str = "round_robin",
+    factor_sync: str = "lazy",
+    sharing: str = "auto",
+):
+    model, opt = build(
+        num_replicas, placement=placement, factor_sync=factor_sync, inverse_sharing=sharing
+    )
     model.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     return model, opt
 
 
 CASES = [
-    (n, p, s)
+    (n, p, s, "auto")
     for n in (2, 4)
     for p in ("round_robin", "balanced", "replicated")
     for s in ("lazy", "every_update")
+] + [
+    (2, "round_robin", "lazy", "all_gather"),
+    (4, "balanced", "lazy", "all_gather"),
+    (4, "round_robin", "every_update", "all_gather"),
+    (4, "balanced", "lazy", "all_reduce"),
 ]
 
 
-@pytest.mark.parametrize("num_replicas, placement, factor_sync", CASES)
-def test_replicas_train_like_one_replica_on_the_global_batch(num_replicas, placement, factor_sync):
+@pytest.mark.parametrize("num_replicas, placement, factor_sync, sharing", CASES)
+def test_replicas_train_like_one_replica_on_the_global_batch(
+    num_replicas, placement, factor_sync, sharing
+):
     reference, _ = trained(1)
-    model, opt = trained(num_replicas, placement, factor_sync)
+    model, opt = trained(num_replicas, placement, factor_sync, sharing)
+    if placement == "replicated":
+        assert opt.curvature.sharing_method is None
+    elif sharing != "auto":
+        assert opt.curvature.sharing_method == sharing
     for got, want in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_replicas, placement, factor_sync", CASES)
-def test_communication_budget_per_step(num_replicas, placement, factor_sync):
-    _, opt = trained(num_replicas, placement, factor_sync)
+@pytest.mark.parametrize("num_replicas, placement, factor_sync, sharing", CASES)
+def test_communication_budget_per_step(num_replicas, placement, factor_sync, sharing):
+    _, opt = trained(num_replicas, placement, factor_sync, sharing)
     inverse_updates = -(-STEPS // INVERT_EVERY)
+    sharing_bytes = opt.curvature.sharing_bytes()["sent"]
     for replica in range(num_replicas):
         counts = opt.context.counts(replica)
         assert counts[strategies.GRADIENTS]["calls"] == STEPS
@@ -87,7 +106,14 @@ def test_communication_budget_per_step(num_replicas, placement, factor_sync):
         assert counts[strategies.FACTOR_SYNC]["calls"] == expected_syncs
         expected_shares = 0 if placement == "replicated" else inverse_updates
         assert counts[strategies.INVERSE_SHARE]["calls"] == expected_shares
+        assert counts[strategies.INVERSE_SHARE]["bytes"] == expected_shares * sharing_bytes
         assert counts[strategies.ADAPTIVE]["calls"] == 0
+
+
+def test_all_gather_sends_fewer_bytes_than_all_reduce_when_padding_is_small():
+    _, gather = trained(4, "balanced", "lazy", "all_gather")
+    _, reduce = trained(4, "balanced", "lazy", "all_reduce")
+    assert gather.curvature.sharing_bytes()["sent"] < reduce.curvature.sharing_bytes()["sent"]
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,7 @@ def build_autoencoder(
     def dense(units, act, layer_name):
         # One fixed seed per layer: the same `seed` gives the same weights.
         config = {"seed": None if seed is None else int(seed) * 1000 + len(layers)}
-        initializer = keras.initializers.get(
-            {"class_name": kernel_initializer, "config": config}
-        )
+        initializer = keras.initializers.get({"class_name": kernel_initializer, "config": config})
         return keras.layers.Dense(
             units, activation=act, kernel_initializer=initializer, name=layer_name
         )

@@ -1,4 +1,4 @@
-"""A small MNIST classifier with the layer kinds K-FAC blocks cover: Conv2D, BatchNormalization, Dense."""
+"""A small MNIST classifier with the layer kinds K-FAC covers: Conv2D, BatchNorm, Dense."""
 
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
-"""Placement reports: a per-replica table for logs and a dict for JSON."""
+"""Placement reports: bytes moved and held per replica, a per-replica table, a dict for JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Sequence
 
 from kfac_dist.placement.plan import PlacementPlan
+from kfac_dist.placement.units import InversionUnit
 
 
 def format_bytes(num_bytes: int) -> str:
@@ -20,34 +22,97 @@ def format_bytes(num_bytes: int) -> str:
     return f"{value:.1f} TiB"
 
 
+def factor_sync_bytes(units: Sequence[InversionUnit], itemsize: int = 4) -> int:
+    """Bytes every replica hands in to one factor sync.
+
+    The sync all-reduces one packed buffer: each matrix factor's triangle
+    `n(n+1)/2`, each diagonal factor's `n` entries, and the example weight.
+    """
+    floats = sum(u.dim if u.kind == "diagonal" else u.dim * (u.dim + 1) // 2 for u in units)
+    return (floats + 1) * itemsize
+
+
+def inverse_share_bytes(plan: PlacementPlan, method: str, itemsize: int = 4) -> int:
+    """Bytes every replica hands in to share the owners' results on an inverse update.
+
+    Sharing is one sum all-reduce of the shared units' payloads (each replica
+    fills only its own), so every replica hands in the whole buffer. Units
+    every replica computes are not shared, and one replica shares nothing.
+    """
+    if plan.num_replicas == 1:
+        return 0
+    shared = [unit for i, unit in enumerate(plan.units) if plan.is_shared(i)]
+    return sum(unit.result_floats(method) for unit in shared) * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaMemory:
+    """K-FAC memory on one replica, in bytes: persistent state apart from buffers.
+
+    The state persists between steps: the factor sums (with the example
+    weight), their last-good copies (the fallback when a sync is not finite)
+    and the inverse payloads. The buffers live only during one collective:
+    the packed factor sums handed to the factor sync and the packed payloads
+    handed to the inverse sharing.
+    """
+
+    factor_sums: int
+    last_good: int
+    inverses: int
+    sync_buffer: int
+    share_buffer: int
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_bytes(f"ReplicaMemory.{field.name}", getattr(self, field.name))
+
+    @property
+    def state(self) -> int:
+        return self.factor_sums + self.last_good + self.inverses
+
+    @property
+    def buffers(self) -> int:
+        return self.sync_buffer + self.share_buffer
+
+    def as_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "state": self.state, "buffers": self.buffers}
+
+
 def format_placement_table(
     plan: PlacementPlan,
     *,
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
+    memory_per_replica: Sequence[ReplicaMemory] | None = None,
     names_width: int = 60,
 ) -> str:
     """A fixed-width table, one row per replica, and a footer on the plan.
 
     Rows: replica id, number of units it owns, its load (cost of what it
     computes, replicated units included), that load as a share of the total,
-    its K-FAC state in bytes when `state_bytes_per_replica` is given, and the
-    names of its units, cut to `names_width` characters. The footer names the
-    policy, the replicated units, the max share against its lower bound, and
-    the bytes each replica moves per inverse update in the factor all-reduce
-    (`bytes_per_factor_sync`) and in sharing the inverses
-    (`bytes_per_inverse_share`), when given.
+    its K-FAC state in bytes when `state_bytes_per_replica` or
+    `memory_per_replica` is given (the latter adds its transient buffers),
+    and the names of its units, cut to `names_width` characters. The footer
+    names the policy, the replicated units, the max share against its lower
+    bound, the bytes each replica hands in per factor sync
+    (`bytes_per_factor_sync`) and per inverse sharing
+    (`bytes_per_inverse_share`), when given, and the memory breakdown when
+    every replica holds the same.
     """
     info = plan_to_dict(
         plan,
         bytes_per_factor_sync=bytes_per_factor_sync,
         bytes_per_inverse_share=bytes_per_inverse_share,
         state_bytes_per_replica=state_bytes_per_replica,
+        memory_per_replica=memory_per_replica,
     )
+    show_state = state_bytes_per_replica is not None or memory_per_replica is not None
     header = ["replica", "units", "cost", "share"]
-    if state_bytes_per_replica is not None:
+    if show_state:
         header.append("state")
+    if memory_per_replica is not None:
+        header.append("buffers")
     header.append("owned units")
     rows = []
     for replica in info["replicas"]:
@@ -57,8 +122,10 @@ def format_placement_table(
             f"{replica['cost']:.3g}",
             f"{100 * replica['share']:.1f}%",
         ]
-        if state_bytes_per_replica is not None:
+        if show_state:
             row.append(format_bytes(replica["state_bytes"]))
+        if memory_per_replica is not None:
+            row.append(format_bytes(replica["memory"]["buffers"]))
         row.append(_abbreviate(replica["units"], names_width))
         rows.append(row)
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
@@ -84,11 +151,15 @@ def format_placement_table(
     )
     traffic = []
     if bytes_per_factor_sync is not None:
-        traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)}")
+        traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)} per sync")
     if bytes_per_inverse_share is not None:
-        traffic.append(f"inverse sharing {format_bytes(bytes_per_inverse_share)}")
+        traffic.append(
+            f"inverse sharing {format_bytes(bytes_per_inverse_share)} per inverse update"
+        )
     if traffic:
-        lines.append("per replica per inverse update: " + ", ".join(traffic))
+        lines.append("handed in by each replica: " + ", ".join(traffic))
+    if memory_per_replica is not None and len(set(memory_per_replica)) == 1:
+        lines.append(_memory_line(memory_per_replica[0]))
     return "\n".join(lines)
 
 
@@ -98,11 +169,13 @@ def plan_to_dict(
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
+    memory_per_replica: Sequence[ReplicaMemory] | None = None,
 ) -> dict:
     """The plan and its costs as JSON-ready data (`None` becomes `null`).
 
     The bytes arguments mean what they mean in `format_placement_table`;
-    those not given are `None`.
+    those not given are `None`. With `memory_per_replica`, each replica's
+    `state_bytes` is its persistent state and `memory` its breakdown.
     """
     for name, value in (
         ("bytes_per_factor_sync", bytes_per_factor_sync),
@@ -110,13 +183,22 @@ def plan_to_dict(
     ):
         if value is not None:
             _check_bytes(name, value)
-    if state_bytes_per_replica is not None:
-        state_bytes_per_replica = list(state_bytes_per_replica)
-        if len(state_bytes_per_replica) != plan.num_replicas:
-            raise ValueError(
-                f"state_bytes_per_replica has {len(state_bytes_per_replica)} "
-                f"entries for {plan.num_replicas} replicas."
-            )
+    if state_bytes_per_replica is not None and memory_per_replica is not None:
+        raise ValueError(
+            "Give state_bytes_per_replica or memory_per_replica, not both: "
+            "a ReplicaMemory carries its state."
+        )
+    memory = None
+    if memory_per_replica is not None:
+        memory = _per_replica(plan, "memory_per_replica", memory_per_replica)
+        for value in memory:
+            if not isinstance(value, ReplicaMemory):
+                raise ValueError(f"memory_per_replica expects ReplicaMemory items, got {value!r}.")
+        state_bytes_per_replica = [value.state for value in memory]
+    elif state_bytes_per_replica is not None:
+        state_bytes_per_replica = _per_replica(
+            plan, "state_bytes_per_replica", state_bytes_per_replica
+        )
         for value in state_bytes_per_replica:
             _check_bytes("state_bytes_per_replica", value)
     total = plan.total_cost
@@ -133,6 +215,7 @@ def plan_to_dict(
                     if state_bytes_per_replica is None
                     else int(state_bytes_per_replica[replica])
                 ),
+                "memory": None if memory is None else memory[replica].as_dict(),
             }
         )
     return {
@@ -157,6 +240,25 @@ def plan_to_dict(
         "bytes_per_factor_sync": bytes_per_factor_sync,
         "bytes_per_inverse_share": bytes_per_inverse_share,
     }
+
+
+def _per_replica(plan: PlacementPlan, name: str, values: Sequence) -> list:
+    values = list(values)
+    if len(values) != plan.num_replicas:
+        raise ValueError(f"{name} has {len(values)} entries for {plan.num_replicas} replicas.")
+    return values
+
+
+def _memory_line(memory: ReplicaMemory) -> str:
+    return (
+        f"memory per replica: state {format_bytes(memory.state)} "
+        f"(factor sums {format_bytes(memory.factor_sums)}, "
+        f"last good {format_bytes(memory.last_good)}, "
+        f"inverses {format_bytes(memory.inverses)}); "
+        f"buffers {format_bytes(memory.buffers)} "
+        f"(factor sync {format_bytes(memory.sync_buffer)}, "
+        f"inverse sharing {format_bytes(memory.share_buffer)})"
+    )
 
 
 def _check_bytes(name: str, value: int) -> None:
