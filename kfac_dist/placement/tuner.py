@@ -82,6 +82,10 @@ class Tuning:
 
     Byte counts are per replica: `bytes_per_factor_sync` is the same for
     every policy; `bytes_per_inverse_share` has one entry per plan.
+    `Kfac` always prices its plan by flops, so `kfac_max_share` is the max
+    share, under this tuning's costs, of the plan `Kfac` makes with the
+    recommended policy: with measured costs it can exceed the recommended
+    plan's own.
     """
 
     plans: tuple[PlacementPlan, ...]
@@ -90,6 +94,11 @@ class Tuning:
     cost_model: str
     bytes_per_factor_sync: int
     bytes_per_inverse_share: tuple[int, ...]
+    kfac_max_share: float
+
+    @property
+    def recommended_plan(self) -> PlacementPlan:
+        return next(plan for plan in self.plans if plan.policy_name == self.recommended)
 
     def kfac_argument(self) -> str:
         """The `Kfac(...)` arguments that use the recommended policy."""
@@ -113,17 +122,22 @@ def tune(
     plans with; a `MeasuredCostModel` prices with this machine's timings.
     """
     check_method(inverse_method)
-    cost_model = cost_model if cost_model is not None else FlopCostModel(inverse_method)
+    kfac_cost_model = FlopCostModel(inverse_method)
+    cost_model = cost_model if cost_model is not None else kfac_cost_model
     plans = tuple(make_plan(units, num_replicas, name, cost_model) for name in TUNED_POLICIES)
+    recommended = recommend(plans)
+    chosen = next(plan for plan in plans if plan.policy_name == recommended)
+    kfac_plan = make_plan(units, num_replicas, recommended, kfac_cost_model)
     return Tuning(
         plans=plans,
-        recommended=recommend(plans),
+        recommended=recommended,
         inverse_method=inverse_method,
         cost_model=repr(cost_model),
         bytes_per_factor_sync=factor_sync_bytes(units, itemsize),
         bytes_per_inverse_share=tuple(
             inverse_share_bytes(plan, inverse_method, itemsize) for plan in plans
         ),
+        kfac_max_share=dataclasses.replace(chosen, owners=kfac_plan.owners).max_share,
     )
 
 
@@ -158,13 +172,18 @@ def format_tuning(tuning: Tuning, *, title: str = "", names_width: int = 60) -> 
             names_width=names_width,
         )
         lines += ["", f"== {plan.policy_name} ==", table]
-    chosen = next(plan for plan in plans if plan.policy_name == tuning.recommended)
+    chosen = tuning.recommended_plan
     lines += [
         "",
         f"recommended: {tuning.recommended} (max share {100 * chosen.max_share:.1f}%, "
         f"lower bound {100 * chosen.lower_bound_share:.1f}%)",
         f"use: Kfac(..., {tuning.kfac_argument()})",
     ]
+    if not math.isclose(tuning.kfac_max_share, chosen.max_share, rel_tol=1e-9):
+        lines.append(
+            f"note: Kfac prices its plan by flops; under these costs that plan's max share "
+            f"is {100 * tuning.kfac_max_share:.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -183,6 +202,7 @@ def tuning_to_dict(tuning: Tuning) -> dict:
         ],
         "recommended": tuning.recommended,
         "kfac_argument": tuning.kfac_argument(),
+        "kfac_max_share": tuning.kfac_max_share,
     }
 
 
@@ -228,8 +248,7 @@ def benchmark_placement(
     """Tunes `units` at each replica count and splits round-robin's A/G factors by parity."""
     cost_model = cost_model if cost_model is not None else FlopCostModel(inverse_method)
     tunings = tuple(
-        tune(units, n, inverse_method=inverse_method, cost_model=cost_model)
-        for n in replica_counts
+        tune(units, n, inverse_method=inverse_method, cost_model=cost_model) for n in replica_counts
     )
     return PlacementBenchmark(
         model_name=model_name,
@@ -265,7 +284,7 @@ def benchmark_markdown(benchmark: PlacementBenchmark) -> str:
         "",
         "Written by `python scripts/benchmark_placement.py` (placement only, nothing trained). "
         f"Units: the {len(units)} factors K-FAC inverts for {benchmark.model_name} "
-        f"({matrices} matrices, {len(units) - matrices} diagonals from BatchNormalization), "
+        f"({matrices} matrix factors, {len(units) - matrices} diagonal ones), "
         f"priced by `{first.cost_model}`. The largest, `{largest.name}` (n = {largest.dim}), "
         f"is {100 * largest_share:.1f}% of an inverse update's cost.",
         "",

@@ -1,0 +1,571 @@
+"""The training command: an example model with K-FAC or Adam under any tf.distribute strategy.
+
+    python -m kfac_dist.train --example autoencoder --optimizer kfac --steps 200
+    python scripts/launch_local.py --num-workers 2 -- \\
+        python -m kfac_dist.train --strategy multiworker --steps 200
+    srun python -m kfac_dist.train --strategy multiworker --cluster slurm --steps 200
+    python -m kfac_dist.train --strategy tpu --tpu local --steps 200
+
+One command for a laptop (`--strategy default`), the GPUs (or CPUs) of one
+machine (`mirrored`), a worker of a cluster (`multiworker`: its peers come
+from `TF_CONFIG` as Kubernetes and other systems set it, or from SLURM with
+`--cluster slurm`) and a TPU (`tpu`: connected by kfac_dist/tpu.py). The data
+is one `tf.data` pipeline of global batches; under multiworker each worker
+keeps its slice of every batch (DATA auto-sharding). docs/launching.md says
+how to launch it everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import kfac_dist
+from kfac_dist import benchmarks, tpu
+from kfac_dist.blocks import INVERSE_METHODS
+from kfac_dist.examples import autoencoder, convnet
+from kfac_dist.examples import data as data_lib
+from kfac_dist.losses import ESTIMATION_MODES
+
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+OPTIMIZERS = ("kfac", "adam")
+PLACEMENTS = ("round_robin", "balanced", "replicated")
+CLUSTERS = ("tf_config", "slurm")
+CROSS_DEVICE_OPS = ("auto", "reduce_to_one", "nccl", "hierarchical_copy")
+CHECKPOINT_NAME = "model.keras"
+SLURM_PORT_BASE = 8888
+EXIT_FAILURE = 1
+
+# K-FAC's defaults: the autoencoder benchmark's default point (kfac_dist/benchmarks.py).
+KFAC_DEFAULTS = {**benchmarks.KFAC_FIXED, **benchmarks.KFAC_DEFAULT}
+KFAC_FLAGS = (
+    "damping",
+    "momentum",
+    "norm_constraint",
+    "invert_every",
+    "cov_update_every",
+    "inverse_method",
+    "estimation_mode",
+    "placement",
+)
+# Flags that only one strategy reads; given with another, they are an error.
+STRATEGY_FLAGS = {
+    "mirrored": ("devices", "cross_device_ops"),
+    "multiworker": ("cluster", "slurm_port_base", "slurm_gpus_per_task"),
+    "tpu": ("tpu", "zone", "project", "tpu_timeout"),
+}
+
+
+class SetupError(RuntimeError):
+    """A problem with the command line, the data or the cluster: one line, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A model builder, its loss, and how its inputs and targets come from MNIST."""
+
+    build: Callable[..., keras.Model]
+    loss: Callable[[], keras.losses.Loss]
+    loss_weights: float | None
+    flatten: bool  # (n, 784) images rather than (n, 28, 28, 1)
+    reconstruct: bool  # the target is the image itself, not its label
+
+
+EXAMPLES = {
+    "autoencoder": Example(
+        autoencoder.build_autoencoder,
+        autoencoder.autoencoder_loss,
+        autoencoder.LOSS_WEIGHT,
+        flatten=True,
+        reconstruct=True,
+    ),
+    "convnet": Example(
+        convnet.build_convnet, convnet.convnet_loss, None, flatten=False, reconstruct=False
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What one worker reports: `--json-out` writes it."""
+
+    history: dict[str, list[float]]
+    weights_sha256: str  # equal on every worker when they trained in sync
+    num_replicas: int
+    worker: int
+    is_chief: bool
+    checkpoint: str | None
+    seconds: float
+
+
+# --- the command line ----------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser(
+    prog: str = "python -m kfac_dist.train", strategies: Sequence[str] = STRATEGIES
+) -> argparse.ArgumentParser:
+    """The command line; kfac_dist/tpu.py reuses it with `strategies=("tpu",)`."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train an MNIST example with K-FAC or Adam under a tf.distribute strategy.",
+    )
+    run = parser.add_argument_group("what to train")
+    run.add_argument("--strategy", choices=strategies, default=strategies[0])
+    run.add_argument("--example", choices=sorted(EXAMPLES), default="autoencoder")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    run.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=benchmarks.BATCH_SIZE,
+        help="global batch size, all replicas together (default: %(default)s)",
+    )
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, help="train this many steps (one epoch)")
+    length.add_argument(
+        "--epochs", type=_positive_int, help="passes over the data (default: 1 if no --steps)"
+    )
+    run.add_argument(
+        "--steps-per-execution",
+        type=_positive_int,
+        help=f"train steps per call of the compiled function "
+        f"(default: {tpu.STEPS_PER_EXECUTION} on TPU, else 1)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="initial weights, shuffling, sampling")
+    run.add_argument(
+        "--verbose", type=int, choices=(0, 1, 2), default=2, help="Keras fit verbosity (chief)"
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-source", choices=data_lib.SOURCES, default="auto")
+    data.add_argument("--data-dir", help="a tensorflow-datasets data directory")
+    data.add_argument("--limit", type=_positive_int, help="keep the first N examples")
+
+    opt = parser.add_argument_group("optimizer (all but --learning-rate need --optimizer kfac)")
+    opt.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        help=f"default: {KFAC_DEFAULTS['learning_rate']} (kfac), "
+        f"{benchmarks.ADAM_LEARNING_RATE} (adam)",
+    )
+    opt.add_argument("--damping", type=_positive_float, help=f"default: {KFAC_DEFAULTS['damping']}")
+    opt.add_argument("--momentum", type=float, help=f"default: {KFAC_DEFAULTS['momentum']}")
+    opt.add_argument(
+        "--norm-constraint",
+        type=float,
+        help=f"KL clipping bound C; 0 turns it off (default: {KFAC_DEFAULTS['norm_constraint']})",
+    )
+    opt.add_argument(
+        "--invert-every", type=_positive_int, help=f"default: {KFAC_DEFAULTS['invert_every']}"
+    )
+    opt.add_argument(
+        "--cov-update-every",
+        type=_positive_int,
+        help=f"default: {KFAC_DEFAULTS['cov_update_every']}",
+    )
+    opt.add_argument(
+        "--inverse-method",
+        choices=INVERSE_METHODS,
+        help=f"default: {KFAC_DEFAULTS['inverse_method']}",
+    )
+    opt.add_argument(
+        "--estimation-mode",
+        choices=ESTIMATION_MODES,
+        help=f"default: {KFAC_DEFAULTS['estimation_mode']}",
+    )
+    opt.add_argument("--placement", choices=PLACEMENTS, help="default: round_robin")
+
+    dist = parser.add_argument_group("distribution")
+    dist.add_argument(
+        "--devices",
+        help="mirrored: comma-separated devices (default: every GPU, else every logical CPU)",
+    )
+    dist.add_argument(
+        "--cross-device-ops",
+        choices=CROSS_DEVICE_OPS,
+        help="mirrored: how replicas all-reduce (default: auto, i.e. reduce_to_one on CPUs, "
+        "TensorFlow's choice on GPUs)",
+    )
+    dist.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        help="multiworker: where the peers come from (default: tf_config, the TF_CONFIG "
+        "variable; slurm: the srun step)",
+    )
+    dist.add_argument(
+        "--slurm-port-base",
+        type=_positive_int,
+        help=f"multiworker --cluster slurm: first port of each node (default: {SLURM_PORT_BASE})",
+    )
+    dist.add_argument(
+        "--slurm-gpus-per-task",
+        type=int,
+        help="multiworker --cluster slurm: GPUs each task uses (default: the GPUs it sees)",
+    )
+    dist.add_argument(
+        "--tpu",
+        help=f"tpu: 'local' on a TPU VM, a TPU node's name, or grpc://host:port "
+        f"(default: {tpu.LOCAL})",
+    )
+    dist.add_argument("--zone", help="tpu: the TPU node's zone (default: this VM's)")
+    dist.add_argument("--project", help="tpu: the TPU node's project (default: this VM's)")
+    dist.add_argument(
+        "--tpu-timeout",
+        type=_positive_float,
+        help=f"tpu: seconds to find and reach the TPU (default: {tpu.DEFAULT_TIMEOUT_S:g})",
+    )
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--checkpoint-dir", type=Path, help=f"save {CHECKPOINT_NAME} there at the end")
+    out.add_argument("--tensorboard-dir", type=Path, help="TensorBoard logs")
+    out.add_argument(
+        "--json-out",
+        type=Path,
+        help="write the history there; worker i > 0 writes <name>.worker-i.json beside it",
+    )
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parses and checks that every flag given is read by the chosen optimizer and strategy."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.optimizer != "kfac":
+        given = [flag for flag in KFAC_FLAGS if getattr(args, flag) is not None]
+        if given:
+            parser.error(f"{_flags(given)} need --optimizer kfac")
+    for strategy, flags in STRATEGY_FLAGS.items():
+        given = [flag for flag in flags if getattr(args, flag) is not None]
+        if given and args.strategy != strategy:
+            parser.error(f"{_flags(given)} need --strategy {strategy}")
+    if args.slurm_port_base is not None or args.slurm_gpus_per_task is not None:
+        if args.cluster != "slurm":
+            parser.error("--slurm-port-base and --slurm-gpus-per-task need --cluster slurm")
+    if args.slurm_gpus_per_task is not None and args.slurm_gpus_per_task < 0:
+        parser.error("--slurm-gpus-per-task must be >= 0")
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        parser.error("--momentum must be in [0, 1)")
+    if args.norm_constraint is not None and args.norm_constraint < 0:
+        parser.error("--norm-constraint must be >= 0 (0 turns KL clipping off)")
+    return args
+
+
+def _flags(names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+# --- the strategy ------------------------------------------------------------------
+def make_strategy(args: argparse.Namespace) -> tf.distribute.Strategy:
+    """The strategy `args.strategy` names, with its flags."""
+    if args.strategy == "default":
+        return tf.distribute.get_strategy()
+    if args.strategy == "mirrored":
+        devices = args.devices.split(",") if args.devices else None
+        return mirrored_strategy(devices, args.cross_device_ops or "auto")
+    if args.strategy == "multiworker":
+        cluster = args.cluster or "tf_config"
+        if cluster == "slurm":
+            resolver = slurm_cluster_resolver(
+                args.slurm_port_base or SLURM_PORT_BASE, args.slurm_gpus_per_task
+            )
+        else:
+            if "TF_CONFIG" not in os.environ:
+                print("TF_CONFIG is not set: training as a single worker.", flush=True)
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    return tpu.connect(
+        args.tpu or tpu.LOCAL,
+        zone=args.zone,
+        project=args.project,
+        timeout_s=args.tpu_timeout or tpu.DEFAULT_TIMEOUT_S,
+    )
+
+
+def mirrored_strategy(
+    devices: Sequence[str] | None = None, cross_device_ops: str = "auto"
+) -> tf.distribute.MirroredStrategy:
+    """A MirroredStrategy over `devices` (default: every GPU, else every logical CPU).
+
+    On CPUs, "auto" all-reduces by reduction to one device: the collective
+    all-reduce TensorFlow would use keeps per-process state (one group key for
+    any device set), so a second MirroredStrategy in the same process, as in
+    tests, would clash with the first.
+    """
+    if not devices:
+        found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        devices = [device.name for device in found]
+    on_cpus = all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices)
+    choice = {
+        "auto": tf.distribute.ReductionToOneDevice() if on_cpus else None,
+        "reduce_to_one": tf.distribute.ReductionToOneDevice(),
+        "nccl": tf.distribute.NcclAllReduce(),
+        "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce(),
+    }[cross_device_ops]
+    return tf.distribute.MirroredStrategy(list(devices), cross_device_ops=choice)
+
+
+def slurm_cluster_resolver(
+    port_base: int = SLURM_PORT_BASE, gpus_per_task: int | None = None
+) -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The workers of this SLURM job step (`srun`), one per task, from SlurmClusterResolver.
+
+    TensorFlow's SlurmClusterResolver reads the step's hosts, tasks per host
+    and this task's rank, and gives the tasks of a host consecutive ports from
+    `port_base`. Its GPU split is left out: it divides each host's GPUs by the
+    GPUs per task (which fails with no GPU) and overwrites
+    CUDA_VISIBLE_DEVICES, where SLURM (`srun --gpus-per-task`) has already
+    given each task its own GPUs. Each task uses the GPUs it sees, or
+    `gpus_per_task` of them.
+    """
+    num_tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if num_tasks is None:
+        raise SetupError(
+            "--cluster slurm needs a SLURM job step: run it with srun "
+            "(SLURM_STEP_NUM_TASKS is not set)."
+        )
+    # One placeholder "GPU" slot per task, so that the resolver's split never
+    # drops a task; its num_accelerators is replaced below.
+    slots = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port_base, gpus_per_node=int(num_tasks), gpus_per_task=1, auto_set_gpu=False
+    )
+    cluster_spec = slots.cluster_spec()
+    if gpus_per_task is None:
+        gpus_per_task = len(tf.config.list_physical_devices("GPU"))
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        cluster_spec,
+        task_type=slots.task_type,
+        task_id=slots.task_id,
+        num_accelerators={"GPU": gpus_per_task},
+        rpc_layer=slots.rpc_layer,
+    )
+
+
+# --- data and model ------------------------------------------------------------------
+def load_data(example: Example, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The example's (inputs, targets) as arrays, from kfac_dist.examples.load_mnist."""
+    mnist = data_lib.load_mnist(
+        flatten=example.flatten, limit=args.limit, source=args.data_source, data_dir=args.data_dir
+    )
+    return mnist.images, mnist.images if example.reconstruct else mnist.labels
+
+
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, *, global_batch: int, seed: int, repeat: bool
+) -> tf.data.Dataset:
+    """Shuffled global batches, auto-sharded by DATA across workers.
+
+    The shuffle seed is fixed, so every worker draws the same order and
+    DATA sharding gives each worker a disjoint slice of every global batch.
+    The remainder is dropped: every step then has the full global batch, as
+    Kfac's batch-size check and TPUs' static shapes want.
+    """
+    if len(x) < global_batch:
+        raise SetupError(f"{len(x)} examples do not make one batch of --batch-size {global_batch}.")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def kfac_arguments(args: argparse.Namespace) -> dict:
+    """Kfac's keyword arguments: the flags given over KFAC_DEFAULTS."""
+    kwargs = dict(KFAC_DEFAULTS)
+    given = {flag: getattr(args, flag) for flag in ("learning_rate", *KFAC_FLAGS)}
+    kwargs.update({flag: value for flag, value in given.items() if value is not None})
+    if kwargs["norm_constraint"] == 0:
+        kwargs["norm_constraint"] = None
+    return kwargs
+
+
+def build_model(
+    args: argparse.Namespace, strategy: tf.distribute.Strategy, example: Example
+) -> keras.Model:
+    """The example model with its optimizer, built and compiled inside `strategy.scope()`."""
+    steps_per_execution = args.steps_per_execution or (
+        tpu.STEPS_PER_EXECUTION if args.strategy == "tpu" else 1
+    )
+    with strategy.scope():
+        model = example.build(seed=args.seed)
+        if args.optimizer == "kfac":
+            optimizer = kfac_dist.Kfac(
+                model=model, batch_size=args.batch_size, seed=args.seed, **kfac_arguments(args)
+            )
+        else:
+            optimizer = keras.optimizers.Adam(args.learning_rate or benchmarks.ADAM_LEARNING_RATE)
+        model.compile(
+            optimizer=optimizer,
+            loss=example.loss(),
+            loss_weights=example.loss_weights,
+            steps_per_execution=steps_per_execution,
+        )
+    # Kfac fixes multi-worker fit on its own model; Adam's model needs the
+    # same fix (a no-op unless the strategy spans several workers).
+    kfac_dist.enable_multi_worker_fit(model)
+    return model
+
+
+# --- training ------------------------------------------------------------------------
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+    """This worker's task index in a cluster; 0 for a single worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id or 0) if resolver is not None else 0
+
+
+@contextlib.contextmanager
+def worker_dir(directory: Path | None, is_chief: bool) -> Iterator[Path | None]:
+    """`directory` on the chief; elsewhere a temporary directory, removed on exit.
+
+    Every worker must run the same callbacks and saves (saving Kfac syncs its
+    factors with a collective), but only the chief's files are kept, as
+    tf.distribute's multi-worker guide recommends.
+    """
+    if directory is None:
+        yield None
+    elif is_chief:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+    else:
+        temporary = Path(tempfile.mkdtemp(prefix="kfac-worker-"))
+        try:
+            yield temporary
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def checkpoint_path(checkpoint_dir: Path) -> Path:
+    """Where `--checkpoint-dir` keeps the model (the file a resumed run will read)."""
+    return checkpoint_dir / CHECKPOINT_NAME
+
+
+def weights_sha256(model: keras.Model) -> str:
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+def train(args: argparse.Namespace, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+    """Builds, trains and saves as `args` say; returns this worker's result."""
+    if args.tensorboard_dir is not None:
+        _require_tensorboard()
+    strategy = strategy or make_strategy(args)
+    num_replicas = strategy.num_replicas_in_sync
+    if args.batch_size % num_replicas:
+        raise SetupError(
+            f"--batch-size {args.batch_size} does not split evenly over {num_replicas} replicas."
+        )
+    example = EXAMPLES[args.example]
+    x, y = load_data(example, args)
+    dataset = make_dataset(
+        x, y, global_batch=args.batch_size, seed=args.seed, repeat=args.steps is not None
+    )
+    keras.utils.set_random_seed(args.seed)
+    model = build_model(args, strategy, example)
+    is_chief = bool(strategy.extended.should_checkpoint)
+    start = time.perf_counter()
+    with worker_dir(args.tensorboard_dir, is_chief) as log_dir:
+        callbacks = [keras.callbacks.TensorBoard(str(log_dir))] if log_dir else []
+        history = model.fit(
+            dataset,
+            epochs=1 if args.steps else args.epochs or 1,
+            steps_per_epoch=args.steps,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset is shuffled, the same way on every worker
+            verbose=args.verbose if is_chief else 0,
+        ).history
+    seconds = time.perf_counter() - start
+    checkpoint = None
+    if args.checkpoint_dir is not None:
+        with worker_dir(args.checkpoint_dir, is_chief) as directory:
+            model.save(checkpoint_path(directory))
+        checkpoint = str(checkpoint_path(args.checkpoint_dir)) if is_chief else None
+    return TrainResult(
+        history={key: [float(value) for value in values] for key, values in history.items()},
+        weights_sha256=weights_sha256(model),
+        num_replicas=num_replicas,
+        worker=worker_index(strategy),
+        is_chief=is_chief,
+        checkpoint=checkpoint,
+        seconds=seconds,
+    )
+
+
+def _require_tensorboard() -> None:
+    """Keras' TensorBoard callback needs the tensorboard package; say so before training."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as error:
+        raise SetupError("--tensorboard-dir needs TensorBoard: pip install tensorboard") from error
+
+
+def json_path(path: Path, result: TrainResult) -> Path:
+    """`path` for the chief; `<stem>.worker-<i><suffix>` beside it for other workers."""
+    if result.is_chief:
+        return path
+    return path.with_name(f"{path.stem}.worker-{result.worker}{path.suffix}")
+
+
+def write_json(path: Path, result: TrainResult, args: argparse.Namespace) -> Path:
+    path = json_path(path, result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arguments = {
+        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+    }
+    path.write_text(json.dumps({**dataclasses.asdict(result), "args": arguments}, indent=1))
+    return path
+
+
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Runs the command; a setup problem (no TPU, bad cluster, too little data) is one
+    line on stderr and exit status 1."""
+    parser = parser or build_parser()
+    args = parse_args(argv, parser)
+    try:
+        result = train(args)
+    except (SetupError, tpu.TpuUnavailableError) as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    if args.json_out is not None:
+        write_json(args.json_out, result, args)
+    if result.is_chief:
+        loss = result.history["loss"][-1]
+        print(
+            f"{args.example} with {args.optimizer} on {result.num_replicas} replica(s) "
+            f"({args.strategy}): final loss {loss:.4g}, {result.seconds:.1f} s",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

