@@ -153,3 +153,43 @@ def test_factors_identical_on_replicas_after_sync_and_extra_sync_is_noop():
         local_b = strategy.experimental_local_results(b)
         np.testing.assert_allclose(local_a[0], local_a[1], rtol=1e-6)
         np.testing.assert_allclose(local_a[0], local_b[0], rtol=1e-6)
+
+
+def test_nonfinite_synced_factors_restore_the_last_good_ones_on_every_replica():
+    model, opt = build(2, invert_every=1)
+    model.fit(X[:64], Y[:64], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    strategy = model.distribute_strategy
+    curvature = opt.curvature
+    good = [v.numpy().copy() for v in curvature.good_sums]
+    skipped = int(curvature.skipped_statistics.numpy())
+
+    @tf.function
+    def overflow_then_sync():
+        def step():
+            # Finite on each replica, infinite once summed.
+            curvature.factor_sums[0].assign(tf.fill(curvature.factor_sums[0].shape, 3e38))
+            return curvature.sync()
+
+        return strategy.run(step)
+
+    finite = strategy.experimental_local_results(overflow_then_sync())
+    assert not any(bool(f) for f in finite)
+    for var, want in zip(curvature.factor_sums, good):
+        for local in strategy.experimental_local_results(var.value):
+            np.testing.assert_array_equal(local.numpy(), want)
+    assert int(curvature.skipped_statistics.numpy()) == skipped + 1
+
+
+def test_uneven_replica_batches_give_the_global_batch_factors():
+    # 4 even global batches, then 9 examples: replicas see 5 and 4.
+    x, y = X[: 4 * GLOBAL_BATCH + 9], Y[: 4 * GLOBAL_BATCH + 9]
+    factors = []
+    for num_replicas in (1, 2):
+        model, opt = build(num_replicas, invert_every=1, cov_ema_decay=0.5)
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        strategy = model.distribute_strategy
+        synced = tf.function(lambda opt=opt: strategy.run(opt.curvature.sync))
+        synced()
+        factors.append([opt.curvature.factors() for _ in [0]][0])
+    for one, two in zip(*factors):
+        np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-7)

@@ -109,6 +109,20 @@ def test_measured_costs_are_the_timings_of_each_size():
     assert tuning.plans[0].costs[2] == tuning.plans[0].costs[3]
 
 
+def test_tuning_tells_what_kfacs_flop_priced_plan_costs_under_other_costs():
+    # Priced against flops (8/n): Kfac's balanced plan, by n^3, puts the three
+    # small units together, which the cost model given here finds the dearest.
+    units = [InversionUnit(f"b{n}/A", f"b{n}", n) for n in (8, 4, 2, 1)]
+    tuning = tune(units, 2, cost_model=lambda unit: 8.0 / unit.dim)
+    assert tuning.recommended == "balanced"
+    assert tuning.recommended_plan.max_share == pytest.approx(8 / 15)
+    assert tuning.kfac_max_share == pytest.approx(14 / 15)
+    assert format_tuning(tuning).splitlines()[-1] == (
+        "note: Kfac prices its plan by flops; under these costs that plan's max share is 93.3%"
+    )
+    assert tune(units, 2).kfac_max_share == tune(units, 2).recommended_plan.max_share
+
+
 # --- reports ---------------------------------------------------------------------------
 def test_format_tuning_prints_a_table_per_policy_and_the_kfac_argument():
     text = format_tuning(tune(UNITS, 2), title="model tiny: 2 replicas", names_width=30)
@@ -130,6 +144,7 @@ def test_tuning_to_dict_survives_json():
     assert [plan["policy"] for plan in info["plans"]] == ["round_robin", "balanced", "replicated"]
     assert info["recommended"] == "balanced"
     assert info["kfac_argument"] == 'placement="balanced"'
+    assert info["kfac_max_share"] == pytest.approx(info["plans"][1]["max_share"])
     assert info["plans"][2]["bytes_per_inverse_share"] == 0
     assert [u["name"] for u in info["plans"][0]["units"]] == [u.name for u in UNITS]
 
