@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from kfac_dist import linalg
-from kfac_dist.blocks import CHOLESKY, Block
+from kfac_dist.blocks import CHOLESKY, KRON, Block
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.placement import FlopCostModel, InversionUnit, PlacementPlan, make_plan
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
@@ -85,8 +85,9 @@ class Curvature:
             for name, shape in zip(block.factor_names(), block.factor_shapes()):
                 self.factor_sums.append(add_variable(shape, f"{block.name}_{name}_sum"))
                 self.good_sums.append(add_variable(shape, f"{block.name}_{name}_good"))
-        self.weight_sum = add_variable((), "weight_sum")
-        self.good_weight = add_variable((), "weight_good")
+        # Moving sums of [examples, sample weights], as the factors are folded.
+        self.weight_sum = add_variable((2,), "weight_sum")
+        self.good_weight = add_variable((2,), "weight_good")
         self.payloads = []
         for block in self.blocks:
             for name, shapes in zip(
@@ -107,8 +108,13 @@ class Curvature:
             start += count
 
     # --- statistics -----------------------------------------------------------
-    def accumulate(self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor) -> None:
+    def accumulate(
+        self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor, weight_total=None
+    ) -> None:
         """Folds one batch's statistics (flat, in factor order) into the local sums.
+
+        `weight_total` is the batch's sum of sample weights (default: b); the
+        Kronecker input factors are divided by the mean weight it gives.
 
         A batch with non-finite statistics is not folded (and counted), so
         the local sums stay as they were; this decision needs no collective.
@@ -119,8 +125,9 @@ class Curvature:
         for var, stat in zip(self.factor_sums, statistics):
             updated = decay * var + (1.0 - decay) * b * tf.where(finite, stat, tf.zeros_like(stat))
             var.assign(tf.where(finite, updated, var))
+        weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
         self.weight_sum.assign(
-            tf.where(finite, decay * self.weight_sum + (1.0 - decay) * b, self.weight_sum)
+            tf.where(finite, decay * self.weight_sum + (1.0 - decay) * weights, self.weight_sum)
         )
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         if self.factor_sync == EVERY_UPDATE:
@@ -136,7 +143,7 @@ class Curvature:
         packed = [
             linalg.pack_symmetric(v) if v.shape.rank == 2 else tf.convert_to_tensor(v)
             for v in self.factor_sums
-        ] + [tf.reshape(self.weight_sum, [1])]
+        ] + [tf.convert_to_tensor(self.weight_sum)]
         summed = self.context.all_reduce_sum(packed, FACTOR_SYNC)
         finite = _all_finite(summed)
         share = 1.0 / self.context.num_replicas
@@ -146,16 +153,30 @@ class Curvature:
             value = tf.where(finite, value * share, good)
             var.assign(value)
             good.assign(value)
-        weight = tf.where(finite, summed[-1][0] * share, self.good_weight)
+        weight = tf.where(finite, summed[-1] * share, self.good_weight)
         self.weight_sum.assign(weight)
         self.good_weight.assign(weight)
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         return finite
 
     def factors(self) -> list[tf.Tensor]:
-        """The synced factors S/W (valid right after a sync)."""
-        weight = tf.maximum(self.weight_sum.value, 1e-30)
-        return [v.value / weight for v in self.factor_sums]
+        """The synced factors S/W (valid right after a sync).
+
+        Kronecker input factors are also divided by the mean sample weight:
+        with the weights on G through the pseudo-loss, A ⊗ G is then the
+        weighted GGN (exact for a linear layer under weighted MSE).
+        """
+        examples, weights = tf.unstack(self.weight_sum.value)
+        examples = tf.maximum(examples, 1e-30)
+        mean_weight = tf.where(weights > 0, weights / examples, tf.ones_like(weights))
+        out = []
+        for block, factor_slice in self._block_slices():
+            for index, var in enumerate(self.factor_sums[factor_slice]):
+                factor = var.value / examples
+                if block.approx == KRON and index == 0:
+                    factor = factor / mean_weight
+                out.append(factor)
+        return out
 
     # --- inverses ---------------------------------------------------------------
     def update_inverses(self, damping) -> None:

@@ -46,6 +46,20 @@ def _align_weights(sample_weight, count: int, output_names):
     return list(sample_weight)
 
 
+def example_weights(sample_weight, batch_size):
+    """One weight per example from a single `sample_weight` (b,), (b, 1) or (b, T...).
+
+    Per-output sample weights (a structure) leave the input factors
+    unweighted; they still weight each output's pseudo-loss.
+    """
+    if sample_weight is None or isinstance(sample_weight, (list, tuple, dict)):
+        return None
+    w = tf.cast(sample_weight, curvature_dtype())
+    if w.shape.rank > 1:
+        w = tf.reduce_mean(tf.reshape(w, [batch_size, -1]), axis=1)
+    return w
+
+
 def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
     """Σ⟨u, η⟩ over outputs, one per output column in exact mode, else one.
 
@@ -136,11 +150,13 @@ def kfac_train_step(model, data):
             tf.stack([tf.convert_to_tensor(column[i]) for column in per_column])
             for i in range(len(flat_targets))
         )
+        weights = example_weights(sample_weight, batch_size)
         statistics = []
         for block, block_records, block_targets in zip(curvature.blocks, records, targets):
             output_grads = [next(stacked) for _ in block_targets]
-            statistics.extend(block.statistics(block_records, output_grads, batch_size))
-        curvature.accumulate(statistics, batch_size)
+            statistics.extend(block.statistics(block_records, output_grads, batch_size, weights))
+        total = None if weights is None else tf.reduce_sum(weights)
+        curvature.accumulate(statistics, batch_size, total)
         return tf.no_op()
 
     if kfac.cov_update_every == 1:

@@ -251,3 +251,59 @@ def test_nonfinite_batch_leaves_weights_factors_and_inverses_and_is_counted():
     # Training goes on from the good state.
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     assert np.all(np.isfinite(model.layers[0].kernel.numpy()))
+
+
+def test_sample_weights_weight_the_curvature_one_step_reaches_weighted_least_squares():
+    weights = RNG.uniform(0.0, 3.0, size=32).astype("float32")
+    model = dense_model()
+    model.compile(optimizer=exact_kfac(model), loss="mse")
+    model.fit(X, Y, sample_weight=weights, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    design = np.concatenate([X, np.ones((32, 1), "float32")], 1).astype("float64")
+    root = np.sqrt(weights.astype("float64"))[:, None]
+    solution = np.linalg.lstsq(design * root, Y.astype("float64") * root, rcond=None)[0]
+    np.testing.assert_allclose(
+        kernel_and_bias(model), solution, rtol=1e-3, atol=1e-3 * np.abs(solution).max()
+    )
+
+
+def test_class_weight_is_the_sample_weight_of_each_label():
+    labels = RNG.integers(0, 3, size=32)
+    class_weight = {0: 0.5, 1: 2.0, 2: 1.0}
+    results = []
+    for kwargs in (
+        dict(class_weight=class_weight),
+        dict(sample_weight=np.array([class_weight[c] for c in labels], "float32")),
+    ):
+        model = dense_model(activation="softmax")
+        opt = exact_kfac(
+            model, loss="sparse_categorical_crossentropy", learning_rate=0.5, damping=0.1
+        )
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.fit(X, labels, batch_size=16, epochs=2, verbose=0, shuffle=False, **kwargs)
+        results.append(model.get_weights() + [v.numpy() for v in opt.curvature.factor_sums])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_size_mismatch_with_the_data_is_an_error():
+    model = dense_model()
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.01, model=model, loss="mse", batch_size=16)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)  # matches: fine
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch_size"):
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_metrics_validation_evaluate_predict_and_callbacks_work():
+    model = dense_model(activation="softmax")
+    labels = RNG.integers(0, 3, size=32)
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=100)
+    history = model.fit(
+        X, labels, batch_size=8, epochs=2, validation_data=(X, labels), callbacks=[stop], verbose=0
+    )
+    assert {"accuracy", "val_loss", "val_accuracy", "damping", "kl_clip"} <= set(history.history)
+    loss, accuracy = model.evaluate(X, labels, verbose=0)
+    np.testing.assert_allclose(loss, history.history["val_loss"][-1], rtol=1e-5)
+    assert model.predict(X, verbose=0).shape == (32, 3)

@@ -74,7 +74,9 @@ class Block:
         """Shapes of the Kronecker factors: (input factor shape, output dim)."""
         raise NotImplementedError
 
-    def kron_statistics(self, records, output_grads, batch_size) -> list[tf.Tensor]:
+    def kron_statistics(
+        self, records, output_grads, batch_size, example_weights=None
+    ) -> list[tf.Tensor]:
         raise NotImplementedError
 
     def gradient_matrix(self, grads: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -105,10 +107,18 @@ class Block:
     def factor_names(self) -> list[str]:
         return ["A", "G"] if self.approx == KRON else [self.approx]
 
-    def statistics(self, records, output_grads, batch_size) -> list[tf.Tensor]:
-        """Batch statistics of each factor (means over the local batch)."""
+    def statistics(
+        self, records, output_grads, batch_size, example_weights=None
+    ) -> list[tf.Tensor]:
+        """Batch statistics of each factor (means over the local batch).
+
+        `example_weights` (b,), the sample weights, weight a Kronecker block's
+        input factor: Σ_i w_i ā ā ᵀ / b (the curvature divides it by the mean
+        weight; the output side carries w through the pseudo-loss). Per-example
+        statistics carry w through the pseudo-loss alone.
+        """
         if self.approx == KRON:
-            return self.kron_statistics(records, output_grads, batch_size)
+            return self.kron_statistics(records, output_grads, batch_size, example_weights)
         per_example = self.per_example_gradients(records, output_grads)
         b = tf.cast(batch_size, per_example.dtype)
         if self.approx == DIAGONAL:
@@ -206,8 +216,21 @@ def with_ones(rows_: tf.Tensor) -> tf.Tensor:
     return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
 
 
-def kron_factors(input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size) -> list[tf.Tensor]:
-    """A = (1/b) Σ ā āᵀ and G = (1/(b·T)) Σ g gᵀ.
+def row_weights(records, example_weights, rows_of) -> tf.Tensor | None:
+    """Each position's example weight, in the order rows are concatenated."""
+    if example_weights is None:
+        return None
+    parts = []
+    for record in records:
+        per_example = tf.shape(rows_of(record))[0] // tf.shape(example_weights)[0]
+        parts.append(tf.repeat(example_weights, per_example))
+    return tf.concat(parts, axis=0)
+
+
+def kron_factors(
+    input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size, weights=None
+) -> list[tf.Tensor]:
+    """A = (1/b) Σ w ā āᵀ and G = (1/(b·T)) Σ g gᵀ (w = 1 without sample weights).
 
     `input_rows` holds the b·T positions of the local batch; `output_rows`
     the gradients at those positions for each output column (C·b·T rows,
@@ -215,6 +238,7 @@ def kron_factors(input_rows: tf.Tensor, output_rows: tf.Tensor, batch_size) -> l
     """
     b = tf.cast(batch_size, input_rows.dtype)
     positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
-    a = tf.matmul(input_rows, input_rows, transpose_a=True) / b
+    weighted = input_rows if weights is None else input_rows * weights[:, tf.newaxis]
+    a = tf.matmul(input_rows, weighted, transpose_a=True) / b
     g = tf.matmul(output_rows, output_rows, transpose_a=True) / positions
     return [a, g]

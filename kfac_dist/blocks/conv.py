@@ -32,9 +32,9 @@ class ConvBlock(DenseBlock):
         a = rows(patches)
         return with_ones(a) if self.has_bias else a
 
-    def kron_statistics(self, records, output_grads, batch_size):
+    def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
         output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
-        return super().kron_statistics(records, output_grads, batch_size)
+        return super().kron_statistics(records, output_grads, batch_size, example_weights)
 
     def per_example_gradients(self, records, output_grads):
         output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]

@@ -9,6 +9,7 @@ from kfac_dist.blocks.base import (
     Block,
     Record,
     kron_factors,
+    row_weights,
     rows,
     with_ones,
 )
@@ -53,10 +54,11 @@ class DenseBlock(Block):
         fan_in = int(np.prod(kernel.shape[:-1])) + int(self.has_bias)
         return (fan_in, fan_in), int(kernel.shape[-1])
 
-    def kron_statistics(self, records, output_grads, batch_size):
+    def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
         inputs = tf.concat([self.input_rows(r) for r in records], axis=0)
         outputs = tf.concat([rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0)
-        return kron_factors(inputs, outputs, batch_size)
+        weights = row_weights(records, example_weights, self.input_rows)
+        return kron_factors(inputs, outputs, batch_size, weights)
 
     def per_example_gradients(self, records, output_grads):
         per_record = []

@@ -25,7 +25,7 @@ class GenericDiagonalBlock(Block):
     def __init__(self, name: str, variables: Sequence, approx: str | None = None):
         super().__init__(name, variables, approx)
 
-    def statistics(self, records, output_grads, batch_size):
+    def statistics(self, records, output_grads, batch_size, example_weights=None):
         # `output_grads` are the variables' gradients, one (C, *shape) per variable.
         flat = tf.concat(
             [tf.reshape(tf.cast(g, curvature_dtype()), [g.shape[0], -1]) for g in output_grads],

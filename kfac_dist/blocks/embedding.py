@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kfac_dist.blocks.base import KRON, Block, Record, kron_factors, rows
+from kfac_dist.blocks.base import KRON, Block, Record, kron_factors, row_weights, rows
 from kfac_dist.linalg import curvature_dtype
 
 
@@ -33,10 +33,13 @@ class EmbeddingBlock(Block):
         vocabulary, width = self.variables[0].shape
         return (int(vocabulary),), int(width)
 
-    def kron_statistics(self, records, output_grads, batch_size):
+    def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
         vocabulary = self.kron_dims()[0][0]
         ids = tf.concat([tf.reshape(tf.cast(r.inputs, tf.int32), [-1]) for r in records], 0)
-        counts = tf.math.unsorted_segment_sum(tf.ones_like(ids, curvature_dtype()), ids, vocabulary)
+        weights = row_weights(records, example_weights, lambda r: tf.reshape(r.inputs, [-1]))
+        if weights is None:
+            weights = tf.ones_like(ids, curvature_dtype())
+        counts = tf.math.unsorted_segment_sum(weights, ids, vocabulary)
         outputs = tf.concat([rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0)
         # kron_factors on one-hot rows would materialise (b·T, V): use counts.
         _, g = kron_factors(tf.zeros([tf.shape(ids)[0], 0], curvature_dtype()), outputs, batch_size)
