@@ -27,7 +27,10 @@ _REJECTED_ARGS = {
     "use_ema": "K-FAC keeps no EMA of the weights",
     "ema_momentum": "K-FAC keeps no EMA of the weights",
     "ema_overwrite_frequency": "K-FAC keeps no EMA of the weights",
-    "gradient_accumulation_steps": "accumulated gradients would not match the curvature statistics of each batch; use a larger batch",
+    "gradient_accumulation_steps": (
+        "accumulated gradients would not match each batch's curvature statistics; "
+        "use a larger batch"
+    ),
     "weight_decay": "use weight_decay_coeff (decoupled, added to the update)",
     "loss_scale_factor": "use the mixed-precision policy, which wraps the optimizer",
     "adaptive": "adaptive damping / quadratic-model momentum are not available yet",
@@ -167,7 +170,8 @@ class Kfac(keras.optimizers.Optimizer):
         _require(int(invert_every) >= 1, f"invert_every must be >= 1, got {invert_every}.")
         _require(
             estimation_mode in losses_lib.ESTIMATION_MODES,
-            f"estimation_mode must be one of {losses_lib.ESTIMATION_MODES}, got {estimation_mode!r}.",
+            f"estimation_mode must be one of {losses_lib.ESTIMATION_MODES}, "
+            f"got {estimation_mode!r}.",
         )
         _require(
             inverse_method in blocks_lib.INVERSE_METHODS,
@@ -619,6 +623,7 @@ def _pick(spec, index: int, name, count: int, what: str):
         return spec.get(name)
     if len(spec) != count:
         raise ValueError(
-            f"{what} has {len(spec)} entries but the model has {count} outputs; give one per output."
+            f"{what} has {len(spec)} entries but the model has {count} outputs; "
+            "give one per output."
         )
     return spec[index]

@@ -187,9 +187,8 @@ def test_uneven_replica_batches_give_the_global_batch_factors():
     for num_replicas in (1, 2):
         model, opt = build(num_replicas, invert_every=1, cov_ema_decay=0.5)
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
-        strategy = model.distribute_strategy
-        synced = tf.function(lambda opt=opt: strategy.run(opt.curvature.sync))
-        synced()
-        factors.append([opt.curvature.factors() for _ in [0]][0])
+        sync = opt.curvature.sync
+        tf.function(lambda sync=sync, strategy=model.distribute_strategy: strategy.run(sync))()
+        factors.append(opt.curvature.factors())
     for one, two in zip(*factors):
         np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-7)

@@ -88,7 +88,7 @@ class Block:
         raise NotImplementedError
 
     def per_example_gradients(self, records, output_grads) -> tf.Tensor:
-        """(C·b, num_params) gradients of each example (per output column), variables flattened in order."""
+        """(C·b, num_params): each example's gradients per output column, variables in order."""
         raise NotImplementedError
 
     # --- shared machinery ------------------------------------------------
