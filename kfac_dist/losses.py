@@ -102,6 +102,20 @@ class OutputLoss:
             columns = [self._sampled_gradient(eta, mean, width, seed)]
         return [tf.stop_gradient(root * c) for c in columns]
 
+    def hessian_product(self, eta, a, b, sample_weight) -> tf.Tensor:
+        """Σ over loss elements of c·aᵀ H b: b × (a ∇²_η L b) for tangents a, b of η."""
+        mean = self._mean(eta)
+        width = eta.shape[-1]
+        if self.kind == MSE:
+            per_element = 2.0 / width * tf.reduce_sum(a * b, -1)
+        elif self.kind == BINARY:
+            per_element = tf.reduce_sum(mean * (1 - mean) * a * b, -1) / width
+        else:
+            pa = tf.reduce_sum(mean * a, -1)
+            pb = tf.reduce_sum(mean * b, -1)
+            per_element = tf.reduce_sum(mean * a * b, -1) - pa * pb
+        return tf.reduce_sum(self.element_scale(eta, sample_weight) * per_element)
+
     def _hessian_root_column(self, mean, k: int, width: int) -> tf.Tensor:
         unit = tf.one_hot(k, width, dtype=mean.dtype)
         if self.kind == MSE:

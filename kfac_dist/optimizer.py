@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from kfac_dist import adaptive as adaptive_lib
 from kfac_dist import blocks as blocks_lib
 from kfac_dist import curvature as curvature_lib
 from kfac_dist import linalg, registration, strategies, training
@@ -33,8 +35,6 @@ _REJECTED_ARGS = {
     ),
     "weight_decay": "use weight_decay_coeff (decoupled, added to the update)",
     "loss_scale_factor": "use the mixed-precision policy, which wraps the optimizer",
-    "adaptive": "adaptive damping / quadratic-model momentum are not available yet",
-    "adapt_damping": "adaptive damping is not available yet",
 }
 
 
@@ -96,8 +96,13 @@ class Kfac(keras.optimizers.Optimizer):
         model: keras.Model | None = None,
         loss=None,
         loss_weights=None,
-        momentum: float = 0.9,
-        momentum_type: str = "regular",
+        momentum: float | None = None,
+        momentum_type: str | None = None,
+        adaptive: bool = False,
+        adapt_damping: bool = False,
+        damping_adaptation_interval: int = 5,
+        damping_adaptation_decay: float = 0.95,
+        min_damping: float = 1e-8,
         weight_decay_coeff: float | None = None,
         norm_constraint: float | None = None,
         batch_size: int | None = None,
@@ -135,7 +140,43 @@ class Kfac(keras.optimizers.Optimizer):
         if kwargs:
             raise TypeError(f"Kfac got unexpected argument(s): {sorted(kwargs)}.")
         _require(damping is not None, "Kfac needs damping=λ > 0 (e.g. damping=0.01).")
+        if momentum_type is None:
+            momentum_type = adaptive_lib.QMODEL if adaptive else adaptive_lib.REGULAR
+        _require(
+            momentum_type in adaptive_lib.MOMENTUM_TYPES,
+            f"momentum_type must be one of {adaptive_lib.MOMENTUM_TYPES}, got {momentum_type!r}.",
+        )
+        adapt_damping = bool(adapt_damping or adaptive)
+        qmodel = momentum_type != adaptive_lib.REGULAR
+        if qmodel:
+            _require(
+                learning_rate is None,
+                f"learning_rate must be left out with momentum_type={momentum_type!r} "
+                "(adaptive=True): the quadratic model chooses the step size.",
+            )
+            _require(
+                norm_constraint is None,
+                "norm_constraint cannot be used with quadratic-model momentum "
+                "(adaptive=True): the quadratic model already sizes the step.",
+            )
+            _require(
+                momentum is None or momentum_type == adaptive_lib.QMODEL_FIXED_MU,
+                "momentum must be left out with momentum_type='qmodel' (adaptive=True): "
+                "the quadratic model chooses it; use 'qmodel_fixedmu' to fix it.",
+            )
+            learning_rate = 1.0  # unused: Keras' base optimizer needs a value
         _require(learning_rate is not None, "Kfac needs learning_rate=... (e.g. 0.001).")
+        if momentum is None:
+            momentum = 0.9
+        _require(
+            int(damping_adaptation_interval) >= 1,
+            f"damping_adaptation_interval must be >= 1, got {damping_adaptation_interval}.",
+        )
+        _require(
+            0 < float(damping_adaptation_decay) < 1,
+            f"damping_adaptation_decay must be in (0, 1), got {damping_adaptation_decay}.",
+        )
+        _require(float(min_damping) >= 0, f"min_damping must be >= 0, got {min_damping}.")
         if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             _require(
                 float(learning_rate) > 0,
@@ -143,10 +184,6 @@ class Kfac(keras.optimizers.Optimizer):
             )
         _require(float(damping) > 0, f"damping must be > 0, got {damping}.")
         _require(0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}.")
-        _require(
-            momentum_type == "regular",
-            f"momentum_type must be 'regular', got {momentum_type!r}.",
-        )
         _require(
             weight_decay_coeff is None or float(weight_decay_coeff) >= 0,
             f"weight_decay_coeff must be >= 0, got {weight_decay_coeff}.",
@@ -206,9 +243,18 @@ class Kfac(keras.optimizers.Optimizer):
                 ),
             )
             if value is not None
+            and not (adapt_damping and h == "damping")
+            and not (qmodel and h in ("learning_rate", "momentum"))
         )
+        self.momentum_type = momentum_type
+        self.adapt_damping = adapt_damping
+        self.damping_adaptation_interval = int(damping_adaptation_interval)
+        self.damping_adaptation_decay = float(damping_adaptation_decay)
+        self.min_damping = float(min_damping)
         with keras.name_scope(self.name, caller=self):
-            self._damping = self._hyper_variable("damping", damping)
+            # Per replica: adaptive damping is updated inside the step, identically
+            # on every replica, with no implicit communication.
+            self._damping = self._hyper_variable("damping", damping, synchronization="on_read")
             self._momentum = self._hyper_variable("momentum", momentum)
             self._weight_decay_coeff = self._hyper_variable(
                 "weight_decay_coeff", weight_decay_coeff or 0.0
@@ -230,14 +276,20 @@ class Kfac(keras.optimizers.Optimizer):
         self.inverse_sharing = inverse_sharing
         self.seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else int(seed)
         self._model_ref = None
+        # What one replica's step hands from the train step to the update: a
+        # replica thread's own (MirroredStrategy traces replicas in threads).
+        self._replica_step = threading.local()
         self._output_losses = None
         self.curvature = None
         if model is not None:
             self.bind(model)
 
-    def _hyper_variable(self, name: str, value, dtype: str = "float32"):
+    def _hyper_variable(
+        self, name: str, value, dtype: str = "float32", synchronization: str = "auto"
+    ):
         variable = keras.Variable(
             value,
+            synchronization=synchronization,
             name=name,
             dtype=dtype,
             trainable=False,
@@ -291,6 +343,8 @@ class Kfac(keras.optimizers.Optimizer):
         self.curvature.build(curvature_lib.per_replica_variable(self))
         add = curvature_lib.per_replica_variable(self)
         self._kl_clip = add((), "kl_clip")
+        # [α, μ, predicted change, ρ] of the quadratic model, for the history.
+        self._qmodel_state = add((4,), "qmodel_state")
         self._skipped_updates = add((), "skipped_updates", "int64")
         self._velocities = [self.add_variable_from_reference(v, "velocity") for v in var_list]
         self._block_indices = [[self._get_variable_index(v) for v in b.variables] for b in blocks]
@@ -417,40 +471,146 @@ class Kfac(keras.optimizers.Optimizer):
             for i, g, p in zip(indices, block_grad, block_pre):
                 directions[by_index[i]] = tf.cast(p, g.dtype)
                 inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
-        if "norm_constraint" in self._mutable:
-            clip = linalg.kl_clip_factor(inner, learning_rate, self._norm_constraint)
+        if self.momentum_type == adaptive_lib.REGULAR:
+            if "norm_constraint" in self._mutable:
+                clip = linalg.kl_clip_factor(inner, learning_rate, self._norm_constraint)
+            else:
+                clip = tf.constant(1.0, inner.dtype)
+            directions = [d * tf.cast(clip, d.dtype) for d in directions]
+            self._kl_clip.assign(clip)
+            scale = -tf.cast(learning_rate, inner.dtype)
+            momentum = tf.cast(self._momentum, inner.dtype)
         else:
-            clip = tf.constant(1.0, inner.dtype)
-        directions = [d * tf.cast(clip, d.dtype) for d in directions]
-        self._kl_clip.assign(clip)
+            self._kl_clip.assign(tf.ones_like(self._kl_clip))
+            scale, momentum = self._qmodel_coefficients(
+                grads, directions, trainable_variables, by_index, inner
+            )
         self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        self._step_finite = finite
+        coefficients = (scale, momentum, finite)
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_tf_update_step,
+            self._distributed_kfac_update,
             self._distribution_strategy,
             list(zip(directions, trainable_variables)),
-            learning_rate,
+            coefficients,
         )
 
-    def update_step(self, gradient, variable, learning_rate):
-        """v = μv − lr·(d + wd·θ); θ = θ + v; nothing moves on a non-finite step."""
-        lr = tf.cast(learning_rate, variable.dtype)
+    def _distributed_kfac_update(self, distribution, grads_and_vars, coefficients):
+        # The coefficients travel as merge_call arguments, so each replica's
+        # update reads its own copy (identical values, no cross-device reads).
+        for grad, var in grads_and_vars:
+            distribution.extended.update(
+                var, self._kfac_update, args=(grad, coefficients), group=False
+            )
+
+    def _kfac_update(self, variable, gradient, coefficients):
+        """v = μv + s·(d + wd·θ); θ = θ + v; nothing moves on a non-finite step.
+
+        s = −lr and μ = momentum ("regular"), or (s, μ) = (α, μ) of the
+        quadratic model.
+        """
+        scale, momentum, finite = coefficients
         velocity = self._velocities[self._get_variable_index(variable)]
         decay = tf.cast(self._weight_decay_coeff, variable.dtype)
-        momentum = tf.cast(self._momentum, variable.dtype)
-        new_velocity = momentum * velocity - lr * (gradient + decay * variable)
-        new_velocity = tf.where(self._step_finite, new_velocity, velocity)
+        scale = tf.cast(scale, variable.dtype)
+        momentum = tf.cast(momentum, variable.dtype)
+        new_velocity = momentum * velocity + scale * (gradient + decay * variable)
+        new_velocity = tf.where(finite, new_velocity, velocity)
         self.assign(velocity, new_velocity)
         self.assign_add(
             variable,
-            tf.where(self._step_finite, new_velocity, tf.zeros_like(new_velocity)),
+            tf.where(finite, new_velocity, tf.zeros_like(new_velocity)),
         )
+
+    def _qmodel_coefficients(self, grads, directions, variables, by_index, inner):
+        """(α, μ) of the quadratic model on this batch, identical on every replica.
+
+        The Fisher terms are local (this replica's batch); one small
+        all-reduce averages them with the step's loss, which ρ needs later.
+        """
+        dtype = inner.dtype
+        batch = self._replica_step.inputs
+        kept = [i for i in range(len(variables)) if directions[i] is not None]
+        previous = [
+            tf.convert_to_tensor(self._velocities[self._get_variable_index(variables[i])])
+            for i in kept
+        ]
+        delta = [directions[i] for i in kept]
+        tangent_vars = [variables[i] for i in kept]
+        losses = self.output_losses(len(keras.tree.flatten(batch["y_pred"])))
+        j_delta, etas = adaptive_lib.output_tangents(
+            self.model, batch["x"], tangent_vars, delta, losses
+        )
+        j_prev, _ = adaptive_lib.output_tangents(
+            self.model, batch["x"], tangent_vars, previous, losses
+        )
+        weights = batch["sample_weights"]
+        b = batch["batch_size"]
+        terms = tf.stack(
+            [
+                adaptive_lib.fisher_products(losses, etas, j_delta, j_delta, weights, b),
+                adaptive_lib.fisher_products(losses, etas, j_delta, j_prev, weights, b),
+                adaptive_lib.fisher_products(losses, etas, j_prev, j_prev, weights, b),
+                tf.cast(batch["loss"], tf.float32 if dtype == tf.float32 else dtype),
+            ]
+        )
+        terms = tf.cast(terms, dtype)
+        terms = (
+            self.context.all_reduce_sum([terms], strategies.ADAPTIVE)[0] / self.context.num_replicas
+        )
+        damping = tf.cast(self._damping, dtype)
+        dd = adaptive_lib.flat_dot(delta, delta, dtype)
+        dp = adaptive_lib.flat_dot(delta, previous, dtype)
+        pp = adaptive_lib.flat_dot(previous, previous, dtype)
+        quadratic = tf.stack(
+            [
+                tf.stack([terms[0] + damping * dd, terms[1] + damping * dp]),
+                tf.stack([terms[1] + damping * dp, terms[2] + damping * pp]),
+            ]
+        )
+        grad_list = [grads[i] for i in kept]
+        linear = tf.stack([inner, adaptive_lib.flat_dot(grad_list, previous, dtype)])
+        fixed_mu = self._momentum if self.momentum_type == adaptive_lib.QMODEL_FIXED_MU else None
+        alpha, mu, change = adaptive_lib.solve_qmodel(quadratic, linear, fixed_mu)
+        self._replica_step.loss = terms[3]
+        self._qmodel_state.assign(tf.stack([alpha, mu, change, self._qmodel_state[3]]))
+        return alpha, mu
+
+    def adapt_damping_after_step(self, loss_after) -> None:
+        """Levenberg–Marquardt rule on ρ, with the loss after the step on the same batch."""
+        dtype = self._qmodel_state.dtype
+        loss_after = (
+            self.context.all_reduce_sum(
+                [tf.reshape(tf.cast(loss_after, dtype), [1])], strategies.ADAPTIVE
+            )[0][0]
+            / self.context.num_replicas
+        )
+        change = self._qmodel_state[2]
+        rho = tf.math.divide_no_nan(loss_after - tf.cast(self._replica_step.loss, dtype), change)
+        damping = adaptive_lib.adapt_damping(
+            tf.convert_to_tensor(self._damping),
+            tf.cast(rho, self._damping.dtype),
+            interval=self.damping_adaptation_interval,
+            decay=self.damping_adaptation_decay,
+            min_damping=self.min_damping,
+        )
+        self._damping.assign(damping)
+        self._qmodel_state.assign(tf.concat([self._qmodel_state[:3], [rho]], 0))
 
     def step_logs(self) -> dict[str, tf.Tensor]:
         """K-FAC's own state for the `fit` history and TensorBoard."""
         return {
             "damping": tf.convert_to_tensor(self._damping),
             "kl_clip": tf.convert_to_tensor(self._kl_clip.value),
+            **(
+                {}
+                if self.momentum_type == adaptive_lib.REGULAR
+                else {
+                    "qmodel_alpha": self._qmodel_state.value[0],
+                    "qmodel_mu": self._qmodel_state.value[1],
+                    "qmodel_change": self._qmodel_state.value[2],
+                    "rho": self._qmodel_state.value[3],
+                }
+            ),
             "nonfinite_skips": tf.cast(
                 self._skipped_updates.value + self.curvature.skipped_statistics.value,
                 tf.float32,
@@ -464,10 +624,10 @@ class Kfac(keras.optimizers.Optimizer):
         One row per replica: the factors it inverts and shares, their cost
         under the plan's cost model and its share of the total, and its K-FAC
         memory — the persistent state (factor sums, their last-good copies,
-        inverse payloads) apart from the transient buffers handed to the
-        factor sync and to the inverse sharing, whose sizes are also the
-        bytes every replica hands in to those collectives. A table for logs,
-        or with `as_dict=True` a JSON-ready dict.
+        inverse payloads) apart from the transient buffers of the factor sync
+        and of the inverse sharing. The footer gives the bytes each replica
+        hands in to those two collectives. A table for logs, or with
+        `as_dict=True` a JSON-ready dict.
         """
         from kfac_dist.placement import report
 
@@ -479,20 +639,23 @@ class Kfac(keras.optimizers.Optimizer):
             )
         curvature = self.curvature
         plan = curvature.plan
-        itemsize = tf.as_dtype(curvature.weight_sum.dtype).size
-        sync_bytes = report.factor_sync_bytes(curvature.units, itemsize)
-        share_bytes = report.inverse_share_bytes(plan, curvature.inverse_method, itemsize)
+        dtype = tf.as_dtype(curvature.weight_sum.dtype)
+        sync_bytes = report.factor_sync_bytes(
+            curvature.units, dtype.size, weight_floats=int(np.prod(curvature.weight_sum.shape))
+        )
+        sharing = curvature.sharing_bytes()
         # Every replica holds every factor and every (shared) inverse.
         memory = report.ReplicaMemory(
             factor_sums=self._placement_bytes([*curvature.factor_sums, curvature.weight_sum]),
             last_good=self._placement_bytes([*curvature.good_sums, curvature.good_weight]),
             inverses=self._placement_bytes([v for p in curvature.payloads for v in p]),
             sync_buffer=sync_bytes,
-            share_buffer=share_bytes,
+            share_buffer=sharing["transient"],
         )
         reported = dict(
             bytes_per_factor_sync=sync_bytes,
-            bytes_per_inverse_share=share_bytes,
+            bytes_per_inverse_share=sharing["sent"],
+            sharing_method=curvature.sharing_method,
             memory_per_replica=[memory] * plan.num_replicas,
         )
         if not as_dict:
@@ -501,7 +664,7 @@ class Kfac(keras.optimizers.Optimizer):
             **report.plan_to_dict(plan, **reported),
             "inverse_method": curvature.inverse_method,
             "factor_sync": curvature.factor_sync,
-            "dtype": tf.as_dtype(curvature.weight_sum.dtype).name,
+            "dtype": dtype.name,
         }
 
     @staticmethod

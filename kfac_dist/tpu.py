@@ -80,9 +80,11 @@ def connect(
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     except (tf.errors.OpError, RuntimeError, ValueError) as error:
+        # On a machine without TPU, initializing `local` raises NotFoundError
+        # with no message.
         raise TpuUnavailableError(
-            f"could not initialize the TPU at {where}: {_reason(error)}. "
-            f"On a TPU VM, install TensorFlow with TPU support; elsewhere, {_FLAGS_TO_CHECK}"
+            f"could not initialize a TPU at {where}: {_reason(error, 'no TPU devices')}. "
+            f"On a TPU VM, install TensorFlow with TPU support. {_FLAGS_TO_CHECK}"
         ) from error
 
 
@@ -176,9 +178,11 @@ def describe(tpu: str, zone: str | None, project: str | None) -> str:
     return " ".join(parts)
 
 
-def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else "no detail given"
-    return f"{type(error).__name__}: {text}"[:300]
+def _reason(error: BaseException, silent: str = "no detail given") -> str:
+    """The error's type and first sentence (`silent` if it has none), for one-line messages."""
+    text = str(error).strip()
+    sentence = text.splitlines()[0].split(". ")[0] if text else silent
+    return f"{type(error).__name__}: {sentence}"[:200]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,6 +131,7 @@ def kfac_train_step(model, data):
             keras_loss_module.unscale_loss_for_distribution(loss),
             sample_weight=batch_size,
         )
+        loss_value = loss
         loss = kfac.scale_loss(loss)
         pseudo = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
 
@@ -168,10 +169,57 @@ def kfac_train_step(model, data):
         lambda: _update_inverses(curvature, kfac.damping_value()),
         tf.no_op,
     )
+    flat_pred = _flatten(y_pred)
+    output_names = list(getattr(model, "output_names", None) or [])
+    kfac._replica_step.inputs = {  # noqa: SLF001
+        "x": x,
+        "y_pred": y_pred,
+        "sample_weights": _align_weights(sample_weight, len(flat_pred), output_names),
+        "batch_size": batch_size,
+        "loss": keras_loss_module.unscale_loss_for_distribution(loss_value),
+    }
     kfac.apply_gradients(zip(gradients, trainable_weights))
+    if kfac.adapt_damping:
+        tf.cond(
+            tf.equal((step + 1) % kfac.damping_adaptation_interval, 0),
+            lambda: _adapt_damping(model, kfac, x, y, sample_weight),
+            tf.no_op,
+        )
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     logs.update(kfac.step_logs())
     return logs
+
+
+def compiled_loss(model, x, y, sample_weight) -> tf.Tensor:
+    """The compiled loss of the current weights on (x, y), as a measurement.
+
+    Keras' own loss call would also update its loss metrics, and a training
+    forward pass would move BatchNormalization statistics: both are avoided.
+    """
+    saved = [tf.identity(v.value) for v in model.non_trainable_variables]
+    y_pred = model(x, training=True)
+    for var, value in zip(model.non_trainable_variables, saved):
+        var.assign(value)
+    flat_pred = _flatten(y_pred)
+    output_names = list(getattr(model, "output_names", None) or [])
+    flat_true = _align_targets(y, y_pred, output_names)
+    flat_weights = _align_weights(sample_weight, len(flat_pred), output_names)
+    total = tf.add_n([tf.cast(v, tf.float32) for v in model.losses] or [tf.constant(0.0)])
+    for entry in model._compile_loss._flat_losses:  # noqa: SLF001
+        index = 0
+        if entry.path and isinstance(entry.path[0], int):
+            index = entry.path[0]
+        elif entry.path and isinstance(entry.path[0], str):
+            index = output_names.index(entry.path[0])
+        value = entry.loss(flat_true[index], flat_pred[index], flat_weights[index])
+        weight = 1.0 if entry.loss_weights is None else entry.loss_weights
+        total += tf.cast(value, tf.float32) * weight
+    return total
+
+
+def _adapt_damping(model, kfac, x, y, sample_weight):
+    kfac.adapt_damping_after_step(compiled_loss(model, x, y, sample_weight))
+    return tf.no_op()
 
 
 def _update_inverses(curvature, damping):

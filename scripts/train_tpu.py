@@ -5,7 +5,10 @@
 Same as `python -m kfac_dist.tpu`; needs kfac_dist installed (pip install -e .).
 """
 
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines bury the run's own
 
 from kfac_dist.tpu import main
 

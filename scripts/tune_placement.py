@@ -33,6 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--inverse-method", choices=("cholesky", "eigen"), default="cholesky")
     parser.add_argument(
+        "--inverse-sharing",
+        choices=("auto", "all_reduce", "all_gather"),
+        default="auto",
+        help="Kfac's inverse_sharing, which sets the bytes of sharing the inverses",
+    )
+    parser.add_argument(
         "--measure",
         action="store_true",
         help="price each factor size by timing real inversions on this machine "
@@ -60,7 +66,11 @@ def main(argv=None) -> int:
         MeasuredCostModel(args.inverse_method, repeats=args.repeats) if args.measure else None
     )
     tuning = tuner.tune(
-        units, args.replicas, inverse_method=args.inverse_method, cost_model=cost_model
+        units,
+        args.replicas,
+        inverse_method=args.inverse_method,
+        cost_model=cost_model,
+        sharing=args.inverse_sharing,
     )
     if args.json:
         print(json.dumps({"model": model.name, **tuner.tuning_to_dict(tuning)}, indent=1))

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import kfac_dist as kfac
 from kfac_dist import strategies
-from kfac_dist.placement import format_bytes
+from kfac_dist.placement import factor_sync_bytes, format_bytes, inverse_sharing
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -33,6 +33,7 @@ MATRIX_DIMS = {
 }
 DIAGONAL_DIMS = {"bn/diagonal": 6}
 FLOAT = 4  # float32
+WEIGHT_FLOATS = 2  # the moving sums of examples and of sample weights
 
 # Owners by hand. Round-robin: unit k on (k + k // N) % N. Balanced, eigen
 # flops (4n^3, n for a diagonal): hidden/A alone outweighs all the others.
@@ -46,10 +47,11 @@ OWNED = {
     (2, "replicated"): [[], []],
 }
 CASES = [
-    (1, "round_robin", "cholesky"),
-    (2, "round_robin", "cholesky"),
-    (2, "balanced", "eigen"),
-    (2, "replicated", "cholesky"),
+    (1, "round_robin", "cholesky", "auto"),
+    (2, "round_robin", "cholesky", "auto"),
+    (2, "round_robin", "cholesky", "all_gather"),
+    (2, "balanced", "eigen", "auto"),
+    (2, "replicated", "cholesky", "auto"),
 ]
 
 
@@ -57,27 +59,45 @@ def triangle(n):
     return n * (n + 1) // 2
 
 
-def expected_bytes(num_replicas, placement, method):
+def wire_floats(unit, method):
+    """Floats of one unit's shared result: a triangle, eigenpairs, or a diagonal."""
+    if unit in DIAGONAL_DIMS:
+        return DIAGONAL_DIMS[unit]
+    n = MATRIX_DIMS[unit]
+    return triangle(n) if method == "cholesky" else n + n * n
+
+
+def expected_bytes(num_replicas, placement, method, sharing):
     """Every byte count of the report, from the layer shapes above."""
     matrices, diagonals = MATRIX_DIMS.values(), sum(DIAGONAL_DIMS.values())
     factors = sum(n * n for n in matrices) + diagonals
     if method == "cholesky":
         inverses = factors
-        payload = sum(triangle(n) for n in matrices) + diagonals
     else:
-        inverses = payload = sum(n + n * n for n in matrices) + diagonals
-    shared = num_replicas > 1 and placement != "replicated"
+        inverses = sum(n + n * n for n in matrices) + diagonals
+    own = [sum(wire_floats(u, method) for u in owned) for owned in OWNED[num_replicas, placement]]
+    if num_replicas == 1 or placement == "replicated":
+        sharing, sent, buffer = None, 0, 0
+    elif sharing == "all_gather":
+        sent, buffer = max(own), num_replicas * max(own)
+    else:
+        # auto picks the all-gather only when N x the largest <= the total;
+        # here one replica owns most of the payload.
+        assert num_replicas * max(own) > sum(own)
+        sharing, sent, buffer = "all_reduce", sum(own), sum(own)
     return {
         "factors": FLOAT * factors,
         "inverses": FLOAT * inverses,
-        "factor_sums": FLOAT * (factors + 1),  # + the example weight
-        "last_good": FLOAT * (factors + 1),
-        "sync": FLOAT * (sum(triangle(n) for n in matrices) + diagonals + 1),
-        "share": FLOAT * payload if shared else 0,
+        "factor_sums": FLOAT * (factors + WEIGHT_FLOATS),
+        "last_good": FLOAT * (factors + WEIGHT_FLOATS),
+        "sync": FLOAT * (sum(triangle(n) for n in matrices) + diagonals + WEIGHT_FLOATS),
+        "sharing": sharing,
+        "share": FLOAT * sent,
+        "share_buffer": FLOAT * buffer,
     }
 
 
-def build(num_replicas, placement="round_robin", method="cholesky"):
+def build(num_replicas, placement="round_robin", method="cholesky", sharing="auto"):
     if num_replicas == 1:
         strategy = tf.distribute.get_strategy()
     else:
@@ -106,6 +126,7 @@ def build(num_replicas, placement="round_robin", method="cholesky"):
             invert_every=INVERT_EVERY,
             inverse_method=method,
             placement=placement,
+            inverse_sharing=sharing,
             seed=1,
         )
         model.compile(optimizer=opt, loss=loss)
@@ -113,8 +134,8 @@ def build(num_replicas, placement="round_robin", method="cholesky"):
 
 
 @functools.cache
-def trained(num_replicas, placement, method):
-    model, opt = build(num_replicas, placement, method)
+def trained(num_replicas, placement, method, sharing):
+    model, opt = build(num_replicas, placement, method, sharing)
     model.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     return opt
 
@@ -125,9 +146,9 @@ def test_report_needs_a_built_optimizer():
         opt.placement_report()
 
 
-@pytest.mark.parametrize("num_replicas, placement, method", CASES)
-def test_report_names_each_replicas_units_and_share(num_replicas, placement, method):
-    info = trained(num_replicas, placement, method).placement_report(as_dict=True)
+@pytest.mark.parametrize("num_replicas, placement, method, sharing", CASES)
+def test_report_names_each_replicas_units_and_share(num_replicas, placement, method, sharing):
+    info = trained(num_replicas, placement, method, sharing).placement_report(as_dict=True)
     flops = {n: (4 if method == "eigen" else 1) * n**3 for n in MATRIX_DIMS.values()}
     cost = {u: flops[n] for u, n in MATRIX_DIMS.items()} | DIAGONAL_DIMS
     total = sum(cost.values())
@@ -143,13 +164,14 @@ def test_report_names_each_replicas_units_and_share(num_replicas, placement, met
     assert info["replicated_units"] == (UNITS if placement == "replicated" else [])
 
 
-@pytest.mark.parametrize("num_replicas, placement, method", CASES)
-def test_report_bytes_match_the_layer_shapes(num_replicas, placement, method):
-    opt = trained(num_replicas, placement, method)
+@pytest.mark.parametrize("num_replicas, placement, method, sharing", CASES)
+def test_report_bytes_match_the_layer_shapes(num_replicas, placement, method, sharing):
+    opt = trained(num_replicas, placement, method, sharing)
     info = json.loads(json.dumps(opt.placement_report(as_dict=True)))
-    want = expected_bytes(num_replicas, placement, method)
+    want = expected_bytes(num_replicas, placement, method, sharing)
     assert (info["inverse_method"], info["dtype"]) == (method, "float32")
     assert info["bytes_per_factor_sync"] == want["sync"]
+    assert info["sharing_method"] == want["sharing"]
     assert info["bytes_per_inverse_share"] == want["share"]
     for replica in info["replicas"]:
         memory = replica["memory"]
@@ -157,22 +179,30 @@ def test_report_bytes_match_the_layer_shapes(num_replicas, placement, method):
         assert memory["last_good"] == want["last_good"]
         assert memory["inverses"] == want["inverses"]
         assert memory["sync_buffer"] == want["sync"]
-        assert memory["share_buffer"] == want["share"]
+        assert memory["share_buffer"] == want["share_buffer"]
         assert replica["state_bytes"] == memory["state"]
         assert memory["state"] == want["factor_sums"] + want["last_good"] + want["inverses"]
         # Persistent K-FAC state: two copies of the factors (sums and last
         # good, with a scalar weight each) and one of the inverses, which
         # stays within twice (factors + inverses).
         assert memory["state"] <= 2 * (want["factors"] + want["inverses"])
-    assert opt.curvature.state_bytes() == {
-        "factors": want["factor_sums"] + want["last_good"],
-        "inverses": want["inverses"],
-    }
 
 
-@pytest.mark.parametrize("num_replicas, placement, method", CASES)
-def test_report_bytes_equal_what_the_collectives_counted(num_replicas, placement, method):
-    opt = trained(num_replicas, placement, method)
+@pytest.mark.parametrize("num_replicas, placement, method, sharing", CASES)
+def test_tuner_predicts_the_bytes_of_the_built_optimizer(num_replicas, placement, method, sharing):
+    opt = trained(num_replicas, placement, method, sharing)
+    info = opt.placement_report(as_dict=True)
+    plan = opt.curvature.plan
+    assert factor_sync_bytes(plan.units) == info["bytes_per_factor_sync"]
+    predicted = inverse_sharing(plan, method, sharing=sharing)
+    assert predicted.method == info["sharing_method"]
+    assert predicted.sent == info["bytes_per_inverse_share"]
+    assert predicted.buffer == info["replicas"][0]["memory"]["share_buffer"]
+
+
+@pytest.mark.parametrize("num_replicas, placement, method, sharing", CASES)
+def test_report_bytes_equal_what_the_collectives_counted(num_replicas, placement, method, sharing):
+    opt = trained(num_replicas, placement, method, sharing)
     info = opt.placement_report(as_dict=True)
     for replica in range(num_replicas):
         counts = opt.context.counts(replica)
@@ -188,8 +218,8 @@ def test_report_bytes_equal_what_the_collectives_counted(num_replicas, placement
 
 
 def test_report_table_shows_owners_bytes_and_memory():
-    opt = trained(2, "round_robin", "cholesky")
-    want = expected_bytes(2, "round_robin", "cholesky")
+    opt = trained(2, "round_robin", "cholesky", "auto")
+    want = expected_bytes(2, "round_robin", "cholesky", "auto")
     lines = opt.placement_report().splitlines()
     assert lines[0].split() == [
         "replica",
@@ -202,7 +232,7 @@ def test_report_table_shows_owners_bytes_and_memory():
         "units",
     ]
     state = format_bytes(want["factor_sums"] + want["last_good"] + want["inverses"])
-    buffers = format_bytes(want["sync"] + want["share"])
+    buffers = format_bytes(want["sync"] + want["share_buffer"])
     for replica, owned in enumerate(OWNED[2, "round_robin"]):
         row = lines[2 + replica]
         assert row.split()[:2] == [str(replica), str(len(owned))]
@@ -210,5 +240,5 @@ def test_report_table_shows_owners_bytes_and_memory():
         assert row.endswith(", ".join(owned))
     text = "\n".join(lines)
     assert f"factor sync {format_bytes(want['sync'])} per sync" in text
-    assert f"inverse sharing {format_bytes(want['share'])} per inverse update" in text
+    assert f"inverse sharing {format_bytes(want['share'])} per inverse update (all_reduce)" in text
     assert f"memory per replica: state {state} (factor sums " in text

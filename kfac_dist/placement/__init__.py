@@ -22,11 +22,13 @@ from kfac_dist.placement.policies import (
     resolve_policy,
 )
 from kfac_dist.placement.report import (
+    SHARING_METHODS,
     ReplicaMemory,
+    Sharing,
     factor_sync_bytes,
     format_bytes,
     format_placement_table,
-    inverse_share_bytes,
+    inverse_sharing,
     plan_to_dict,
 )
 from kfac_dist.placement.tuner import (
@@ -58,6 +60,7 @@ __all__ = [
     "BUILTIN_POLICIES",
     "EIGEN_FLOP_FACTOR",
     "INVERSE_METHODS",
+    "SHARING_METHODS",
     "TUNED_POLICIES",
     "UNIT_KINDS",
     "Balanced",
@@ -71,6 +74,7 @@ __all__ = [
     "ReplicaMemory",
     "Replicated",
     "RoundRobin",
+    "Sharing",
     "Tuning",
     "assign_owners",
     "benchmark_markdown",
@@ -80,7 +84,7 @@ __all__ = [
     "format_bytes",
     "format_placement_table",
     "format_tuning",
-    "inverse_share_bytes",
+    "inverse_sharing",
     "load_model",
     "make_plan",
     "model_units",

@@ -7,7 +7,7 @@ import numbers
 from collections.abc import Sequence
 
 from kfac_dist.placement.plan import PlacementPlan
-from kfac_dist.placement.units import InversionUnit
+from kfac_dist.placement.units import InversionUnit, check_method
 
 
 def format_bytes(num_bytes: int) -> str:
@@ -22,36 +22,74 @@ def format_bytes(num_bytes: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def factor_sync_bytes(units: Sequence[InversionUnit], itemsize: int = 4) -> int:
+# The factor sync carries, after the factors, the moving sums of the examples
+# seen and of their sample weights.
+SYNC_WEIGHT_FLOATS = 2
+SHARING_METHODS = ("auto", "all_reduce", "all_gather")
+
+
+def factor_sync_bytes(
+    units: Sequence[InversionUnit], itemsize: int = 4, weight_floats: int = SYNC_WEIGHT_FLOATS
+) -> int:
     """Bytes every replica hands in to one factor sync.
 
     The sync all-reduces one packed buffer: each matrix factor's triangle
-    `n(n+1)/2`, each diagonal factor's `n` entries, and the example weight.
+    `n(n+1)/2`, each diagonal factor's `n` entries, and `weight_floats`.
     """
     floats = sum(u.dim if u.kind == "diagonal" else u.dim * (u.dim + 1) // 2 for u in units)
-    return (floats + 1) * itemsize
+    return (floats + weight_floats) * itemsize
 
 
-def inverse_share_bytes(plan: PlacementPlan, method: str, itemsize: int = 4) -> int:
-    """Bytes every replica hands in to share the owners' results on an inverse update.
+@dataclasses.dataclass(frozen=True)
+class Sharing:
+    """How owners' results reach every replica on an inverse update, in bytes per replica.
 
-    Sharing is one sum all-reduce of the shared units' payloads (each replica
-    fills only its own), so every replica hands in the whole buffer. Units
-    every replica computes are not shared, and one replica shares nothing.
+    `method` is `"all_reduce"`, `"all_gather"`, or `None` when nothing is
+    shared; `sent` is what each replica hands in to the collective and
+    `buffer` the transient buffer it holds for it.
     """
-    if plan.num_replicas == 1:
-        return 0
-    shared = [unit for i, unit in enumerate(plan.units) if plan.is_shared(i)]
-    return sum(unit.result_floats(method) for unit in shared) * itemsize
+
+    method: str | None
+    sent: int
+    buffer: int
+
+
+def inverse_sharing(
+    plan: PlacementPlan, method: str, itemsize: int = 4, sharing: str = "auto"
+) -> Sharing:
+    """The sharing collective `Kfac(inverse_sharing=sharing)` issues for `plan`.
+
+    A sum all-reduce hands in every shared payload (each replica fills only
+    its own): sent and buffer are their total. An all-gather hands in each
+    replica's own payloads padded to the largest replica's, and holds N of
+    them. `"auto"` takes the all-gather when its buffer is no larger than the
+    all-reduce's. Units every replica computes are not shared, and one
+    replica shares nothing.
+    """
+    check_method(method)
+    if sharing not in SHARING_METHODS:
+        raise ValueError(f"sharing must be one of {SHARING_METHODS}, got {sharing!r}.")
+    own = [0] * plan.num_replicas
+    for unit, owner in zip(plan.units, plan.owners, strict=True):
+        if owner is not None:
+            own[owner] += unit.result_floats(method)
+    total, largest = sum(own), max(own)
+    if plan.num_replicas == 1 or total == 0:
+        return Sharing(None, 0, 0)
+    if sharing == "auto":
+        sharing = "all_gather" if plan.num_replicas * largest <= total else "all_reduce"
+    if sharing == "all_gather":
+        return Sharing(sharing, largest * itemsize, plan.num_replicas * largest * itemsize)
+    return Sharing(sharing, total * itemsize, total * itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaMemory:
     """K-FAC memory on one replica, in bytes: persistent state apart from buffers.
 
-    The state persists between steps: the factor sums (with the example
-    weight), their last-good copies (the fallback when a sync is not finite)
-    and the inverse payloads. The buffers live only during one collective:
+    The state persists between steps: the factor sums (with the sums of
+    examples and weights), their last-good copies (the fallback when a sync
+    is not finite) and the inverse payloads. The buffers live only during one collective:
     the packed factor sums handed to the factor sync and the packed payloads
     handed to the inverse sharing.
     """
@@ -83,6 +121,7 @@ def format_placement_table(
     *,
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
+    sharing_method: str | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
     memory_per_replica: Sequence[ReplicaMemory] | None = None,
     names_width: int = 60,
@@ -97,13 +136,14 @@ def format_placement_table(
     names the policy, the replicated units, the max share against its lower
     bound, the bytes each replica hands in per factor sync
     (`bytes_per_factor_sync`) and per inverse sharing
-    (`bytes_per_inverse_share`), when given, and the memory breakdown when
-    every replica holds the same.
+    (`bytes_per_inverse_share`, through `sharing_method`), when given, and
+    the memory breakdown when every replica holds the same.
     """
     info = plan_to_dict(
         plan,
         bytes_per_factor_sync=bytes_per_factor_sync,
         bytes_per_inverse_share=bytes_per_inverse_share,
+        sharing_method=sharing_method,
         state_bytes_per_replica=state_bytes_per_replica,
         memory_per_replica=memory_per_replica,
     )
@@ -153,8 +193,9 @@ def format_placement_table(
     if bytes_per_factor_sync is not None:
         traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)} per sync")
     if bytes_per_inverse_share is not None:
+        via = f" ({sharing_method})" if sharing_method else ""
         traffic.append(
-            f"inverse sharing {format_bytes(bytes_per_inverse_share)} per inverse update"
+            f"inverse sharing {format_bytes(bytes_per_inverse_share)} per inverse update{via}"
         )
     if traffic:
         lines.append("handed in by each replica: " + ", ".join(traffic))
@@ -168,6 +209,7 @@ def plan_to_dict(
     *,
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
+    sharing_method: str | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
     memory_per_replica: Sequence[ReplicaMemory] | None = None,
 ) -> dict:
@@ -239,6 +281,7 @@ def plan_to_dict(
         "replicated_units": [plan.units[i].name for i in plan.replicated()],
         "bytes_per_factor_sync": bytes_per_factor_sync,
         "bytes_per_inverse_share": bytes_per_inverse_share,
+        "sharing_method": sharing_method,
     }
 
 

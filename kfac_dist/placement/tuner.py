@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from kfac_dist.placement.cost import CostModel, FlopCostModel
 from kfac_dist.placement.plan import PlacementPlan, make_plan
 from kfac_dist.placement.report import (
+    Sharing,
     factor_sync_bytes,
     format_bytes,
     format_placement_table,
-    inverse_share_bytes,
+    inverse_sharing,
     plan_to_dict,
 )
 from kfac_dist.placement.units import InversionUnit, check_method
@@ -81,7 +82,7 @@ class Tuning:
     """Each policy's plan for one set of units and replica count, and the pick.
 
     Byte counts are per replica: `bytes_per_factor_sync` is the same for
-    every policy; `bytes_per_inverse_share` has one entry per plan.
+    every policy; `sharing` has one entry per plan.
     `Kfac` always prices its plan by flops, so `kfac_max_share` is the max
     share, under this tuning's costs, of the plan `Kfac` makes with the
     recommended policy: with measured costs it can exceed the recommended
@@ -91,9 +92,10 @@ class Tuning:
     plans: tuple[PlacementPlan, ...]
     recommended: str
     inverse_method: str
+    inverse_sharing: str
     cost_model: str
     bytes_per_factor_sync: int
-    bytes_per_inverse_share: tuple[int, ...]
+    sharing: tuple[Sharing, ...]
     kfac_max_share: float
 
     @property
@@ -105,6 +107,8 @@ class Tuning:
         argument = f'placement="{self.recommended}"'
         if self.inverse_method != "cholesky":
             argument += f', inverse_method="{self.inverse_method}"'
+        if self.inverse_sharing != "auto":
+            argument += f', inverse_sharing="{self.inverse_sharing}"'
         return argument
 
 
@@ -114,12 +118,14 @@ def tune(
     *,
     inverse_method: str = "cholesky",
     cost_model: CostModel | None = None,
+    sharing: str = "auto",
     itemsize: int = 4,
 ) -> Tuning:
     """Plans `units` on `num_replicas` with every built-in policy and recommends one.
 
     `cost_model` defaults to `FlopCostModel(inverse_method)`, the one `Kfac`
     plans with; a `MeasuredCostModel` prices with this machine's timings.
+    `sharing` is `Kfac`'s `inverse_sharing`, which sets the sharing bytes.
     """
     check_method(inverse_method)
     kfac_cost_model = FlopCostModel(inverse_method)
@@ -132,11 +138,10 @@ def tune(
         plans=plans,
         recommended=recommended,
         inverse_method=inverse_method,
+        inverse_sharing=sharing,
         cost_model=repr(cost_model),
         bytes_per_factor_sync=factor_sync_bytes(units, itemsize),
-        bytes_per_inverse_share=tuple(
-            inverse_share_bytes(plan, inverse_method, itemsize) for plan in plans
-        ),
+        sharing=tuple(inverse_sharing(plan, inverse_method, itemsize, sharing) for plan in plans),
         kfac_max_share=dataclasses.replace(chosen, owners=kfac_plan.owners).max_share,
     )
 
@@ -144,8 +149,8 @@ def tune(
 def recommend(plans: Sequence[PlacementPlan]) -> str:
     """The policy of the plan with the lowest max share; ties go to round-robin.
 
-    Shares equal to 1e-9 relative count as ties, so that float sums of the
-    same costs in another order do not decide.
+    Shares within 1e-9 (relative) of each other tie, so that float sums of
+    the same costs in another order do not decide.
     """
     best = min(plan.max_share for plan in plans)
     tied = [plan.policy_name for plan in plans if math.isclose(plan.max_share, best, rel_tol=1e-9)]
@@ -162,13 +167,15 @@ def format_tuning(tuning: Tuning, *, title: str = "", names_width: int = 60) -> 
     lines = [title] if title else []
     lines.append(
         f"{len(plans[0].units)} units on {plans[0].num_replicas} replicas, "
-        f"inverse_method={tuning.inverse_method!r}, costs from {tuning.cost_model}"
+        f"inverse_method={tuning.inverse_method!r}, inverse_sharing={tuning.inverse_sharing!r}, "
+        f"costs from {tuning.cost_model}"
     )
-    for plan, share_bytes in zip(plans, tuning.bytes_per_inverse_share, strict=True):
+    for plan, sharing in zip(plans, tuning.sharing, strict=True):
         table = format_placement_table(
             plan,
             bytes_per_factor_sync=tuning.bytes_per_factor_sync,
-            bytes_per_inverse_share=share_bytes,
+            bytes_per_inverse_share=sharing.sent,
+            sharing_method=sharing.method,
             names_width=names_width,
         )
         lines += ["", f"== {plan.policy_name} ==", table]
@@ -191,14 +198,19 @@ def tuning_to_dict(tuning: Tuning) -> dict:
     """The tuning as JSON-ready data: every plan, the pick and its `Kfac` argument."""
     return {
         "inverse_method": tuning.inverse_method,
+        "inverse_sharing": tuning.inverse_sharing,
         "cost_model": tuning.cost_model,
         "plans": [
-            plan_to_dict(
-                plan,
-                bytes_per_factor_sync=tuning.bytes_per_factor_sync,
-                bytes_per_inverse_share=share_bytes,
-            )
-            for plan, share_bytes in zip(tuning.plans, tuning.bytes_per_inverse_share, strict=True)
+            {
+                **plan_to_dict(
+                    plan,
+                    bytes_per_factor_sync=tuning.bytes_per_factor_sync,
+                    bytes_per_inverse_share=sharing.sent,
+                    sharing_method=sharing.method,
+                ),
+                "sharing_buffer_bytes": sharing.buffer,
+            }
+            for plan, sharing in zip(tuning.plans, tuning.sharing, strict=True)
         ],
         "recommended": tuning.recommended,
         "kfac_argument": tuning.kfac_argument(),
@@ -246,7 +258,6 @@ def benchmark_placement(
     cost_model: CostModel | None = None,
 ) -> PlacementBenchmark:
     """Tunes `units` at each replica count and splits round-robin's A/G factors by parity."""
-    cost_model = cost_model if cost_model is not None else FlopCostModel(inverse_method)
     tunings = tuple(
         tune(units, n, inverse_method=inverse_method, cost_model=cost_model) for n in replica_counts
     )
@@ -308,11 +319,26 @@ def benchmark_markdown(benchmark: PlacementBenchmark) -> str:
         f"{split['A']['odd']} on the odd one; G factors {split['G']['even']} even, "
         f"{split['G']['odd']} odd.",
         "",
-        f"Handed in by each replica (sum all-reduces, the same at every N > 1): "
-        f"factor sync {format_bytes(first.bytes_per_factor_sync)} per sync, inverse sharing "
-        f"{format_bytes(max(first.bytes_per_inverse_share))} per inverse update "
-        f"(0 when replicated), in float32.",
+        "Bytes per replica, float32: the factor sync hands in "
+        f"{format_bytes(first.bytes_per_factor_sync)} (a sum all-reduce, at every N). "
+        "Sharing the balanced plan's inverses on each inverse update (nothing with "
+        "replicated), handed in and the transient buffer held; `auto` is what "
+        '`Kfac(inverse_sharing="auto")` picks:',
+        "",
+        "| replicas | auto | all_reduce: handed in = buffer | all_gather: handed in | "
+        "all_gather: buffer |",
+        "|---:|:---|---:|---:|---:|",
     ]
+    for tuning in benchmark.tunings:
+        plan = next(plan for plan in tuning.plans if plan.policy_name == "balanced")
+        auto, reduce, gather = (
+            inverse_sharing(plan, tuning.inverse_method, sharing=sharing)
+            for sharing in ("auto", "all_reduce", "all_gather")
+        )
+        lines.append(
+            f"| {plan.num_replicas} | {auto.method} | {format_bytes(reduce.sent)} | "
+            f"{format_bytes(gather.sent)} | {format_bytes(gather.buffer)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ from kfac_dist.placement import (
     FlopCostModel,
     InversionUnit,
     MeasuredCostModel,
+    Sharing,
     benchmark_markdown,
     benchmark_placement,
     format_tuning,
@@ -79,16 +80,37 @@ def test_recommend_breaks_ties_toward_round_robin(num_replicas):
 
 
 def test_tune_counts_the_bytes_every_replica_hands_in():
-    floats_synced = triangle(4) + triangle(2) + triangle(5) + triangle(5) + 8 + 1
+    floats_synced = triangle(4) + triangle(2) + triangle(5) + triangle(5) + 8 + 2
     shared_cholesky = triangle(4) + triangle(2) + triangle(5) + triangle(5) + 8
     shared_eigen = (4 + 16) + (2 + 4) + (5 + 25) + (5 + 25) + 8
+    nothing = Sharing(None, 0, 0)
+    # On 3 replicas one replica owns more than a third of the payload: the
+    # all-gather's buffer (3 x its share) would exceed the all-reduce's.
     cholesky = tune(UNITS, 3)
     assert cholesky.bytes_per_factor_sync == 4 * floats_synced
-    assert cholesky.bytes_per_inverse_share == (4 * shared_cholesky, 4 * shared_cholesky, 0)
+    reduce = Sharing("all_reduce", 4 * shared_cholesky, 4 * shared_cholesky)
+    assert cholesky.sharing == (reduce, reduce, nothing)
     eigen = tune(UNITS, 3, inverse_method="eigen", itemsize=8)
     assert eigen.bytes_per_factor_sync == 8 * floats_synced
-    assert eigen.bytes_per_inverse_share == (8 * shared_eigen, 8 * shared_eigen, 0)
-    assert tune(UNITS, 1).bytes_per_inverse_share == (0, 0, 0)
+    reduce = Sharing("all_reduce", 8 * shared_eigen, 8 * shared_eigen)
+    assert eigen.sharing == (reduce, reduce, nothing)
+    assert tune(UNITS, 1).sharing == (nothing, nothing, nothing)
+
+
+def test_tune_sizes_the_all_gather_by_the_largest_replica():
+    # Round-robin owners on 3 replicas: dense/A | dense/G, dense_1/G | dense_1/A, bn.
+    largest = triangle(5) + 8
+    gather = tune(UNITS, 3, sharing="all_gather").sharing[0]
+    assert gather == Sharing("all_gather", 4 * largest, 3 * 4 * largest)
+    # Four equal payloads on two replicas: no padding, so auto gathers.
+    units = [InversionUnit(f"b{i}/A", f"b{i}", 3) for i in range(4)]
+    auto = tune(units, 2).sharing[0]
+    assert auto == Sharing("all_gather", 4 * 2 * triangle(3), 4 * 4 * triangle(3))
+    assert tune(units, 2, sharing="all_reduce").kfac_argument() == (
+        'placement="round_robin", inverse_sharing="all_reduce"'
+    )
+    with pytest.raises(ValueError, match="sharing must be one of"):
+        tune(units, 2, sharing="ring")
 
 
 def test_tune_prices_with_the_flops_of_the_inverse_method_by_default():
@@ -132,9 +154,10 @@ def test_format_tuning_prints_a_table_per_policy_and_the_kfac_argument():
     for policy in ("round_robin", "balanced", "replicated"):
         assert f"== {policy} ==" in lines
         assert f"policy {policy}: 5 units on 2 replicas" in text
-    sync = 4 * (triangle(4) + triangle(2) + 2 * triangle(5) + 8 + 1)
+    sync = 4 * (triangle(4) + triangle(2) + 2 * triangle(5) + 8 + 2)
     assert text.count(f"factor sync {sync} B per sync") == 3
-    assert "inverse sharing 0 B per inverse update" in text  # replicated
+    assert "inverse sharing 0 B per inverse update\n" in text  # replicated
+    assert "per inverse update (all_reduce)" in text
     assert lines[-2].startswith("recommended: balanced (max share ")
     assert lines[-1] == 'use: Kfac(..., placement="balanced")'
 
@@ -146,6 +169,8 @@ def test_tuning_to_dict_survives_json():
     assert info["kfac_argument"] == 'placement="balanced"'
     assert info["kfac_max_share"] == pytest.approx(info["plans"][1]["max_share"])
     assert info["plans"][2]["bytes_per_inverse_share"] == 0
+    assert info["plans"][0]["sharing_method"] == "all_reduce"
+    assert info["plans"][0]["sharing_buffer_bytes"] == info["plans"][0]["bytes_per_inverse_share"]
     assert [u["name"] for u in info["plans"][0]["units"]] == [u.name for u in UNITS]
 
 
@@ -230,6 +255,13 @@ def test_round_robin_mixes_a_and_g_factors_on_even_and_odd_replicas(resnet50_uni
     assert naive == {"A": {"even": 54, "odd": 0}, "G": {"even": 0, "odd": 54}}
 
 
+def table_rows(lines, header):
+    """The rows of the markdown table under `header`, split into stripped cells."""
+    start = lines.index(header) + 2
+    end = lines.index("", start) if "" in lines[start:] else len(lines)
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[start:end]]
+
+
 def test_benchmark_markdown_has_a_row_per_replica_count(resnet50_units):
     benchmark = benchmark_placement(resnet50_units, model_name="ResNet-50")
     assert benchmark.within("balanced", 0.05)
@@ -237,11 +269,20 @@ def test_benchmark_markdown_has_a_row_per_replica_count(resnet50_units):
     text = benchmark_markdown(benchmark)
     lines = text.splitlines()
     assert lines[0] == BENCHMARK_HEADING
-    assert "| replicas | bound | round_robin | balanced | replicated | balanced / bound |" in lines
-    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
-    assert [int(row.split("|")[1]) for row in rows] == list(BENCHMARK_REPLICAS)
-    assert all(row.split("|")[5].strip() == "100.0%" for row in rows)  # replicated
     assert "`conv5_block1_2_conv/A` (n = 4609)" in text
+    shares = table_rows(
+        lines, "| replicas | bound | round_robin | balanced | replicated | balanced / bound |"
+    )
+    assert [int(row[0]) for row in shares] == list(BENCHMARK_REPLICAS)
+    assert all(row[4] == "100.0%" for row in shares)  # replicated
+    assert all(float(row[5]) <= 1.05 for row in shares)
+    sharing = table_rows(
+        lines,
+        "| replicas | auto | all_reduce: handed in = buffer | all_gather: handed in | "
+        "all_gather: buffer |",
+    )
+    assert [int(row[0]) for row in sharing] == list(BENCHMARK_REPLICAS)
+    assert {row[1] for row in sharing} <= {"all_reduce", "all_gather"}
 
 
 # --- writing BENCHMARKS.md ---------------------------------------------------------------
