@@ -681,8 +681,13 @@ class Kfac(keras.optimizers.Optimizer):
         """
         if self.curvature is None:
             return
-        strategy = self.context.strategy
-        tf.function(lambda: strategy.run(self.curvature.sync))()
+        if getattr(self, "_sync_function", None) is None:
+            strategy = self.context.strategy
+            # Not an attribute Keras should track (it is no state to save).
+            object.__setattr__(
+                self, "_sync_function", tf.function(lambda: strategy.run(self.curvature.sync))
+            )
+        self._sync_function()
 
     def save_own_variables(self, store):
         self.sync_factors()
