@@ -18,8 +18,14 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "mlxtend>=0.23"],
-        "examples": ["tensorflow-datasets>=4.9", "mlxtend>=0.23", "matplotlib>=3.8"],
+        # TensorFlow 2.21 no longer installs TensorBoard; Keras' callback needs it.
+        "test": ["pytest>=8", "mlxtend>=0.23", "tensorboard>=2.21,<2.22"],
+        "examples": [
+            "tensorflow-datasets>=4.9",
+            "mlxtend>=0.23",
+            "matplotlib>=3.8",
+            "tensorboard>=2.21,<2.22",
+        ],
         "tpu": ["cloud-tpu-client>=0.10"],
     },
 )

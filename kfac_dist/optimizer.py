@@ -311,7 +311,11 @@ class Kfac(keras.optimizers.Optimizer):
         training.install(model)
         enable_multi_worker_fit(model)
         if model.built:
-            self._register(model)
+            # Building now (not inside the first traced step) registers the
+            # layers, fails early on unsupported ones, and spares Keras a
+            # second trace of the train step for the variables created there.
+            with model.distribute_strategy.scope():
+                self.build(model.trainable_variables)
 
     def _register(self, model):
         return registration.collect_blocks(

@@ -20,7 +20,6 @@ paths are tested here.
 
 from __future__ import annotations
 
-import importlib
 import socket
 import sys
 import threading
@@ -132,9 +131,10 @@ def cloud_tpu_client() -> ModuleType | None:
     """`cloud_tpu_client`, or None if it is not installed (it is optional: a TPU VM
     does not need it)."""
     try:
-        return importlib.import_module("cloud_tpu_client")
+        import cloud_tpu_client
     except ImportError:
         return None
+    return cloud_tpu_client
 
 
 def check_reachable(address: str, timeout_s: float) -> None:

