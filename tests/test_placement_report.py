@@ -141,7 +141,9 @@ def trained(num_replicas, placement, method, sharing):
 
 
 def test_report_needs_a_built_optimizer():
-    _, opt = build(1)
+    # A model without an input shape is not built, so neither is its Kfac.
+    model = keras.Sequential([keras.layers.Dense(3)])
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, loss="mse")
     with pytest.raises(ValueError, match="needs a built Kfac"):
         opt.placement_report()
 
