@@ -129,7 +129,8 @@ def markdown(results: dict) -> str:
     if "mirrored" in results:
         lines += [
             "",
-            "| policy | replica 0 share | replica 1 share | max share | bytes per factor sync | bytes per inverse share |",
+            "| policy | replica 0 share | replica 1 share | max share "
+            "| bytes per factor sync | bytes per inverse share |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for policy, report in results["mirrored"]["placement"].items():

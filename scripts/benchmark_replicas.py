@@ -1,4 +1,4 @@
-"""K-FAC against Adam with 2 replicas (Mirrored and 2 local workers): see kfac_dist/replica_benchmark.py."""
+"""K-FAC against Adam with 2 replicas: see kfac_dist/replica_benchmark.py."""
 
 from kfac_dist.replica_benchmark import main
 
