@@ -11,8 +11,11 @@ machine (`mirrored`), a worker of a cluster (`multiworker`: its peers come
 from `TF_CONFIG` as Kubernetes and other systems set it, or from SLURM with
 `--cluster slurm`) and a TPU (`tpu`: connected by kfac_dist/tpu.py). The data
 is one `tf.data` pipeline of global batches; under multiworker each worker
-keeps its slice of every batch (DATA auto-sharding). docs/launching.md says
-how to launch it everywhere.
+keeps its slice of every batch (DATA auto-sharding). With `--checkpoint-every
+K` the whole training state is saved every K steps and the same command,
+restarted after a failure, resumes from the latest save: the data order is a
+function of the seed and the step, so the resumed run follows the
+uninterrupted one. docs/launching.md says how to launch it everywhere.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import tensorflow as tf
 import kfac_dist
 from kfac_dist import benchmarks, tpu
 from kfac_dist.blocks import INVERSE_METHODS
+from kfac_dist.checkpointing import StepCheckpoint
 from kfac_dist.examples import autoencoder, convnet
 from kfac_dist.examples import data as data_lib
 from kfac_dist.losses import ESTIMATION_MODES
@@ -51,6 +55,7 @@ CROSS_DEVICE_OPS = {
     "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,
 }
 CHECKPOINT_NAME = "model.keras"
+STEP_CHECKPOINTS = "steps"  # --checkpoint-every's saves, inside --checkpoint-dir
 SLURM_PORT_BASE = 8888
 EXIT_FAILURE = 1
 
@@ -115,6 +120,10 @@ class TrainResult:
     is_chief: bool
     checkpoint: str | None
     seconds: float
+    start_step: int = 0  # the step this run resumed from (0: a fresh start)
+    # Each step's own loss (not Keras' running mean) and the seconds since
+    # `fit` began when it ended: {"step": [...], "loss": [...], "seconds": [...]}.
+    step_log: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 # --- the command line ----------------------------------------------------------------
@@ -247,6 +256,14 @@ def build_parser(
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--checkpoint-dir", type=Path, help=f"save {CHECKPOINT_NAME} there at the end")
+    out.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="K",
+        help=f"also save the whole training state every K steps into "
+        f"<checkpoint-dir>/{STEP_CHECKPOINTS}; the same command, run again, resumes from the "
+        "latest save (needs --checkpoint-dir and --steps)",
+    )
     out.add_argument("--tensorboard-dir", type=Path, help="TensorBoard logs")
     out.add_argument(
         "--json-out",
@@ -280,6 +297,8 @@ def parse_args(
         parser.error("--momentum must be in [0, 1)")
     if args.norm_constraint is not None and args.norm_constraint < 0:
         parser.error("--norm-constraint must be >= 0 (0 turns KL clipping off)")
+    if args.checkpoint_every is not None and (args.checkpoint_dir is None or args.steps is None):
+        parser.error("--checkpoint-every needs --checkpoint-dir and --steps")
     return args
 
 
@@ -381,21 +400,45 @@ def load_data(example: Example, args: argparse.Namespace) -> tuple[np.ndarray, n
 
 
 def make_dataset(
-    x: np.ndarray, y: np.ndarray, *, global_batch: int, seed: int, repeat: bool
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    global_batch: int,
+    seed: int,
+    epochs: int | None = None,
+    skip: int = 0,
 ) -> tf.data.Dataset:
-    """Shuffled global batches, auto-sharded by DATA across workers.
+    """Global batches in an order that depends on `seed` only, from the `skip`-th on.
 
-    The shuffle seed is fixed, so every worker draws the same order and
-    DATA sharding gives each worker a disjoint slice of every global batch.
-    The remainder is dropped: every step then has the full global batch, as
-    Kfac's batch-size check and TPUs' static shapes want.
+    Epoch e is a permutation drawn from (seed, e) by a stateless shuffle, cut
+    into full global batches (the remainder is dropped, as Kfac's batch-size
+    check and TPUs' static shapes want): batch k is the same in every process.
+    So every worker draws the same order, DATA auto-sharding gives each one a
+    disjoint slice of every global batch, and a resumed run skips exactly the
+    batches it trained on. (tf.data's own `shuffle(seed=...)` reshuffles each
+    epoch from a generator that a process' iterators share: a resumed
+    multi-worker run got other later epochs.) `epochs=None` repeats forever.
     """
     if len(x) < global_batch:
         raise SetupError(f"{len(x)} examples do not make one batch of --batch-size {global_batch}.")
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = dataset.batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    first_epoch, skip_in_epoch = divmod(skip, len(x) // global_batch)
+    if epochs is None:
+        epoch_ids = tf.data.Dataset.counter(first_epoch)
+    else:
+        epoch_ids = tf.data.Dataset.range(first_epoch, epochs)
+    inputs, targets = tf.constant(x), tf.constant(y)
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(x)), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return tf.data.Dataset.from_tensor_slices(order).batch(global_batch, drop_remainder=True)
+
+    dataset = epoch_ids.flat_map(epoch_batches).skip(skip_in_epoch)
+    dataset = dataset.map(
+        lambda index: (tf.gather(inputs, index), tf.gather(targets, index)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
@@ -471,6 +514,37 @@ def worker_dir(directory: Path | None, is_chief: bool) -> Iterator[Path | None]:
             shutil.rmtree(temporary, ignore_errors=True)
 
 
+class StepLog(keras.callbacks.Callback):
+    """Each step's own loss and the seconds since `fit` began, for plots against steps and time.
+
+    Keras logs the epoch's running mean of the losses; a step's own loss is
+    the difference of two consecutive running sums (every batch has the same
+    size), exact to the float32 rounding of the running mean. With steps_per_execution > 1 one record covers one execution: the
+    mean loss of its steps, at its last step.
+    """
+
+    def __init__(self, start_step: int = 0) -> None:
+        super().__init__()
+        self.start_step = start_step
+        self.record: dict[str, list[float]] = {"step": [], "loss": [], "seconds": []}
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+        self._step = self.start_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_steps, self._epoch_sum = 0, 0.0  # Keras' running mean restarts
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = batch + 1  # steps of this epoch so far
+        loss_sum = float(logs["loss"]) * steps
+        self._step += steps - self._epoch_steps
+        self.record["step"].append(self._step)
+        self.record["loss"].append((loss_sum - self._epoch_sum) / (steps - self._epoch_steps))
+        self.record["seconds"].append(time.perf_counter() - self._start)
+        self._epoch_steps, self._epoch_sum = steps, loss_sum
+
+
 def checkpoint_path(checkpoint_dir: Path) -> Path:
     """Where `--checkpoint-dir` keeps the model (the file a resumed run will read)."""
     return checkpoint_dir / CHECKPOINT_NAME
@@ -483,8 +557,13 @@ def weights_sha256(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def train(args: argparse.Namespace) -> TrainResult:
-    """Builds, trains and saves as `args` say; returns this worker's result."""
+def train(
+    args: argparse.Namespace, callbacks: Sequence[keras.callbacks.Callback] = ()
+) -> TrainResult:
+    """Builds, trains (or resumes) and saves as `args` say; returns this worker's result.
+
+    `callbacks` are added to `fit`'s, after the step checkpoint's.
+    """
     if args.tensorboard_dir is not None:
         _require_tensorboard()
     strategy = make_strategy(args)
@@ -495,24 +574,48 @@ def train(args: argparse.Namespace) -> TrainResult:
         )
     example = EXAMPLES[args.example]
     x, y = load_data(example, args)
-    dataset = make_dataset(
-        x, y, global_batch=args.batch_size, seed=args.seed, repeat=args.steps is not None
-    )
     keras.utils.set_random_seed(args.seed)
     model = build_model(args, strategy, example)
     is_chief = bool(strategy.extended.should_checkpoint)
     task_type, task_id = task(strategy)
+    fit_callbacks: list[keras.callbacks.Callback] = []
+    start_step = 0
+    if args.checkpoint_every is not None:
+        # Every worker reads the chief's latest save: a shared file system across hosts.
+        step_checkpoint = StepCheckpoint(
+            model, args.checkpoint_dir / STEP_CHECKPOINTS, args.checkpoint_every
+        )
+        start_step = step_checkpoint.restore()
+        fit_callbacks.append(step_checkpoint)
+        if start_step:
+            print(f"Resuming at step {start_step} of {args.steps}.", flush=True)
+    dataset = make_dataset(
+        x,
+        y,
+        global_batch=args.batch_size,
+        seed=args.seed,
+        epochs=None if args.steps else args.epochs or 1,
+        skip=start_step,
+    )
+    if args.steps is None:
+        epochs, steps = args.epochs or 1, len(x) // args.batch_size
+    else:
+        epochs, steps = 1, args.steps - start_step
+    step_log = StepLog(start_step)
+    history: dict[str, list] = {}
     start = time.perf_counter()
     with worker_dir(args.tensorboard_dir, is_chief) as log_dir:
-        callbacks = [keras.callbacks.TensorBoard(str(log_dir))] if log_dir else []
-        history = model.fit(
-            dataset,
-            epochs=1 if args.steps else args.epochs or 1,
-            steps_per_epoch=args.steps,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset is shuffled, the same way on every worker
-            verbose=args.verbose if is_chief else 0,
-        ).history
+        if log_dir:
+            fit_callbacks.append(keras.callbacks.TensorBoard(str(log_dir)))
+        if steps > 0:
+            history = model.fit(
+                dataset,
+                epochs=epochs,
+                steps_per_epoch=steps,
+                callbacks=[*fit_callbacks, step_log, *callbacks],
+                shuffle=False,  # the dataset is shuffled, the same way on every worker
+                verbose=args.verbose if is_chief else 0,
+            ).history
     seconds = time.perf_counter() - start
     checkpoint = None
     if args.checkpoint_dir is not None:
@@ -528,6 +631,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         is_chief=is_chief,
         checkpoint=checkpoint,
         seconds=seconds,
+        start_step=start_step,
+        step_log=step_log.record,
     )
 
 
@@ -556,25 +661,32 @@ def write_json(path: Path, result: TrainResult, args: argparse.Namespace) -> Non
     path.write_text(json.dumps({**dataclasses.asdict(result), "args": arguments}, indent=1))
 
 
-def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    """Runs the command; a setup problem (no TPU, bad cluster, too little data) is one
-    line on stderr and exit status 1."""
+def main(
+    argv: Sequence[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> int:
+    """Runs the command (with `callbacks` added to `fit`'s); a setup problem (no TPU,
+    bad cluster, too little data) is one line on stderr and exit status 1."""
     parser = parser or build_parser()
     args = parse_args(argv, parser)
     try:
-        result = train(args)
+        result = train(args, callbacks)
     except (SetupError, tpu.TpuUnavailableError) as error:
         print(f"{parser.prog}: {error}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     if args.json_out is not None:
         write_json(args.json_out, result, args)
-    if result.is_chief:
-        loss = result.history["loss"][-1]
+    if result.is_chief and result.history:
+        log = result.step_log
         print(
             f"{args.example} with {args.optimizer} on {result.num_replicas} replica(s) "
-            f"({args.strategy}): final loss {loss:.4g}, {result.seconds:.1f} s",
+            f"({args.strategy}): loss {log['loss'][-1]:.4g} at step {log['step'][-1]} "
+            f"(mean of the last epoch {result.history['loss'][-1]:.4g}), {result.seconds:.1f} s",
             flush=True,
         )
+    elif result.is_chief:
+        print(f"Nothing left to train: the checkpoint is at step {result.start_step}.", flush=True)
     return 0
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def event_files(directory: Path) -> list[Path]:
         (["--strategy", "multiworker", "--slurm-port-base", "9000"], "need --cluster slurm"),
         (["--steps", "3", "--epochs", "2"], "not allowed with argument"),
         (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
+        (["--checkpoint-every", "2", "--steps", "4"], "--checkpoint-every needs --checkpoint-dir"),
+        (["--checkpoint-every", "2", "--checkpoint-dir", "d"], "and --steps"),
     ],
 )
 def test_flags_that_the_run_would_ignore_are_errors(argv, complaint, capsys):
@@ -110,15 +113,58 @@ def test_slurm_outside_a_job_step_is_a_setup_error(monkeypatch):
         train.slurm_cluster_resolver()
 
 
-def test_dataset_gives_full_global_batches_sharded_by_data():
+def test_dataset_gives_full_global_batches_of_each_epoch_sharded_by_data():
     x = np.arange(10, dtype="float32")[:, None]
-    dataset = train.make_dataset(x, x, global_batch=4, seed=0, repeat=False)
-    batches = [inputs.numpy() for inputs, _ in dataset]
-    assert [len(b) for b in batches] == [4, 4]
+    dataset = train.make_dataset(x, 2 * x, global_batch=4, seed=0, epochs=2)
+    batches = [(inputs.numpy(), targets.numpy()) for inputs, targets in dataset]
+    assert [len(inputs) for inputs, _ in batches] == [4, 4, 4, 4]
+    assert all(np.array_equal(targets, 2 * inputs) for inputs, targets in batches)
+    first_epoch = np.concatenate([inputs for inputs, _ in batches[:2]]).ravel()
+    assert len(set(first_epoch)) == 8  # a permutation, less its remainder
     policy = dataset.options().experimental_distribute.auto_shard_policy
     assert policy == tf.data.experimental.AutoShardPolicy.DATA
     with pytest.raises(train.SetupError, match="one batch"):
-        train.make_dataset(x, x, global_batch=11, seed=0, repeat=False)
+        train.make_dataset(x, x, global_batch=11, seed=0)
+
+
+def test_batch_k_depends_only_on_the_seed_so_a_resumed_run_can_skip_what_it_trained_on():
+    x = np.arange(12, dtype="float32")[:, None]
+
+    def batches(seed: int, skip: int = 0, count: int = 9) -> list[np.ndarray]:
+        dataset = train.make_dataset(x, x, global_batch=4, seed=seed, skip=skip)
+        return [inputs.numpy() for inputs, _ in dataset.take(count - skip)]
+
+    full = batches(seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches(seed=3), full, strict=True))
+    for skip in (2, 3, 7):  # within the first epoch, at an epoch's start, in a later one
+        resumed = batches(seed=3, skip=skip)
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, full[skip:], strict=True))
+    # Each epoch is shuffled anew, and the seed matters.
+    assert not np.array_equal(np.concatenate(full[:3]), np.concatenate(full[3:6]))
+    assert not np.array_equal(np.concatenate(full), np.concatenate(batches(seed=4)))
+
+
+def test_step_log_recovers_each_steps_loss_from_keras_running_mean():
+    log = train.StepLog(start_step=10)
+    log.on_train_begin()
+    for epoch, losses in enumerate([[4.0, 2.0, 6.0], [1.0, 3.0]]):
+        log.on_epoch_begin(epoch)
+        for batch in range(len(losses)):
+            log.on_train_batch_end(batch, {"loss": np.mean(losses[: batch + 1])})
+    assert log.record["step"] == [11, 12, 13, 14, 15]
+    np.testing.assert_allclose(log.record["loss"], [4.0, 2.0, 6.0, 1.0, 3.0])
+    assert np.all(np.diff(log.record["seconds"]) >= 0)
+
+
+def test_step_log_records_one_mean_loss_per_execution_of_several_steps():
+    log = train.StepLog()
+    log.on_train_begin()
+    log.on_epoch_begin(0)
+    losses = [4.0, 2.0, 6.0, 0.0]
+    for batch in (1, 3):  # steps_per_execution=2: Keras reports the last step of each
+        log.on_train_batch_end(batch, {"loss": np.mean(losses[: batch + 1])})
+    assert log.record["step"] == [2, 4]
+    np.testing.assert_allclose(log.record["loss"], [3.0, 3.0])
 
 
 def test_a_batch_that_does_not_split_over_the_replicas_is_one_line_and_exit_1(capsys):
@@ -221,6 +267,64 @@ def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
     assert [p.name for p in (out / "checkpoint").iterdir()] == [train.CHECKPOINT_NAME]
     assert other["checkpoint"] is None
     assert event_files(out / "tensorboard")
+
+
+# Runs train.main with one more callback: worker 1 kills itself with SIGKILL
+# once it has trained step argv[1]; argv[2:] is the training command line.
+KILLED_TRAIN = """import os, signal, sys
+
+import keras
+
+from kfac_dist import train
+
+
+class KillWorker1(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        worker = self.model.distribute_strategy.cluster_resolver.task_id
+        if worker == 1 and int(self.model.optimizer.iterations.numpy()) == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+sys.exit(train.main(sys.argv[2:], callbacks=[KillWorker1()]))
+"""
+RESUME_STEPS, CHECKPOINT_EVERY, KILL_AT = 7, 3, 4
+
+
+def test_a_job_whose_worker_is_killed_resumes_when_restarted_with_the_same_command(tmp_path):
+    """Uninterrupted, then killed after step 4 and restarted: the same final weights,
+    and the restart began at the last checkpoint (step 3), not at 0."""
+
+    def command(out: Path) -> list[str]:
+        return [
+            *("--strategy", "multiworker", "--example", "autoencoder", "--optimizer", "kfac"),
+            *SMALL,
+            *("--steps", str(RESUME_STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY)),
+            *("--checkpoint-dir", str(out / "checkpoint"), "--json-out", str(out / "h.json")),
+        ]
+
+    script = ROOT / "scripts" / "train.py"
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert_all_succeeded(run_workers(script, 2, command(uninterrupted), timeout=240))
+
+    killer = tmp_path / "killed_train.py"
+    killer.write_text(KILLED_TRAIN)
+    killed = run_workers(killer, 2, [str(KILL_AT), *command(resumed)], timeout=240)
+    assert killed[1].exit_code == 128 + signal.SIGKILL, "\n".join(map(str, killed))
+    assert not (resumed / "h.json").exists()
+
+    assert_all_succeeded(run_workers(script, 2, command(resumed), timeout=240))
+    want = json.loads((uninterrupted / "h.json").read_text())
+    for name in ("h.json", "h.worker-1.json"):
+        record = json.loads((resumed / name).read_text())
+        assert record["start_step"] == CHECKPOINT_EVERY
+        assert record["step_log"]["step"] == list(range(CHECKPOINT_EVERY + 1, RESUME_STEPS + 1))
+        np.testing.assert_allclose(
+            record["step_log"]["loss"], want["step_log"]["loss"][CHECKPOINT_EVERY:], rtol=1e-5
+        )
+    got_model = saving_utils.load_model(resumed / "checkpoint" / train.CHECKPOINT_NAME)
+    want_model = saving_utils.load_model(uninterrupted / "checkpoint" / train.CHECKPOINT_NAME)
+    for got, expected in zip(got_model.get_weights(), want_model.get_weights(), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:

