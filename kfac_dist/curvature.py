@@ -127,14 +127,17 @@ class Curvature:
         """
         decay = tf.constant(self.cov_ema_decay, curvature_dtype())
         b = tf.cast(batch_size, curvature_dtype())
-        finite = _all_finite(statistics)
-        for var, stat in zip(self.factor_sums, statistics):
-            updated = decay * var + (1.0 - decay) * b * tf.where(finite, stat, tf.zeros_like(stat))
-            var.assign(tf.where(finite, updated, var))
         weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
-        self.weight_sum.assign(
-            tf.where(finite, decay * self.weight_sum + (1.0 - decay) * weights, self.weight_sum)
-        )
+        finite = _all_finite(statistics)
+
+        def fold():
+            # One pass per factor: S ← εS + (1-ε)·b·F_batch.
+            for var, stat in zip(self.factor_sums, statistics):
+                var.assign(decay * var + ((1.0 - decay) * b) * stat)
+            self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * weights)
+            return tf.no_op()
+
+        tf.cond(finite, fold, tf.no_op)
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         if self.factor_sync == EVERY_UPDATE:
             self.sync()
@@ -146,22 +149,37 @@ class Curvature:
         identically by every replica, which all fall back to the last good
         sums without another collective.
         """
-        packed = [
-            linalg.pack_symmetric(v) if v.shape.rank == 2 else tf.convert_to_tensor(v)
-            for v in self.factor_sums
-        ] + [tf.convert_to_tensor(self.weight_sum)]
-        summed = self.context.all_reduce_sum(packed, FACTOR_SYNC)
-        finite = _all_finite(summed)
-        share = 1.0 / self.context.num_replicas
-        for var, good, value in zip(self.factor_sums, self.good_sums, summed[:-1]):
-            if var.shape.rank == 2:
-                value = linalg.unpack_symmetric(value, var.shape[0])
-            value = tf.where(finite, value * share, good)
-            var.assign(value)
-            good.assign(value)
-        weight = tf.where(finite, summed[-1] * share, self.good_weight)
-        self.weight_sum.assign(weight)
-        self.good_weight.assign(weight)
+        if self.context.num_replicas == 1:
+            # Nothing to exchange: only keep (or fall back to) the last good sums.
+            finite = _all_finite([self.weight_sum, *self.factor_sums])
+            sums = [v.value for v in self.factor_sums] + [self.weight_sum.value]
+        else:
+            packed = [
+                linalg.pack_symmetric(v) if v.shape.rank == 2 else tf.convert_to_tensor(v)
+                for v in self.factor_sums
+            ] + [tf.convert_to_tensor(self.weight_sum)]
+            summed = self.context.all_reduce_sum(packed, FACTOR_SYNC)
+            finite = _all_finite(summed)
+            share = 1.0 / self.context.num_replicas
+            sums = [
+                (linalg.unpack_symmetric(v, var.shape[0]) if var.shape.rank == 2 else v) * share
+                for v, var in zip(summed[:-1], self.factor_sums)
+            ] + [summed[-1] * share]
+        current = [*self.factor_sums, self.weight_sum]
+        good = [*self.good_sums, self.good_weight]
+
+        def keep():
+            for var, copy, value in zip(current, good, sums):
+                var.assign(value)
+                copy.assign(value)
+            return tf.no_op()
+
+        def restore():
+            for var, copy in zip(current, good):
+                var.assign(copy)
+            return tf.no_op()
+
+        tf.cond(finite, keep, restore)
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         return finite
 

@@ -179,6 +179,7 @@ class Kfac(keras.optimizers.Optimizer):
         )
         _require(float(min_damping) >= 0, f"min_damping must be >= 0, got {min_damping}.")
         if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            learning_rate = float(learning_rate)
             _require(
                 float(learning_rate) > 0,
                 f"learning_rate must be > 0, got {learning_rate}.",

@@ -39,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--damping", type=float)
     parser.add_argument("--norm-constraint", type=float)
     parser.add_argument("--no-adam", action="store_true", help="K-FAC runs only")
+    parser.add_argument(
+        "--interleave-rounds",
+        type=int,
+        default=6,
+        help="after the runs, time Adam and the best K-FAC in this many alternating "
+        "blocks of 20 steps (a step-time ratio that holds up under load; 0: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--init",
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
         data_dir=args.data_dir,
         kernel_initializer=args.init,
         run_adam=not args.no_adam,
+        interleave_rounds=args.interleave_rounds,
         progress=progress,
     )
     print(benchmarks.report(result))

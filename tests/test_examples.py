@@ -216,3 +216,28 @@ def test_cli_steps_sets_both_step_counts():
     assert (args.kfac_steps, args.adam_steps, args.grid, args.json) == (7, 7, True, "-")
     defaults = cli.parse_args([])
     assert defaults.adam_steps > defaults.kfac_steps
+
+
+def test_interleaved_timing_alternates_blocks_and_skips_the_warmup_round():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def train_on_batch(self, x, y):
+            calls.append(self.name)
+
+    images = np.zeros((4, 784), np.float32)
+    batches = [np.array([0, 1]), np.array([2, 3])]
+    out = benchmarks.interleaved_step_seconds(
+        {"adam": Fake("adam"), "kfac": Fake("kfac")}, images, batches, rounds=2, block=3
+    )
+    assert calls == (["adam"] * 3 + ["kfac"] * 3) * 3
+    assert set(out) == {"adam", "kfac"} and all(v >= 0 for v in out.values())
+
+    adam = benchmarks.RunResult("adam", {}, [90.0] * 40, [0.01] * 40)
+    kfac = benchmarks.RunResult("kfac", {}, [90.0] * 20, [0.01] * 20)
+    ratios = benchmarks.interleaved_ratios({"adam": 0.01, "kfac": 0.025}, kfac, adam)
+    assert ratios["interleaved_step_time_ratio"] == pytest.approx(2.5)
+    assert ratios["interleaved_seconds_to_100_ratio_estimate"] == pytest.approx(2.5)
