@@ -519,8 +519,9 @@ class StepLog(keras.callbacks.Callback):
 
     Keras logs the epoch's running mean of the losses; a step's own loss is
     the difference of two consecutive running sums (every batch has the same
-    size), exact to the float32 rounding of the running mean. With steps_per_execution > 1 one record covers one execution: the
-    mean loss of its steps, at its last step.
+    size), exact to the float32 rounding of the running mean. With
+    steps_per_execution > 1 one record covers one execution: the mean loss of
+    its steps, at its last step.
     """
 
     def __init__(self, start_step: int = 0) -> None:
