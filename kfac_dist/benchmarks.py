@@ -51,6 +51,18 @@ KFAC_GRID = tuple(
     for c in (0.01, 0.003, 0.001)
 )
 
+# Adaptive K-FAC (damping by Levenberg–Marquardt, quadratic-model momentum):
+# no learning rate, momentum or norm constraint; a low initial damping, since
+# ρ stays near 1 here and the rule lowers it anyway; inverses every 5 steps.
+KFAC_ADAPTIVE = {"adaptive": True, "damping": 0.01, "invert_every": 5}
+
+
+def _number(value):
+    if value is None or isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, int) else float(value)
+
+
 # The project's floors, as ratios K-FAC/Adam measured in one run.
 FLOORS = {
     "step_time_ratio": 3.0,  # a K-FAC step (invert_every=10) ≤ 3 Adam steps
@@ -454,8 +466,10 @@ def run_benchmark(
     kfac_runs = []
     kfac_models = []
     for point in points:
-        point = {key: None if value is None else float(value) for key, value in point.items()}
+        point = {key: _number(value) for key, value in point.items()}
         hyper = {**KFAC_FIXED, **point}
+        if point.get("adaptive"):
+            hyper.pop("momentum")  # the quadratic model chooses it
         model = fresh_model()
         optimizer = kfac_dist.Kfac(
             model=model, loss=autoencoder.autoencoder_loss(), seed=seed, **hyper

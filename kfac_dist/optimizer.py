@@ -691,7 +691,9 @@ class Kfac(keras.optimizers.Optimizer):
             strategy = self.context.strategy
             # Not an attribute Keras should track (it is no state to save).
             object.__setattr__(
-                self, "_sync_function", tf.function(lambda: strategy.run(self.curvature.sync))
+                self,
+                "_sync_function",
+                tf.function(lambda: strategy.run(self.curvature.sync), autograph=False),
             )
         self._sync_function()
 

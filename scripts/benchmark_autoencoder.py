@@ -2,6 +2,7 @@
 
     python scripts/benchmark_autoencoder.py                    # K-FAC at the default point
     python scripts/benchmark_autoencoder.py --grid             # K-FAC at every grid point
+    python scripts/benchmark_autoencoder.py --adaptive         # adaptive K-FAC
     python scripts/benchmark_autoencoder.py --steps 300 --json results.json
 
 The logic lives in `kfac_dist.benchmarks`; see BENCHMARKS.md for results.
@@ -40,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--norm-constraint", type=float)
     parser.add_argument("--no-adam", action="store_true", help="K-FAC runs only")
     parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="run adaptive K-FAC (kfac_dist.benchmarks.KFAC_ADAPTIVE: Levenberg-Marquardt "
+        "damping, quadratic-model momentum) instead of the fixed default point",
+    )
+    parser.add_argument(
         "--interleave-rounds",
         type=int,
         default=6,
@@ -67,8 +74,9 @@ def main(argv=None) -> int:
     from kfac_dist import benchmarks
 
     args = parse_args(argv)
-    point = dict(benchmarks.KFAC_DEFAULT)
-    for key in ("learning_rate", "damping", "norm_constraint"):
+    point = dict(benchmarks.KFAC_ADAPTIVE if args.adaptive else benchmarks.KFAC_DEFAULT)
+    keys = ("damping",) if args.adaptive else ("learning_rate", "damping", "norm_constraint")
+    for key in keys:
         if getattr(args, key) is not None:
             point[key] = getattr(args, key)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

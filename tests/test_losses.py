@@ -216,7 +216,9 @@ def test_exact_vectors_divide_by_sequence_length_unknown_when_traced(name):
     loss, logits, y_pred, y_true, sample_weight, c = _problem(name, "sequence_weighted")
     eta = loss.natural_params(y_pred)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, K]), tf.TensorSpec([None, 1])])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, K]), tf.TensorSpec([None, 1])], autograph=False
+    )
     def exact(eta, weight):
         return loss.vectors(eta, None, weight, losses.EXACT, [1, 2])
 

@@ -136,7 +136,7 @@ def test_factors_identical_on_replicas_after_sync_and_extra_sync_is_noop():
     strategy = model.distribute_strategy
     curvature = opt.curvature
 
-    @tf.function
+    @tf.function(autograph=False)
     def sync_twice():
         def step():
             curvature.sync()
@@ -163,7 +163,7 @@ def test_nonfinite_synced_factors_restore_the_last_good_ones_on_every_replica():
     good = [v.numpy().copy() for v in curvature.good_sums]
     skipped = int(curvature.skipped_statistics.numpy())
 
-    @tf.function
+    @tf.function(autograph=False)
     def overflow_then_sync():
         def step():
             # Finite on each replica, infinite once summed.
@@ -188,7 +188,10 @@ def test_uneven_replica_batches_give_the_global_batch_factors():
         model, opt = build(num_replicas, invert_every=1, cov_ema_decay=0.5)
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
         sync = opt.curvature.sync
-        tf.function(lambda sync=sync, strategy=model.distribute_strategy: strategy.run(sync))()
+        tf.function(
+            lambda sync=sync, strategy=model.distribute_strategy: strategy.run(sync),
+            autograph=False,
+        )()
         factors.append(opt.curvature.factors())
     for one, two in zip(*factors):
         np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-7)

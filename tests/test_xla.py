@@ -85,17 +85,17 @@ def test_placement_branches_and_sharing_compile_with_a_tensor_replica_id(sharing
     curvature = opt.curvature
     assert curvature.sharing_method == sharing
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def owned_and_packed(factors, replica):
         payloads = curvature.owned_payloads(factors, opt.damping_value(), replica)
         return curvature.pack_for_sharing(payloads, replica)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def unpacked(factors, received):
         like = [[tf.zeros(v.shape, v.dtype) for v in p] for p in curvature.payloads]
         return curvature.unpack_shared(like, received)
 
-    @tf.function
+    @tf.function(autograph=False)
     def step():
         def replica_step():
             curvature.sync()

@@ -33,7 +33,7 @@ def test_unsupported_strategy_raises_naming_it_and_the_supported_ones():
 def _exercise(context, strategy):
     """Runs one packed all-reduce and one all-gather in every replica."""
 
-    @tf.function
+    @tf.function(autograph=False)
     def step():
         def replica_fn():
             rid = tf.cast(context.replica_id(), tf.float32)
