@@ -109,3 +109,18 @@ def test_two_output_model_with_two_losses_and_weights_trains():
     kinds = [o.kind for o in opt.output_losses(2)]
     assert kinds == ["mean_squared_error", "sparse_categorical_crossentropy"]
     assert [o.weight for o in opt.output_losses(2)] == [0.5, 2.0]
+
+
+def test_two_input_model_with_a_layer_used_twice_trains():
+    left, right = keras.Input((4,), name="left"), keras.Input((4,), name="right")
+    shared = keras.layers.Dense(5, activation="tanh", name="shared")
+    merged = keras.layers.Concatenate()([shared(left), shared(right)])
+    model = keras.Model([left, right], keras.layers.Dense(2, name="head")(merged))
+    opt = kfac.Kfac(learning_rate=0.05, damping=0.1, model=model, loss="mse")
+    model.compile(optimizer=opt, loss="mse")
+    rng = np.random.default_rng(1)
+    x = [rng.normal(size=(64, 4)).astype("float32") for _ in range(2)]
+    y = rng.normal(size=(64, 2)).astype("float32")
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert [b.name for b in opt.curvature.blocks] == ["shared", "head"]
