@@ -11,6 +11,7 @@ damping compares the real change of the loss with the model's prediction,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
@@ -63,26 +64,37 @@ def adapt_damping(
     return tf.maximum(damping, tf.constant(min_damping, damping.dtype))
 
 
+@contextlib.contextmanager
+def keeping_model_state(model):
+    """A measurement pass: the model's non-trainable state is restored afterwards.
+
+    Training-mode forward passes move BatchNormalization's moving moments;
+    the extra passes of the adaptive mode must not.
+    """
+    saved = [tf.identity(v.value) for v in model.non_trainable_variables]
+    yield
+    for var, value in zip(model.non_trainable_variables, saved):
+        var.assign(value)
+
+
 def output_tangents(model, x, variables, tangents, output_losses) -> list[tf.Tensor | None]:
     """J v: the tangent of each output's natural parameters for a weight tangent v.
 
-    The forward pass runs in training mode (as the loss does); the model's
-    non-trainable state (e.g. BatchNormalization moving moments) is restored
-    afterwards, since this pass is a measurement, not a training step.
+    The forward pass runs in training mode (as the loss does), as a
+    measurement (see `keeping_model_state`).
     """
-    saved = [tf.identity(v.value) for v in model.non_trainable_variables]
     primals = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-    with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
-        predictions = keras.tree.flatten(model(x, training=True))
-        etas = [
-            None if loss is None else loss.natural_params(pred)
-            for loss, pred in zip(output_losses, predictions)
+    with keeping_model_state(model):
+        with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+            predictions = keras.tree.flatten(model(x, training=True))
+            etas = [
+                None if loss is None else loss.natural_params(pred)
+                for loss, pred in zip(output_losses, predictions)
+            ]
+        out = [
+            None if eta is None else accumulator.jvp(eta, unconnected_gradients="zero")
+            for eta in etas
         ]
-    out = [
-        None if eta is None else accumulator.jvp(eta, unconnected_gradients="zero") for eta in etas
-    ]
-    for var, value in zip(model.non_trainable_variables, saved):
-        var.assign(value)
     return out, etas
 
 

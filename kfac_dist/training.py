@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from kfac_dist import capture
+from kfac_dist import adaptive, capture
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
 
@@ -196,10 +196,8 @@ def compiled_loss(model, x, y, sample_weight) -> tf.Tensor:
     Keras' own loss call would also update its loss metrics, and a training
     forward pass would move BatchNormalization statistics: both are avoided.
     """
-    saved = [tf.identity(v.value) for v in model.non_trainable_variables]
-    y_pred = model(x, training=True)
-    for var, value in zip(model.non_trainable_variables, saved):
-        var.assign(value)
+    with adaptive.keeping_model_state(model):
+        y_pred = model(x, training=True)
     flat_pred = _flatten(y_pred)
     output_names = list(getattr(model, "output_names", None) or [])
     flat_true = _align_targets(y, y_pred, output_names)
