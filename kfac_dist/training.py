@@ -117,7 +117,7 @@ def kfac_train_step(model, data):
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
-    step = kfac.iterations
+    step = tf.identity(kfac.iterations)  # this step's index, read before the update
     replica_id = curvature.context.replica_id()
     seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
 
