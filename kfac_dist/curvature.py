@@ -259,10 +259,23 @@ class Curvature:
         fills only its own) is portable and needs no memory beyond the
         inverses. An all-gather of each replica's own payloads, padded to the
         largest, hands in fewer bytes, but holds N × the largest payload: "auto"
-        uses it only when that is no more than the all-reduce buffer.
+        uses it only when that is no more than the all-reduce buffer. Under
+        MultiWorkerMirroredStrategy "auto" has each owner broadcast its
+        payloads instead (one collective per payload, each replica handing in
+        only its own, one payload's buffer at a time).
         """
+        multi_worker = isinstance(self.context.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        if self.sharing_choice == "broadcast" and not self.context.has_broadcast:
+            raise ValueError(
+                f"inverse_sharing='broadcast' needs collective broadcasts, which "
+                f"{type(self.context).__name__} does not offer; use 'auto'."
+            )
         return inverse_sharing(
-            self.plan, self.inverse_method, curvature_dtype().size, self.sharing_choice
+            self.plan,
+            self.inverse_method,
+            curvature_dtype().size,
+            self.sharing_choice,
+            prefer_broadcast=multi_worker and self.context.has_broadcast,
         )
 
     @property
@@ -280,12 +293,31 @@ class Curvature:
         """One collective brings every owner's payloads to every replica."""
         if not self.shared_units:
             return payloads
+        if self.sharing_method == "broadcast":
+            return self._broadcast_from_owners(payloads)
         buffer = self.pack_for_sharing(payloads, self.context.replica_id())
         if self.sharing_method == "all_reduce":
             received = self.context.all_reduce_sum([buffer], INVERSE_SHARE)[0]
         else:
             received = self.context.all_gather(buffer, INVERSE_SHARE)
         return self.unpack_shared(payloads, received)
+
+    def _broadcast_from_owners(self, payloads):
+        """Each shared payload, broadcast by its owner (the sharing phase in chunks)."""
+        payloads = list(payloads)
+        replica = self.context.replica_id()
+        for u in self.shared_units:
+            wire = _to_wire(payloads[u])
+            flat = _flat(wire)
+            is_owner = tf.equal(replica, self.plan.owners[u])
+            received = self.context.broadcast(flat, is_owner, INVERSE_SHARE)
+            parts, offset = [], 0
+            for t in wire:
+                n = t.shape.num_elements()
+                parts.append(tf.reshape(received[offset : offset + n], t.shape))
+                offset += n
+            payloads[u] = _from_wire(iter(parts), payloads[u])
+        return payloads
 
     def pack_for_sharing(self, payloads: list[list[tf.Tensor]], replica) -> tf.Tensor:
         """This replica's flat sharing buffer (static shape; no collective).

@@ -82,8 +82,10 @@ class Kfac(keras.optimizers.Optimizer):
         factor_sync: "lazy" (default: sync on inverse updates) or
             "every_update".
         inverse_sharing: how owners' inverses reach every replica: "auto"
-            (default: all-gather when its padded buffer is no larger than the
-            all-reduce's, else all-reduce), "all_reduce" or "all_gather".
+            (default: under MultiWorkerMirrored each owner broadcasts its
+            inverses; otherwise all-gather when its padded buffer is no larger
+            than the all-reduce's, else all-reduce), "all_reduce",
+            "all_gather" or "broadcast".
         seed: seed of the sampled Fisher.
     """
 

@@ -77,6 +77,8 @@ CASES = [
     (4, "balanced", "lazy", "all_gather"),
     (4, "round_robin", "every_update", "all_gather"),
     (4, "balanced", "lazy", "all_reduce"),
+    (2, "round_robin", "lazy", "broadcast"),
+    (4, "balanced", "every_update", "broadcast"),
 ]
 
 
@@ -104,6 +106,13 @@ def test_communication_budget_per_step(num_replicas, placement, factor_sync, sha
         assert counts[strategies.GRADIENTS]["calls"] == STEPS
         expected_syncs = STEPS if factor_sync == "every_update" else inverse_updates
         assert counts[strategies.FACTOR_SYNC]["calls"] == expected_syncs
+        shared = opt.curvature.shared_units
+        if sharing == "broadcast":  # one chunk per shared factor, sent by its owner
+            own = [u for u in shared if opt.curvature.plan.owners[u] == replica]
+            own_bytes = sum(opt.curvature.units[u].result_floats("cholesky") * 4 for u in own)
+            assert counts[strategies.INVERSE_SHARE]["calls"] == len(shared) * inverse_updates
+            assert counts[strategies.INVERSE_SHARE]["bytes"] == own_bytes * inverse_updates
+            continue
         expected_shares = 0 if placement == "replicated" else inverse_updates
         assert counts[strategies.INVERSE_SHARE]["calls"] == expected_shares
         assert counts[strategies.INVERSE_SHARE]["bytes"] == expected_shares * sharing_bytes

@@ -57,5 +57,11 @@ def test_two_workers_keep_the_communication_budget(results, placement, factor_sy
         assert count["gradients"]["calls"] == worker.STEPS
         syncs = worker.STEPS if factor_sync == "every_update" else inverse_updates
         assert count["factor_sync"]["calls"] == syncs
-        shares = 0 if placement == "replicated" else inverse_updates
-        assert count["inverse_share"]["calls"] == shares
+        if placement == "replicated":
+            assert count["sharing_method"] is None
+            assert count["inverse_share"]["calls"] == 0
+        else:
+            # Multi-worker: each owner broadcasts its factors' inverses.
+            assert count["sharing_method"] == "broadcast"
+            chunks = count["shared_units"]
+            assert count["inverse_share"]["calls"] == chunks * inverse_updates

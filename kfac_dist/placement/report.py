@@ -25,7 +25,7 @@ def format_bytes(num_bytes: int) -> str:
 # The factor sync carries, after the factors, the moving sums of the examples
 # seen and of their sample weights.
 SYNC_WEIGHT_FLOATS = 2
-SHARING_METHODS = ("auto", "all_reduce", "all_gather")
+SHARING_METHODS = ("auto", "all_reduce", "all_gather", "broadcast")
 
 
 def factor_sync_bytes(
@@ -44,8 +44,9 @@ def factor_sync_bytes(
 class Sharing:
     """How owners' results reach every replica on an inverse update, in bytes per replica.
 
-    `method` is `"all_reduce"`, `"all_gather"`, or `None` when nothing is
-    shared; `sent` is what each replica hands in to the collective and
+    `method` is `"all_reduce"`, `"all_gather"`, `"broadcast"`, or `None` when
+    nothing is shared; `sent` is what each replica hands in to the collective
+    (for broadcasts: the most any replica sends, its own payloads) and
     `buffer` the transient buffer it holds for it.
     """
 
@@ -55,7 +56,11 @@ class Sharing:
 
 
 def inverse_sharing(
-    plan: PlacementPlan, method: str, itemsize: int = 4, sharing: str = "auto"
+    plan: PlacementPlan,
+    method: str,
+    itemsize: int = 4,
+    sharing: str = "auto",
+    prefer_broadcast: bool = False,
 ) -> Sharing:
     """The sharing collective `Kfac(inverse_sharing=sharing)` issues for `plan`.
 
@@ -63,8 +68,11 @@ def inverse_sharing(
     its own): sent and buffer are their total. An all-gather hands in each
     replica's own payloads padded to the largest replica's, and holds N of
     them. `"auto"` takes the all-gather when its buffer is no larger than the
-    all-reduce's. Units every replica computes are not shared, and one
-    replica shares nothing.
+    all-reduce's — unless `prefer_broadcast` (multi-worker collectives, where
+    bandwidth between hosts is what counts): then each owner broadcasts its
+    payloads, one collective per payload, handing in only its own and holding
+    one payload at a time. Units every replica computes are not shared, and
+    one replica shares nothing.
     """
     check_method(method)
     if sharing not in SHARING_METHODS:
@@ -76,8 +84,17 @@ def inverse_sharing(
     total, largest = sum(own), max(own)
     if plan.num_replicas == 1 or total == 0:
         return Sharing(None, 0, 0)
-    if sharing == "auto":
+    if sharing == "auto" and prefer_broadcast:
+        sharing = "broadcast"
+    elif sharing == "auto":
         sharing = "all_gather" if plan.num_replicas * largest <= total else "all_reduce"
+    if sharing == "broadcast":
+        biggest = max(
+            unit.result_floats(method)
+            for unit, owner in zip(plan.units, plan.owners, strict=True)
+            if owner is not None
+        )
+        return Sharing(sharing, largest * itemsize, biggest * itemsize)
     if sharing == "all_gather":
         return Sharing(sharing, largest * itemsize, plan.num_replicas * largest * itemsize)
     return Sharing(sharing, total * itemsize, total * itemsize)

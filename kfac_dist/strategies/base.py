@@ -69,6 +69,13 @@ class CrossReplicaContext(abc.ABC):
     def _all_gather(self, buffer: tf.Tensor) -> tf.Tensor:
         """One all-gather of equally sized flat buffers: (num_replicas, size)."""
 
+    #: whether `broadcast` is a true one-to-all collective (not an all-reduce).
+    has_broadcast = False
+
+    def _broadcast(self, buffer: tf.Tensor, is_source: tf.Tensor) -> tf.Tensor:
+        """The source's buffer on every replica; by default a masked sum all-reduce."""
+        return self._all_reduce_sum(tf.where(is_source, buffer, tf.zeros_like(buffer)))
+
     # --- counted public collectives --------------------------------------
     def all_reduce_sum(self, tensors: Sequence[tf.Tensor], kind: str) -> list[tf.Tensor]:
         """Sums every replica's tensors with one collective of a packed buffer."""
@@ -80,6 +87,12 @@ class CrossReplicaContext(abc.ABC):
         """Gathers every replica's flat buffer (same size on all) in one collective."""
         self._count(kind, buffer)
         return self._all_gather(buffer)
+
+    def broadcast(self, buffer: tf.Tensor, is_source: tf.Tensor, kind: str) -> tf.Tensor:
+        """The buffer of the replica where `is_source` holds, on every replica."""
+        sent = tf.where(is_source, tf.constant(_nbytes(buffer), tf.int64), tf.constant(0, tf.int64))
+        self._count(kind, None, sent)
+        return self._broadcast(buffer, is_source)
 
     def all_reduce_gradients(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """The step's one gradient all-reduce (sum), as Keras' optimizer does it.

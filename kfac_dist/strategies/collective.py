@@ -14,6 +14,7 @@ import itertools
 
 import tensorflow as tf
 from tensorflow.python.distribute import collective_util, cross_device_utils, device_util
+from tensorflow.python.ops import collective_ops
 
 from kfac_dist.strategies.base import CrossReplicaContext
 
@@ -62,6 +63,30 @@ class CollectiveContext(CrossReplicaContext):
 
     def _all_reduce_sum(self, buffer: tf.Tensor) -> tf.Tensor:
         return self._launcher().all_reduce(buffer, options=self._options)
+
+    has_broadcast = True
+
+    def _broadcast(self, buffer: tf.Tensor, is_source: tf.Tensor) -> tf.Tensor:
+        # Both branches hold a collective with the same keys: the source sends,
+        # the others receive.
+        launcher = self._launcher()
+        group_key = launcher._group_key  # noqa: SLF001
+        instance_key = launcher._next_instance_key()  # noqa: SLF001
+        device = launcher._device  # noqa: SLF001
+
+        def send():
+            with tf.device(device):
+                return collective_ops.broadcast_send_v2(
+                    buffer, self.num_replicas, group_key, instance_key
+                )
+
+        def receive():
+            with tf.device(device):
+                return collective_ops.broadcast_recv_v2(
+                    tf.shape(buffer), buffer.dtype, self.num_replicas, group_key, instance_key
+                )
+
+        return tf.cond(is_source, send, receive)
 
     def _all_gather(self, buffer: tf.Tensor) -> tf.Tensor:
         gathered = self._launcher()._all_gather(buffer[tf.newaxis], self._options)  # noqa: SLF001

@@ -78,7 +78,12 @@ def main() -> None:
         name = f"{placement}-{factor_sync}"
         for i, weight in enumerate(model.get_weights()):
             arrays[f"{name}/{i}"] = weight
-        counts[name] = model.optimizer.context.counts()
+        curvature = model.optimizer.curvature
+        counts[name] = {
+            **model.optimizer.context.counts(),
+            "sharing_method": curvature.sharing_method,
+            "shared_units": len(curvature.shared_units),
+        }
     np.savez(out / f"worker-{index}.npz", **arrays)
     (out / f"worker-{index}.json").write_text(json.dumps(counts))
 
