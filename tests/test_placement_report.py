@@ -209,7 +209,8 @@ def test_report_bytes_equal_what_the_collectives_counted(num_replicas, placement
     for replica in range(num_replicas):
         counts = opt.context.counts(replica)
         sync = counts[strategies.FACTOR_SYNC]
-        assert sync["calls"] == STEPS // INVERT_EVERY
+        # One replica has nothing to exchange: its sync issues no collective.
+        assert sync["calls"] == (STEPS // INVERT_EVERY if num_replicas > 1 else 0)
         assert sync["bytes"] == sync["calls"] * info["bytes_per_factor_sync"]
         share = counts[strategies.INVERSE_SHARE]
         if info["bytes_per_inverse_share"]:
