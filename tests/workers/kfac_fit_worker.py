@@ -18,7 +18,11 @@ import tensorflow as tf
 GLOBAL_BATCH = 16
 STEPS = 20
 INVERT_EVERY = 5
-CONFIGS = (("round_robin", "lazy"), ("balanced", "every_update"), ("replicated", "lazy"))
+CONFIGS = tuple(
+    (placement, sync)
+    for placement in ("round_robin", "balanced", "replicated")
+    for sync in ("lazy", "every_update")
+)
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
