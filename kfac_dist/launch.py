@@ -185,14 +185,32 @@ def _forward_lines(
     process: subprocess.Popen[bytes], index: int, on_line: Callable[[int, str], None]
 ) -> None:
     assert process.stdout is not None
+    pending = b""
     with process.stdout:
-        for raw in iter(process.stdout.readline, b""):
-            # rstrip also drops the "\r" of lines that came through a remote tty.
-            on_line(index, raw.decode(errors="replace").rstrip("\r\n") + "\n")
+        # Segments end at "\n" or at "\r": Keras redraws its progress bar with
+        # "\r", and forwarding each redraw at once keeps the bars live.
+        while chunk := process.stdout.read1(4096):
+            pending += chunk
+            while (cut := _segment_end(pending)) >= 0:
+                segment, end, pending = pending[:cut], pending[cut : cut + 1], pending[cut + 1 :]
+                if end == b"\r" and pending.startswith(b"\n"):  # "\r\n" of a remote tty
+                    end, pending = b"\n", pending[1:]
+                on_line(index, (segment + end).decode(errors="replace"))
+    if pending:
+        on_line(index, pending.decode(errors="replace") + "\n")
+
+
+def _segment_end(data: bytes) -> int:
+    ends = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+    return min(ends) if ends else -1
 
 
 def prefixed_printer(stream: TextIO | None = None) -> Callable[[int, str], None]:
-    """An `on_line` that writes `[worker i] line` to `stream`, one line at a time."""
+    """An `on_line` that writes `[worker i] line` to `stream`, one segment at a time.
+
+    A segment ending in "\r" (a progress-bar redraw) is written as it is, so
+    the next one overwrites it on a terminal.
+    """
     lock = threading.Lock()
 
     def print_line(index: int, line: str) -> None:

@@ -175,3 +175,19 @@ def test_ssh_runs_each_host_command_on_its_host():
         ["h2", remote[1]],
     ]
     assert all(command[0] == "ssh" for command in commands)
+
+
+def test_progress_bar_redraws_are_forwarded_as_they_come():
+    # Keras redraws its bar with "\r": each redraw is its own segment, so the
+    # launcher shows it live instead of when the line (or the run) ends.
+    script = "import sys, time\nfor i in range(3):\n    sys.stdout.write(f'{i}/3\\r'); sys.stdout.flush(); time.sleep(0.2)\nprint('done')\n"
+    seen: list[tuple[float, str]] = []
+    start = time.monotonic()
+    code = launch.run_local(
+        [sys.executable, "-c", script],
+        1,
+        on_line=lambda index, line: seen.append((time.monotonic() - start, line)),
+    )
+    assert code == 0
+    assert [line for _, line in seen] == ["0/3\r", "1/3\r", "2/3\r", "done\n"]
+    assert seen[0][0] < seen[-1][0] - 0.3  # the first redraw arrived before the end
