@@ -180,7 +180,12 @@ def test_ssh_runs_each_host_command_on_its_host():
 def test_progress_bar_redraws_are_forwarded_as_they_come():
     # Keras redraws its bar with "\r": each redraw is its own segment, so the
     # launcher shows it live instead of when the line (or the run) ends.
-    script = "import sys, time\nfor i in range(3):\n    sys.stdout.write(f'{i}/3\\r'); sys.stdout.flush(); time.sleep(0.2)\nprint('done')\n"
+    script = (
+        "import sys, time\n"
+        "for i in range(3):\n"
+        "    sys.stdout.write(f'{i}/3\\r'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "print('done')\n"
+    )
     seen: list[tuple[float, str]] = []
     start = time.monotonic()
     code = launch.run_local(

@@ -1,7 +1,15 @@
-"""Example models and data for kfac_dist: MNIST loading, the autoencoder, a small convnet."""
+"""Example models and data: MNIST (offline fallback), the autoencoder, a convnet, CIFAR-10 ResNet."""
 
 from kfac_dist.examples.autoencoder import build_autoencoder
+from kfac_dist.examples.cifar import build_small_resnet, load_cifar10
 from kfac_dist.examples.convnet import build_convnet
 from kfac_dist.examples.data import MnistData, load_mnist
 
-__all__ = ["MnistData", "build_autoencoder", "build_convnet", "load_mnist"]
+__all__ = [
+    "MnistData",
+    "build_autoencoder",
+    "build_convnet",
+    "build_small_resnet",
+    "load_cifar10",
+    "load_mnist",
+]
