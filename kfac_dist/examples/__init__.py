@@ -1,4 +1,4 @@
-"""Example models and data: MNIST (offline fallback), the autoencoder, a convnet, CIFAR-10 ResNet."""
+"""Example models and data: MNIST (with an offline fallback), autoencoder, convnet, CIFAR-10."""
 
 from kfac_dist.examples.autoencoder import build_autoencoder
 from kfac_dist.examples.cifar import build_small_resnet, load_cifar10
