@@ -307,3 +307,19 @@ def test_metrics_validation_evaluate_predict_and_callbacks_work():
     loss, accuracy = model.evaluate(X, labels, verbose=0)
     np.testing.assert_allclose(loss, history.history["val_loss"][-1], rtol=1e-5)
     assert model.predict(X, verbose=0).shape == (32, 3)
+
+
+def test_kfac_state_appears_in_tensorboard(tmp_path):
+    from tensorflow.core.util import event_pb2
+
+    model = dense_model(activation="tanh")
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, loss="mse", norm_constraint=0.01)
+    model.compile(optimizer=opt, loss="mse")
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path))
+    model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[board])
+    tags = set()
+    for path in tmp_path.rglob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            tags.update(value.tag for value in event.summary.value)
+    assert {"epoch_damping", "epoch_kl_clip", "epoch_learning_rate"} <= tags, tags
