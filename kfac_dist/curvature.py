@@ -105,6 +105,8 @@ class Curvature:
         self.skipped_statistics = add_variable((), "skipped_statistics", "int64")
         self.inversions = add_variable((), "inversions_computed", "int64")
         self.inversion_retries = add_variable((), "inversion_retries", "int64")
+        # Inverse updates that kept the previous inverse (no well-conditioned retry).
+        self.inversion_failures = add_variable((), "inversion_failures", "int64")
 
     def _block_slices(self):
         start = 0
@@ -363,11 +365,19 @@ class Curvature:
         return payloads
 
     def install(self, payloads: list[list[tf.Tensor]]) -> None:
-        """Writes the shared payloads; a non-finite one keeps the previous inverse."""
+        """Writes the shared payloads; a non-finite one keeps the previous inverse.
+
+        An inversion with no well-conditioned retry is NaN (see
+        `linalg.damped_inverse`); every replica sees the same shared payloads,
+        so every replica keeps the same previous inverse and counts it.
+        """
+        failures = tf.constant(0, tf.int64)
         for variables, payload in zip(self.payloads, payloads):
             ok = _all_finite(payload)
+            failures += tf.cast(tf.logical_not(ok), tf.int64)
             for var, value in zip(variables, payload):
                 var.assign(tf.where(ok, value, var))
+        self.inversion_failures.assign_add(failures)
 
     # --- preconditioning ----------------------------------------------------------
     def precondition(

@@ -23,6 +23,9 @@ def curvature_dtype() -> tf.DType:
 # in TF 2.21 (it does not raise): such a factor is retried with more damping.
 DAMPING_RETRIES = 6
 DAMPING_RETRY_GROWTH = 10.0
+# An attempt is rejected when its condition number may exceed 1/(this · eps):
+# the inverse of a near-singular damped factor is rounding noise.
+CONDITIONING_TOLERANCE = 10.0
 
 
 def mean_eigenvalue(factor: tf.Tensor) -> tf.Tensor:
@@ -57,8 +60,12 @@ def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf
     """(F + damping·I)⁻¹ through Cholesky, retrying with more damping.
 
     Returns the inverse and the number of retries it took. A diagonal factor
-    (rank 1) is inverted elementwise. If every retry fails the result is
-    non-finite and the caller keeps the previous inverse.
+    (rank 1) is inverted elementwise. An attempt is accepted only when it is
+    finite and well-conditioned: max diag(M⁻¹)·max diag(M) is a lower bound
+    of M's condition number, and a factor with an eigenvalue near −damping
+    makes it of order 1/eps (its "inverse" is then rounding noise with huge
+    entries). If every retry fails the result is NaN, and the caller keeps
+    the previous inverse.
     """
     damping = tf.cast(damping, factor.dtype)
     if factor.shape.rank == 1:
@@ -66,22 +73,31 @@ def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf
     n = factor.shape[-1]
     eye = tf.eye(n, dtype=factor.dtype)
     symmetric = 0.5 * (factor + tf.transpose(factor))
+    max_condition = 1.0 / (CONDITIONING_TOLERANCE * np.finfo(factor.dtype.as_numpy_dtype).eps)
 
-    def attempt(extra: tf.Tensor) -> tf.Tensor:
-        return tf.linalg.cholesky(symmetric + extra * eye)
+    def attempt(extra: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        damped = symmetric + extra * eye
+        inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), eye)
+        condition_bound = tf.reduce_max(tf.linalg.diag_part(inverse)) * tf.reduce_max(
+            tf.linalg.diag_part(damped)
+        )
+        accepted = tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(inverse)), condition_bound <= max_condition
+        )
+        return inverse, accepted
 
-    def not_done(tries, extra, chol):
-        failed = tf.logical_not(tf.reduce_all(tf.math.is_finite(chol)))
-        return tf.logical_and(tries < DAMPING_RETRIES, failed)
+    def not_done(tries, extra, inverse, accepted):
+        return tf.logical_and(tries < DAMPING_RETRIES, tf.logical_not(accepted))
 
-    def retry(tries, extra, chol):
+    def retry(tries, extra, inverse, accepted):
         extra = extra * DAMPING_RETRY_GROWTH
-        return tries + 1, extra, attempt(extra)
+        return (tries + 1, extra, *attempt(extra))
 
-    tries, _, chol = tf.while_loop(
-        not_done, retry, (tf.constant(0, tf.int32), damping, attempt(damping))
+    tries, _, inverse, accepted = tf.while_loop(
+        not_done, retry, (tf.constant(0, tf.int32), damping, *attempt(damping))
     )
-    return tf.linalg.cholesky_solve(chol, eye), tries
+    failed = tf.fill(tf.shape(inverse), tf.constant(np.nan, factor.dtype))
+    return tf.where(accepted, inverse, failed), tries
 
 
 def eigendecomposition(factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -105,7 +121,9 @@ def kl_clip_factor(
     lr = tf.cast(learning_rate, dtype)
     bound = tf.cast(norm_constraint, dtype)
     ratio = tf.math.divide_no_nan(bound, lr * lr * tf.abs(inner_product))
-    return tf.where(inner_product == 0, tf.ones_like(ratio), tf.minimum(1.0, tf.sqrt(ratio)))
+    return tf.where(
+        inner_product == 0, tf.ones_like(ratio), tf.minimum(tf.ones_like(ratio), tf.sqrt(ratio))
+    )
 
 
 def triangle_size(n: int) -> int:

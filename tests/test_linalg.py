@@ -162,3 +162,34 @@ def test_kl_clip_factor_is_min_one_sqrt_bound_over_lr2_inner(inner, lr, bound):
 
 def test_kl_clip_factor_is_one_for_zero_inner_product():
     assert linalg.kl_clip_factor(tf.constant(0.0), 0.1, 0.01).numpy() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_damped_inverse_rejects_a_singular_damped_factor_and_retries(dtype):
+    # Eigenvalue −1 at damping 1: F + I is singular. Cholesky fails on some
+    # rotations and "succeeds" on rounding on others, giving entries of order
+    # 1e7; only a well-conditioned attempt may be accepted.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+        matrix = (rotation @ np.diag([1.0, 2.0, 0.5, -1.0]) @ rotation.T).astype(dtype)
+        inverse, retries = linalg.damped_inverse(tf.constant(matrix), 1.0)
+        used = 1.0 * linalg.DAMPING_RETRY_GROWTH ** int(retries)
+        damped = matrix.astype(np.float64) + used * np.eye(4)
+        assert np.linalg.cond(damped) < 100
+        np.testing.assert_allclose(inverse.numpy(), np.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+
+
+def test_damped_inverse_that_never_becomes_well_conditioned_is_nan():
+    # A negative eigenvalue beyond every retry's damping: no attempt accepted.
+    matrix = np.diag([1.0, -1e9]).astype(np.float64)
+    inverse, retries = linalg.damped_inverse(tf.constant(matrix), 1e-3)
+    assert int(retries) == linalg.DAMPING_RETRIES
+    assert np.all(np.isnan(inverse.numpy()))
+
+
+def test_kl_clip_factor_in_float64():
+    inner = tf.constant(4.0, tf.float64)
+    clip = linalg.kl_clip_factor(inner, tf.constant(0.5, tf.float32), tf.constant(0.01))
+    assert clip.dtype == tf.float64
+    np.testing.assert_allclose(clip.numpy(), np.sqrt(np.float64(np.float32(0.01)) / (0.25 * 4.0)), rtol=1e-12)
