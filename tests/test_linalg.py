@@ -192,4 +192,6 @@ def test_kl_clip_factor_in_float64():
     inner = tf.constant(4.0, tf.float64)
     clip = linalg.kl_clip_factor(inner, tf.constant(0.5, tf.float32), tf.constant(0.01))
     assert clip.dtype == tf.float64
-    np.testing.assert_allclose(clip.numpy(), np.sqrt(np.float64(np.float32(0.01)) / (0.25 * 4.0)), rtol=1e-12)
+    np.testing.assert_allclose(
+        clip.numpy(), np.sqrt(np.float64(np.float32(0.01)) / (0.25 * 4.0)), rtol=1e-12
+    )
