@@ -16,7 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
+from keras.src.backend import get_keras_mask
+from keras.src.backend.tensorflow.nn import _get_logits
+from keras.src.losses.loss import apply_mask
 
 from kfac_dist.linalg import curvature_dtype
 
@@ -38,6 +42,13 @@ _FUNCTIONS = {
     keras.losses.binary_crossentropy: BINARY,
 }
 _EPSILON = 1e-7  # keras.config.epsilon(), as Keras clips probabilities
+# Keras' reductions, by what K-FAC scales the loss elements with.
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+SUM_REDUCTIONS = ("sum", None, "none")
+# The op whose input Keras takes as logits for each cross-entropy.
+_LOGITS_OP = {CATEGORICAL: "Softmax", SPARSE_CATEGORICAL: "Softmax", BINARY: "Sigmoid"}
+# Exact mode takes one backward pass per Hessian-root column.
+MAX_EXACT_COLUMNS = 4096
 
 
 class UnsupportedLossError(ValueError):
@@ -52,12 +63,29 @@ class OutputLoss:
     from_logits: bool
     weight: float
     label_smoothing: float = 0.0
+    reduction: str | None = "sum_over_batch_size"
+    # The dtype Keras' loss computes in (a Loss object's own, else floatx).
+    dtype: str | None = None
 
     # --- the natural parameters the Fisher is taken in ---------------------
     def natural_params(self, y_pred: tf.Tensor) -> tf.Tensor:
-        """η: logits (recovered from probabilities when needed) or the prediction."""
-        y_pred = tf.cast(y_pred, curvature_dtype())
-        if self.kind == MSE or self.from_logits:
+        """η: the logits Keras' loss uses, or the prediction itself for MSE.
+
+        Keras' cross-entropies take the pre-activation of a softmax or sigmoid
+        output (`_keras_logits`, or the input of a Softmax/Sigmoid op) as
+        logits whatever the loss: a softmax output under binary cross-entropy
+        trains sigmoid cross-entropy on the pre-activation, and so does its
+        Fisher here. Otherwise logits are recovered from probabilities. A loss
+        computing in another dtype than the output's casts the output first,
+        which loses the pre-activation: Keras then uses the probabilities.
+        """
+        if self.kind == MSE:
+            return tf.cast(y_pred, curvature_dtype())
+        if self.dtype is not None and y_pred.dtype != self.dtype:
+            y_pred = tf.cast(y_pred, self.dtype)
+        logits, from_logits = _get_logits(y_pred, self.from_logits, _LOGITS_OP[self.kind], "")
+        y_pred = tf.cast(logits, curvature_dtype())
+        if from_logits:
             return y_pred
         if self.kind == BINARY:
             p = tf.clip_by_value(y_pred, _EPSILON, 1 - _EPSILON)
@@ -73,12 +101,37 @@ class OutputLoss:
         return tf.nn.softmax(eta)
 
     # --- output-space vectors ---------------------------------------------
+    def effective_weights(self, y_pred: tf.Tensor, sample_weight) -> tf.Tensor | None:
+        """The weights Keras gives each loss element: sample weights times the mask.
+
+        A Keras mask on the prediction (`Embedding(mask_zero=True)`,
+        `Masking`, `compute_mask`) zeroes padded elements and, under a mean
+        reduction, scales the valid ones by (elements / valid elements), as
+        Keras' `apply_mask` does; the result replaces the sample weights.
+        """
+        mask = get_keras_mask(y_pred)
+        if mask is None:
+            return sample_weight
+        return apply_mask(sample_weight, mask, curvature_dtype(), self.reduction)
+
     def element_scale(self, eta: tf.Tensor, sample_weight) -> tf.Tensor:
-        """c = weight·w/T per loss element: b·∂²L/∂ℓ-element (shape η minus last axis)."""
-        # Positions per example from the run-time shape: a sequence length
-        # unknown when the step is traced (None) must still divide.
-        per_example = tf.cast(tf.reduce_prod(tf.shape(eta)[1:-1]), eta.dtype)
-        scale = tf.fill(tf.shape(eta)[:-1], self.weight / per_example)
+        """c = b·∂L/∂ℓ-element per loss element (shape η minus last axis).
+
+        Mean reductions: weight·w/T (L divides by the b·T elements of the
+        local batch). Sum reductions (and `reduction=None`, whose per-element
+        losses Keras' gradient sums): weight·w·B, B the global batch, as L is
+        then a sum over every example of every replica.
+        """
+        shape = tf.shape(eta)[:-1]
+        if self.reduction in MEAN_REDUCTIONS:
+            # Positions per example from the run-time shape: a sequence length
+            # unknown when the step is traced (None) must still divide.
+            per_example = tf.cast(tf.reduce_prod(shape[1:]), eta.dtype)
+            scale = tf.fill(shape, self.weight / per_example)
+        else:
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            global_batch = tf.cast(shape[0] * replicas, eta.dtype)
+            scale = tf.fill(shape, self.weight * global_batch)
         if sample_weight is None:
             return scale
         w = tf.cast(sample_weight, eta.dtype)
@@ -89,13 +142,23 @@ class OutputLoss:
         return scale * w
 
     def vectors(self, eta, y_true, sample_weight, mode: str, seed) -> list[tf.Tensor]:
-        """The u columns for this output, each shaped like η (gradient-free)."""
+        """The u columns for this output, each shaped like η (gradient-free).
+
+        Exact mode: Σ_columns u uᵀ is the loss Hessian, which is block-diagonal
+        over positions (one loss element each): one column per position and
+        output coordinate, each zero at every other position, so that no
+        cross-position term enters the Fisher.
+        """
         eta = tf.stop_gradient(eta)
         root = tf.sqrt(self.element_scale(eta, sample_weight))[..., tf.newaxis]
         width = eta.shape[-1]
         mean = self._mean(eta)
         if mode == EXACT:
-            columns = [self._hessian_root_column(mean, k, width) for k in range(width)]
+            columns = [
+                position * self._hessian_root_column(mean, k, width)
+                for position in _position_indicators(eta)
+                for k in range(width)
+            ]
         elif mode == EMPIRICAL:
             columns = [self._label_gradient(mean, y_true, width)]
         else:
@@ -159,6 +222,28 @@ class OutputLoss:
         return mean - target
 
 
+def _position_indicators(eta: tf.Tensor) -> list[tf.Tensor]:
+    """One indicator per loss position (all axes between batch and last), or [1]."""
+    positions = eta.shape[1:-1]
+    if not positions.is_fully_defined():
+        raise ValueError(
+            f"estimation_mode='exact' needs the output's positions known when the step "
+            f"is traced, got an output of shape {eta.shape}: give the model a fixed "
+            "sequence length (keras.Input(shape=(T, ...))) or use estimation_mode='sampled'."
+        )
+    count = int(np.prod(positions))
+    if count * eta.shape[-1] > MAX_EXACT_COLUMNS:
+        raise ValueError(
+            f"estimation_mode='exact' would take {count * eta.shape[-1]} backward passes "
+            f"per step for an output of shape {eta.shape} (one per position and output "
+            f"coordinate, at most {MAX_EXACT_COLUMNS}); use estimation_mode='sampled'."
+        )
+    if count == 1:
+        return [tf.constant(1.0, eta.dtype)]
+    shape = [1, *positions.as_list(), 1]
+    return [tf.reshape(tf.one_hot(p, count, dtype=eta.dtype), shape) for p in range(count)]
+
+
 def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
     """Resolves a string, a `keras.losses` object or function to an `OutputLoss`."""
     resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
@@ -178,11 +263,15 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
             "and pass layer_collection= to Kfac."
         )
     kwargs = getattr(resolved, "_fn_kwargs", {})
+    # A plain function (keras.losses.mean_squared_error) is reduced by Keras'
+    # default; a Loss object by its own reduction.
     reduction = getattr(resolved, "reduction", "sum_over_batch_size")
-    if reduction not in ("sum_over_batch_size", None):
+    if reduction not in MEAN_REDUCTIONS + SUM_REDUCTIONS:
         raise UnsupportedLossError(
             f"Loss {getattr(resolved, 'name', kind)!r} uses reduction={reduction!r}; "
-            "K-FAC supports the default 'sum_over_batch_size'."
+            f"K-FAC supports {', '.join(repr(r) for r in MEAN_REDUCTIONS + SUM_REDUCTIONS)} "
+            "(for 'mean_with_sample_weight', normalise the sample weights to mean 1 and "
+            "use 'sum_over_batch_size')."
         )
     if kwargs.get("axis", -1) != -1:
         raise UnsupportedLossError(f"Loss {kind} with axis={kwargs['axis']}: K-FAC needs axis=-1.")
@@ -191,4 +280,6 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
         from_logits=bool(kwargs.get("from_logits", False)),
         weight=1.0 if weight is None else float(weight),
         label_smoothing=float(kwargs.get("label_smoothing", 0.0) or 0.0),
+        reduction=reduction,
+        dtype=getattr(resolved, "dtype", None) or keras.config.floatx(),
     )

@@ -192,7 +192,8 @@ def test_exact_vectors_square_to_scaled_loss_hessian(name, setting):
     loss, logits, y_pred, y_true, sample_weight, c = _problem(name, setting)
     eta = loss.natural_params(y_pred)
     columns = loss.vectors(eta, y_true, sample_weight, losses.EXACT, [1, 2])
-    assert len(columns) == K and all(col.shape == eta.shape for col in columns)
+    positions = int(np.prod(eta.shape[1:-1]))
+    assert len(columns) == K * positions and all(col.shape == eta.shape for col in columns)
     fisher = _outer_sum(columns)
     expected = c[..., None, None] * _numpy_hessian(name, eta.numpy())
     np.testing.assert_allclose(fisher, expected, rtol=1e-4, atol=1e-6)
@@ -212,19 +213,120 @@ def test_exact_vectors_square_to_batch_times_hessian_of_keras_loss(name, setting
 
 
 @pytest.mark.parametrize("name", ["mse", "sparse_logits", "binary_probs"])
-def test_exact_vectors_divide_by_sequence_length_unknown_when_traced(name):
+def test_vectors_divide_by_sequence_length_unknown_when_traced(name):
     loss, logits, y_pred, y_true, sample_weight, c = _problem(name, "sequence_weighted")
     eta = loss.natural_params(y_pred)
 
     @tf.function(
         input_signature=[tf.TensorSpec([None, None, K]), tf.TensorSpec([None, 1])], autograph=False
     )
-    def exact(eta, weight):
-        return loss.vectors(eta, None, weight, losses.EXACT, [1, 2])
+    def empirical(eta, weight):
+        return loss.vectors(eta, y_true, weight, losses.EMPIRICAL, [1, 2])
 
-    fisher = _outer_sum(exact(eta, sample_weight))
-    expected = c[..., None, None] * _numpy_hessian(name, eta.numpy())
-    np.testing.assert_allclose(fisher, expected, rtol=1e-4, atol=1e-6)
+    (traced,) = empirical(eta, sample_weight)
+    (eager,) = loss.vectors(eta, y_true, sample_weight, losses.EMPIRICAL, [1, 2])
+    np.testing.assert_allclose(traced.numpy(), eager.numpy(), rtol=1e-6)
+
+
+def test_exact_mode_with_positions_unknown_when_traced_is_a_clear_error():
+    loss, logits, y_pred, y_true, sample_weight, c = _problem("mse", "sequence")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, K])], autograph=False)
+    def exact(eta):
+        return loss.vectors(eta, None, None, losses.EXACT, [1, 2])
+
+    with pytest.raises(ValueError, match="estimation_mode='exact' needs the output's positions"):
+        exact(tf.constant(logits))
+
+
+def _full_hessian(loss_fn, y_true, make_pred, eta, sample_weight=None):
+    """b·∇²_η L per example, over every pair of its elements (cross-position terms
+    included): (b, T·K, T·K)."""
+    eta = tf.constant(eta)
+    with tf.GradientTape() as outer:
+        outer.watch(eta)
+        with tf.GradientTape() as inner:
+            inner.watch(eta)
+            value = tf.reduce_sum(loss_fn(y_true, make_pred(eta), sample_weight=sample_weight))
+        grad = inner.gradient(value, eta)
+    hessian = outer.jacobian(grad, eta).numpy()
+    b = eta.shape[0]
+    n = eta.shape.num_elements() // b
+    per_example = hessian.reshape(b, n, b, n)[np.arange(b), :, np.arange(b), :]
+    return b * per_example
+
+
+def _full_outer(columns):
+    """Σ_columns u uᵀ per example: (b, T·K, T·K) (examples are never mixed)."""
+    u = np.stack([col.numpy().reshape(col.shape[0], -1) for col in columns])
+    return np.einsum("cbi,cbj->bij", u, u)
+
+
+@pytest.mark.parametrize("name", ["mse", "sparse_logits", "categorical_probs", "binary_logits"])
+def test_exact_vectors_of_a_sequence_output_have_no_cross_position_terms(name):
+    loss, logits, y_pred, y_true, sample_weight, _ = _problem(name, "sequence_weighted_per_step")
+    eta = loss.natural_params(y_pred)
+    columns = loss.vectors(eta, y_true, sample_weight, losses.EXACT, [1, 2])
+    keras_loss = _keras_loss(name)
+
+    def weighted(y, pred, sample_weight):
+        return WEIGHT * keras_loss(y, pred, sample_weight=sample_weight)
+
+    expected = _full_hessian(
+        weighted, tf.constant(y_true), lambda e: _prediction(name, e), eta.numpy(), sample_weight
+    )
+    np.testing.assert_allclose(_full_outer(columns), expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", None, "none", "mean", "sum_over_batch_size"])
+@pytest.mark.parametrize("name", ["mse", "sparse_logits", "binary_probs"])
+def test_exact_vectors_follow_the_reduction_keras_differentiates(name, reduction):
+    """reduction=None: Keras' gradient sums the per-element losses, as 'sum' does."""
+    spec = _keras_loss(name, reduction=reduction)
+    loss = output_loss(spec)
+    assert loss.reduction == reduction
+    _, logits, y_pred, y_true, sample_weight, _ = _problem(name, "sequence_weighted")
+    eta = loss.natural_params(y_pred)
+    columns = loss.vectors(eta, y_true, sample_weight, losses.EXACT, [1, 2])
+    expected = _full_hessian(
+        spec, tf.constant(y_true), lambda e: _prediction(name, e), eta.numpy(), sample_weight
+    )
+    np.testing.assert_allclose(_full_outer(columns), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_mean_with_sample_weight_reduction_is_a_clear_error():
+    with pytest.raises(UnsupportedLossError, match="mean_with_sample_weight"):
+        output_loss(keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"))
+
+
+@pytest.mark.parametrize(
+    "activation, spec",
+    [
+        (keras.activations.softmax, keras.losses.BinaryCrossentropy()),
+        (keras.activations.sigmoid, keras.losses.CategoricalCrossentropy()),
+        (keras.activations.sigmoid, keras.losses.SparseCategoricalCrossentropy()),
+        (keras.activations.softmax, keras.losses.CategoricalCrossentropy()),
+        (keras.activations.sigmoid, keras.losses.BinaryCrossentropy()),
+    ],
+)
+def test_the_fisher_is_of_the_loss_keras_computes_on_the_output_pre_activation(activation, spec):
+    """Keras takes a softmax or sigmoid output's pre-activation as logits for any
+    cross-entropy: the Fisher is the Hessian of that loss in the pre-activation."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(B, K)).astype(np.float32)
+    kind = output_loss(spec).kind
+    if kind == losses.SPARSE_CATEGORICAL:
+        y_true = rng.integers(0, K, size=(B,))
+    elif kind == losses.CATEGORICAL:
+        y_true = np.eye(K, dtype=np.float32)[rng.integers(0, K, size=B)]
+    else:
+        y_true = rng.integers(0, 2, size=(B, K)).astype(np.float32)
+    loss = output_loss(spec)
+    eta = loss.natural_params(activation(tf.constant(z)))
+    np.testing.assert_allclose(eta.numpy(), z, rtol=1e-6)
+    columns = loss.vectors(eta, y_true, None, losses.EXACT, [1, 2])
+    expected = _full_hessian(spec, tf.constant(y_true), activation, z)
+    np.testing.assert_allclose(_full_outer(columns), expected, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize(
