@@ -46,22 +46,33 @@ def _align_weights(sample_weight, count: int, output_names):
     return list(sample_weight)
 
 
-def example_weights(sample_weight, batch_size):
-    """One weight per example from a single `sample_weight` (b,), (b, 1) or (b, T...).
+def input_factor_weights(effective_weights, output_losses, sample_weight):
+    """The weights of the Kronecker input factors: the loss's, when one output has a loss.
 
-    Per-output sample weights (a structure) leave the input factors
-    unweighted; they still weight each output's pseudo-loss.
+    With one loss, its effective weights (sample weights times a Keras mask,
+    per example or per position) weight A row by row. With several, only a
+    single `sample_weight` shared by every output does; per-output weights
+    still weight each output's pseudo-loss.
     """
+    with_loss = [w for w, loss in zip(effective_weights, output_losses) if loss is not None]
+    if len(with_loss) == 1:
+        return with_loss[0]
     if sample_weight is None or isinstance(sample_weight, (list, tuple, dict)):
         return None
-    w = tf.cast(sample_weight, curvature_dtype())
-    if w.shape.rank > 1:
-        w = tf.reduce_mean(tf.reshape(w, [batch_size, -1]), axis=1)
-    return w
+    return sample_weight
+
+
+def example_weight_total(weights, batch_size) -> tf.Tensor | None:
+    """Σ_i (mean weight of example i): what the input factors are normalised by."""
+    if weights is None:
+        return None
+    w = tf.cast(weights, curvature_dtype())
+    return tf.reduce_sum(tf.reduce_mean(tf.reshape(w, [batch_size, -1]), axis=1))
 
 
 def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
-    """Σ⟨u, η⟩ over outputs, one per output column in exact mode, else one.
+    """Σ⟨u, η⟩ over outputs (one per output column in exact mode, else one), and
+    each output's effective weights (sample weights with its Keras mask applied).
 
     Each example's vectors carry an independent random sign: Kronecker and
     per-example statistics are unchanged by it, and it makes the diagonal
@@ -84,20 +95,23 @@ def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
         )
         - 1.0
     )
-    columns = []
+    columns, effective = [], []
     for index, (loss, pred, true, weight) in enumerate(
         zip(output_losses, flat_pred, flat_true, flat_weights)
     ):
         if loss is None:
+            effective.append(weight)
             continue
+        weight = loss.effective_weights(pred, weight)
+        effective.append(weight)
         eta = loss.natural_params(pred)
         output_seed = tf.random.experimental.stateless_fold_in(seed, index)
         sign = tf.reshape(signs, [-1] + [1] * (eta.shape.rank - 1))
         vectors = loss.vectors(eta, true, weight, kfac.estimation_mode, output_seed)
         columns.extend(tf.reduce_sum(sign * u * eta) for u in vectors)
-    if kfac.estimation_mode == EXACT:
-        return columns
-    return [tf.add_n(columns)]
+    if kfac.estimation_mode != EXACT:
+        columns = [tf.add_n(columns)]
+    return columns, effective
 
 
 def kfac_train_step(model, data):
@@ -133,7 +147,7 @@ def kfac_train_step(model, data):
         )
         loss_value = loss
         loss = kfac.scale_loss(loss)
-        pseudo = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
+        pseudo, effective_weights = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
 
     trainable_weights = model.trainable_weights
     gradients = tape.gradient(loss, trainable_weights)
@@ -151,13 +165,14 @@ def kfac_train_step(model, data):
             tf.stack([tf.convert_to_tensor(column[i]) for column in per_column])
             for i in range(len(flat_targets))
         )
-        weights = example_weights(sample_weight, batch_size)
+        weights = input_factor_weights(
+            effective_weights, kfac.output_losses(len(_flatten(y_pred))), sample_weight
+        )
         statistics = []
         for block, block_records, block_targets in zip(curvature.blocks, records, targets):
             output_grads = [next(stacked) for _ in block_targets]
             statistics.extend(block.statistics(block_records, output_grads, batch_size, weights))
-        total = None if weights is None else tf.reduce_sum(weights)
-        curvature.accumulate(statistics, batch_size, total)
+        curvature.accumulate(statistics, batch_size, example_weight_total(weights, batch_size))
         return tf.no_op()
 
     if kfac.cov_update_every == 1:
@@ -169,12 +184,10 @@ def kfac_train_step(model, data):
         lambda: _update_inverses(curvature, kfac.damping_value()),
         tf.no_op,
     )
-    flat_pred = _flatten(y_pred)
-    output_names = list(getattr(model, "output_names", None) or [])
     kfac._replica_step.inputs = {  # noqa: SLF001
         "x": x,
         "y_pred": y_pred,
-        "sample_weights": _align_weights(sample_weight, len(flat_pred), output_names),
+        "sample_weights": effective_weights,
         "batch_size": batch_size,
         "loss": keras_loss_module.unscale_loss_for_distribution(loss_value),
     }

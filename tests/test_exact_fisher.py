@@ -19,10 +19,12 @@ B, T, D_IN, HIDDEN, D_OUT = 4, 3, 3, 4, 3
 
 @pytest.fixture
 def float64():
-    previous = keras.config.floatx()
+    previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
 
 
 def _logits(output: tf.Tensor) -> tf.Tensor:

@@ -23,8 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
+from keras.src.backend import get_keras_mask
 
 from kfac_dist import linalg
+from kfac_dist.linalg import curvature_dtype
 
 KRON = "kron"
 DIAGONAL = "diagonal"
@@ -216,15 +218,49 @@ def with_ones(rows_: tf.Tensor) -> tf.Tensor:
     return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
 
 
+def input_mask(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The Keras mask an input carries (one entry per position), as Record extras."""
+    mask = get_keras_mask(inputs)
+    if mask is None or mask.shape.rank != inputs.shape.rank - 1:
+        return {}
+    return {"mask": mask}
+
+
 def row_weights(records, example_weights, rows_of) -> tf.Tensor | None:
-    """Each position's example weight, in the order rows are concatenated."""
-    if example_weights is None:
+    """Each row's weight, in the order rows are concatenated (None: all ones).
+
+    `example_weights` are the loss's weights: (b,) per example, or (b, *S)
+    per loss position (per-step sample weights, a Keras mask). A record with
+    as many rows per example as there are loss positions takes them position
+    by position; any other record takes each example's mean weight. A Keras
+    mask on the record's input (`extras["mask"]`) zeroes its padded rows, so
+    padding never enters the input factor.
+    """
+    masks = [record.extras.get("mask") for record in records]
+    if example_weights is None and all(m is None for m in masks):
         return None
     parts = []
-    for record in records:
-        per_example = tf.shape(rows_of(record))[0] // tf.shape(example_weights)[0]
-        parts.append(tf.repeat(example_weights, per_example))
+    for record, mask in zip(records, masks):
+        count = tf.shape(rows_of(record))[0]
+        if example_weights is None:
+            weights = tf.ones([count], curvature_dtype())
+        else:
+            weights = _weights_per_row(tf.cast(example_weights, curvature_dtype()), count)
+        if mask is not None:
+            weights = weights * tf.reshape(tf.cast(mask, weights.dtype), [-1])
+        parts.append(weights)
     return tf.concat(parts, axis=0)
+
+
+def _weights_per_row(weights: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    batch = tf.shape(weights)[0]
+    per_example = tf.math.floordiv(count, tf.maximum(batch, 1))
+    means = tf.reshape(weights, [batch, -1])
+    repeated = tf.repeat(tf.reduce_mean(means, axis=1), per_example)
+    if weights.shape.rank < 2:
+        return repeated
+    aligned = tf.equal(tf.shape(means)[1], per_example)
+    return tf.cond(aligned, lambda: tf.reshape(means, [-1]), lambda: repeated)
 
 
 def kron_factors(

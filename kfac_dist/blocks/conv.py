@@ -27,6 +27,13 @@ class ConvBlock(DenseBlock):
             )
         super().__init__(layer, approx)
 
+    def record(self, call, inputs, *args, **kwargs):
+        # Patch rows are output positions, not input positions: an input mask
+        # does not line up with them (Keras convolutions do not take masks).
+        outputs, record = super().record(call, inputs, *args, **kwargs)
+        record.extras.pop("mask", None)
+        return outputs, record
+
     def input_rows(self, record: Record) -> tf.Tensor:
         patches = extract_patches(self._layer, tf.cast(record.inputs, curvature_dtype()))
         a = rows(patches)

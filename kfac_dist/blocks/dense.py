@@ -8,6 +8,7 @@ import tensorflow as tf
 from kfac_dist.blocks.base import (
     Block,
     Record,
+    input_mask,
     kron_factors,
     row_weights,
     rows,
@@ -42,7 +43,7 @@ class DenseBlock(Block):
         finally:
             self._layer.activation = activation
         outputs = activation(s) if activation is not None else s
-        return outputs, Record(inputs=inputs, outputs=s)
+        return outputs, Record(inputs=inputs, outputs=s, extras=input_mask(inputs))
 
     # --- the linear map seen as rows of (input, output) pairs ----------------
     def input_rows(self, record: Record) -> tf.Tensor:
