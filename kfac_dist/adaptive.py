@@ -25,8 +25,8 @@ MOMENTUM_TYPES = (REGULAR, QMODEL, QMODEL_FIXED_MU)
 
 def solve_qmodel(
     quadratic: tf.Tensor, linear: tf.Tensor, fixed_mu: tf.Tensor | None = None
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(α, μ, predicted change) minimising ½ cᵀMc + bᵀc over c = (α, μ).
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(α, μ) minimising ½ cᵀMc + bᵀc over c = (α, μ).
 
     `quadratic` is the 2×2 M = [ΔᵀCΔ, ΔᵀCδ; δᵀCΔ, δᵀCδ] (C = F + λI) and
     `linear` b = (∇ᵀΔ, ∇ᵀδ). With δ = 0 (the first step) the system is 1-D.
@@ -43,10 +43,16 @@ def solve_qmodel(
         safe_det = tf.where(degenerate, tf.ones_like(det), det)
         alpha = tf.where(degenerate, -b0 / m00, -(m11 * b0 - m01 * b1) / safe_det)
         mu = tf.where(degenerate, tf.zeros_like(det), -(m00 * b1 - m01 * b0) / safe_det)
+    return alpha, mu
+
+
+def quadratic_change(
+    quadratic: tf.Tensor, linear: tf.Tensor, alpha: tf.Tensor, mu: tf.Tensor
+) -> tf.Tensor:
+    """½ cᵀMc + bᵀc at c = (α, μ): the change the quadratic model predicts."""
     coefficients = tf.stack([alpha, mu])
     change = 0.5 * tf.tensordot(coefficients, tf.linalg.matvec(quadratic, coefficients), 1)
-    change += tf.tensordot(linear, coefficients, 1)
-    return alpha, mu, change
+    return change + tf.tensordot(linear, coefficients, 1)
 
 
 def adapt_damping(
@@ -57,34 +63,47 @@ def adapt_damping(
     decay: float,
     min_damping: float,
 ) -> tf.Tensor:
-    """λ·ω if ρ > 3/4, λ/ω if ρ < 1/4 (ω = decay^interval), never below min_damping."""
+    """λ·ω if ρ > 3/4, λ/ω if ρ < 1/4 or ρ is NaN (ω = decay^interval), ≥ min_damping."""
     omega = tf.constant(decay**interval, damping.dtype)
     damping = tf.where(rho > 0.75, damping * omega, damping)
-    damping = tf.where(rho < 0.25, damping / omega, damping)
+    damping = tf.where(tf.logical_or(rho < 0.25, tf.math.is_nan(rho)), damping / omega, damping)
     return tf.maximum(damping, tf.constant(min_damping, damping.dtype))
 
 
-@contextlib.contextmanager
-def keeping_model_state(model):
-    """A measurement pass: the model's non-trainable state is restored afterwards.
+def model_state(model) -> list[tf.Tensor]:
+    """A snapshot of the model's non-trainable state: random seeds, BN moments."""
+    return [tf.identity(v.value) for v in model.non_trainable_variables]
 
-    Training-mode forward passes move BatchNormalization's moving moments;
-    the extra passes of the adaptive mode must not.
+
+@contextlib.contextmanager
+def measurement(model, start: Sequence[tf.Tensor] | None = None):
+    """A measurement pass: from the state `start` (if given), restored afterwards.
+
+    Training-mode forward passes move BatchNormalization's moving moments and
+    advance the seed generators of Dropout and other random layers; the extra
+    passes of the adaptive mode must do neither, and starting them from the
+    state the step's own forward pass started from gives them its random draws
+    (the same dropout masks), so that they measure the same function.
     """
-    saved = [tf.identity(v.value) for v in model.non_trainable_variables]
+    saved = model_state(model)
+    if start is not None:
+        for var, value in zip(model.non_trainable_variables, start):
+            var.assign(value)
     yield
     for var, value in zip(model.non_trainable_variables, saved):
         var.assign(value)
 
 
-def output_tangents(model, x, variables, tangents, output_losses) -> list[tf.Tensor | None]:
+def output_tangents(
+    model, x, variables, tangents, output_losses, start=None
+) -> tuple[list[tf.Tensor | None], list[tf.Tensor | None]]:
     """J v: the tangent of each output's natural parameters for a weight tangent v.
 
     The forward pass runs in training mode (as the loss does), as a
-    measurement (see `keeping_model_state`).
+    measurement from the step's starting state (see `measurement`).
     """
     primals = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-    with keeping_model_state(model):
+    with measurement(model, start):
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             predictions = keras.tree.flatten(model(x, training=True))
             etas = [

@@ -66,7 +66,15 @@ class Kfac(keras.optimizers.Optimizer):
             and registers its layers when built.
         loss, loss_weights: default to what the model is compiled with.
         momentum: μ in [0, 1), default 0.9 (`momentum_type="regular"`).
-        weight_decay_coeff: decoupled weight decay ≥ 0, default None (off).
+        weight_decay_coeff: weight decay wd ≥ 0, default None (off). Decoupled
+            (added to the update, as above) with regular momentum; with
+            quadratic-model momentum (adaptive=True) it is coupled: the model
+            minimised is that of L + ½·wd·‖θ‖² (gradient ∇ + wd·θ, curvature
+            F + wd·I, and ρ measured on the same objective).
+        include_damping_in_quad_change: whether the quadratic model's predicted
+            change, the denominator of ρ, includes the damping term ½λ‖v‖²
+            (default False, as in kfac-jax and Martens & Grosse 2015 §6.5:
+            ρ compares the loss with the undamped model).
         norm_constraint: KL clipping bound C > 0, default None (off).
         batch_size: global batch size, only to check the data against.
         cov_ema_decay: ε in [0, 1) of the factors' moving average, default 0.95.
@@ -106,6 +114,7 @@ class Kfac(keras.optimizers.Optimizer):
         damping_adaptation_interval: int = 5,
         damping_adaptation_decay: float = 0.95,
         min_damping: float = 1e-8,
+        include_damping_in_quad_change: bool = False,
         weight_decay_coeff: float | None = None,
         norm_constraint: float | None = None,
         batch_size: int | None = None,
@@ -255,6 +264,7 @@ class Kfac(keras.optimizers.Optimizer):
         self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.damping_adaptation_decay = float(damping_adaptation_decay)
         self.min_damping = float(min_damping)
+        self.include_damping_in_quad_change = bool(include_damping_in_quad_change)
         with keras.name_scope(self.name, caller=self):
             # Per replica: adaptive damping is updated inside the step, identically
             # on every replica, with no implicit communication.
@@ -470,6 +480,9 @@ class Kfac(keras.optimizers.Optimizer):
         grads = self.context.all_reduce_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+        if self._coupled_weight_decay:
+            decay = self._weight_decay_coeff
+            grads = [g + tf.cast(decay, g.dtype) * v for g, v in zip(grads, trainable_variables)]
         by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
         block_grads = [[grads[by_index[i]] for i in indices] for indices in self._block_indices]
         preconditioned = self.curvature.precondition(block_grads, self._damping)
@@ -518,7 +531,9 @@ class Kfac(keras.optimizers.Optimizer):
         """
         scale, momentum, finite = coefficients
         velocity = self._velocities[self._get_variable_index(variable)]
-        decay = tf.cast(self._weight_decay_coeff, variable.dtype)
+        # Coupled weight decay is already in the gradient (quadratic-model modes).
+        decay = 0.0 if self._coupled_weight_decay else self._weight_decay_coeff
+        decay = tf.cast(decay, variable.dtype)
         scale = tf.cast(scale, variable.dtype)
         momentum = tf.cast(momentum, variable.dtype)
         new_velocity = momentum * velocity + scale * (gradient + decay * variable)
@@ -528,6 +543,17 @@ class Kfac(keras.optimizers.Optimizer):
             variable,
             tf.where(finite, new_velocity, tf.zeros_like(new_velocity)),
         )
+
+    @property
+    def _coupled_weight_decay(self) -> bool:
+        return self.momentum_type != adaptive_lib.REGULAR and "weight_decay_coeff" in self._mutable
+
+    def _weight_decay_loss(self, variables, dtype) -> tf.Tensor:
+        """½·wd·‖θ‖², the coupled weight decay's term of the objective (0 if none)."""
+        if not self._coupled_weight_decay:
+            return tf.constant(0.0, dtype)
+        decay = tf.cast(self._weight_decay_coeff, dtype)
+        return 0.5 * decay * adaptive_lib.flat_dot(variables, variables, dtype)
 
     def _qmodel_coefficients(self, grads, directions, variables, by_index, inner):
         """(α, μ) of the quadratic model on this batch, identical on every replica.
@@ -545,51 +571,66 @@ class Kfac(keras.optimizers.Optimizer):
         delta = [directions[i] for i in kept]
         tangent_vars = [variables[i] for i in kept]
         losses = self.output_losses(len(keras.tree.flatten(batch["y_pred"])))
+        # The forward passes start from the random state of the step's own pass:
+        # the same dropout masks as the loss they model (see training.py).
+        state = batch["state"]
         j_delta, etas = adaptive_lib.output_tangents(
-            self.model, batch["x"], tangent_vars, delta, losses
+            self.model, batch["x"], tangent_vars, delta, losses, state
         )
         j_prev, _ = adaptive_lib.output_tangents(
-            self.model, batch["x"], tangent_vars, previous, losses
+            self.model, batch["x"], tangent_vars, previous, losses, state
         )
         weights = batch["sample_weights"]
         b = batch["batch_size"]
+        loss_before = tf.cast(batch["loss"], dtype) + self._weight_decay_loss(variables, dtype)
         terms = tf.stack(
             [
-                adaptive_lib.fisher_products(losses, etas, j_delta, j_delta, weights, b),
-                adaptive_lib.fisher_products(losses, etas, j_delta, j_prev, weights, b),
-                adaptive_lib.fisher_products(losses, etas, j_prev, j_prev, weights, b),
-                tf.cast(batch["loss"], tf.float32 if dtype == tf.float32 else dtype),
+                tf.cast(adaptive_lib.fisher_products(losses, etas, ja, jb, weights, b), dtype)
+                for ja, jb in ((j_delta, j_delta), (j_delta, j_prev), (j_prev, j_prev))
             ]
+            + [loss_before]
         )
-        terms = tf.cast(terms, dtype)
         terms = (
             self.context.all_reduce_sum([terms], strategies.ADAPTIVE)[0] / self.context.num_replicas
         )
         damping = tf.cast(self._damping, dtype)
+        decay = tf.cast(self._weight_decay_coeff if self._coupled_weight_decay else 0.0, dtype)
         dd = adaptive_lib.flat_dot(delta, delta, dtype)
         dp = adaptive_lib.flat_dot(delta, previous, dtype)
         pp = adaptive_lib.flat_dot(previous, previous, dtype)
-        quadratic = tf.stack(
+        # M = [ΔᵀCΔ, ΔᵀCδ; δᵀCΔ, δᵀCδ] with C = F + wd·I (the objective's
+        # curvature), damped by λI for solving.
+        curvature = tf.stack(
             [
-                tf.stack([terms[0] + damping * dd, terms[1] + damping * dp]),
-                tf.stack([terms[1] + damping * dp, terms[2] + damping * pp]),
+                tf.stack([terms[0] + decay * dd, terms[1] + decay * dp]),
+                tf.stack([terms[1] + decay * dp, terms[2] + decay * pp]),
             ]
         )
+        norms = tf.stack([tf.stack([dd, dp]), tf.stack([dp, pp])])
+        damped = curvature + damping * norms
         grad_list = [grads[i] for i in kept]
         linear = tf.stack([inner, adaptive_lib.flat_dot(grad_list, previous, dtype)])
         fixed_mu = self._momentum if self.momentum_type == adaptive_lib.QMODEL_FIXED_MU else None
-        alpha, mu, change = adaptive_lib.solve_qmodel(quadratic, linear, fixed_mu)
+        alpha, mu = adaptive_lib.solve_qmodel(damped, linear, fixed_mu)
+        model = damped if self.include_damping_in_quad_change else curvature
+        change = adaptive_lib.quadratic_change(model, linear, alpha, mu)
         self._replica_step.loss = terms[3]
         self._qmodel_state.assign(tf.stack([alpha, mu, change, self._qmodel_state[3]]))
         return alpha, mu
 
     def adapt_damping_after_step(self, loss_after) -> None:
-        """Levenberg–Marquardt rule on ρ, with the loss after the step on the same batch."""
+        """Levenberg–Marquardt rule on ρ, with the loss after the step on the same batch.
+
+        `loss_after` is this replica's compiled loss (Keras' per-replica
+        scaling undone, as the loss before the step); one small all-reduce
+        averages it. A NaN ρ (a non-finite loss) raises the damping.
+        """
         dtype = self._qmodel_state.dtype
+        loss_after = tf.cast(loss_after, dtype) + self._weight_decay_loss(
+            self.model.trainable_variables, dtype
+        )
         loss_after = (
-            self.context.all_reduce_sum(
-                [tf.reshape(tf.cast(loss_after, dtype), [1])], strategies.ADAPTIVE
-            )[0][0]
+            self.context.all_reduce_sum([tf.reshape(loss_after, [1])], strategies.ADAPTIVE)[0][0]
             / self.context.num_replicas
         )
         change = self._qmodel_state[2]
@@ -735,6 +776,7 @@ class Kfac(keras.optimizers.Optimizer):
                 "batch_size": int(self._batch_size.numpy())
                 if "batch_size" in self._mutable
                 else None,
+                "include_damping_in_quad_change": self.include_damping_in_quad_change,
                 "cov_ema_decay": self.cov_ema_decay,
                 "cov_update_every": self.cov_update_every,
                 "invert_every": self.invert_every,

@@ -19,6 +19,7 @@ from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from kfac_dist import adaptive, capture
+from kfac_dist.adaptive import REGULAR
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
 
@@ -135,6 +136,9 @@ def kfac_train_step(model, data):
     replica_id = curvature.context.replica_id()
     seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
 
+    # The adaptive mode's extra forward passes start from this state, so that
+    # they draw the random numbers (dropout masks) this step's loss was taken with.
+    start_state = adaptive.model_state(model) if kfac.momentum_type != REGULAR else None
     with tf.GradientTape(persistent=True) as tape:
         with capture.recording(curvature.blocks) as records:
             y_pred = model(x, training=True) if model._call_has_training_arg else model(x)  # noqa: SLF001
@@ -188,14 +192,16 @@ def kfac_train_step(model, data):
         "x": x,
         "y_pred": y_pred,
         "sample_weights": effective_weights,
+        "state": start_state,
         "batch_size": batch_size,
-        "loss": keras_loss_module.unscale_loss_for_distribution(loss_value),
+        # A sum over a vector of losses (reduction=None), as Keras' gradient is.
+        "loss": tf.reduce_sum(keras_loss_module.unscale_loss_for_distribution(loss_value)),
     }
     kfac.apply_gradients(zip(gradients, trainable_weights))
     if kfac.adapt_damping:
         tf.cond(
             tf.equal((step + 1) % kfac.damping_adaptation_interval, 0),
-            lambda: _adapt_damping(model, kfac, x, y, sample_weight),
+            lambda: _adapt_damping(model, kfac, x, y, sample_weight, start_state),
             tf.no_op,
         )
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -203,19 +209,26 @@ def kfac_train_step(model, data):
     return logs
 
 
-def compiled_loss(model, x, y, sample_weight) -> tf.Tensor:
+def compiled_loss(model, x, y, sample_weight, start_state=None) -> tf.Tensor:
     """The compiled loss of the current weights on (x, y), as a measurement.
 
-    Keras' own loss call would also update its loss metrics, and a training
-    forward pass would move BatchNormalization statistics: both are avoided.
+    The same quantity as the loss the step logs: Keras' per-output losses and
+    regularisation losses, with Keras' per-replica scaling undone, in the
+    loss's own dtype. The forward pass starts from `start_state` (the step's
+    random draws) and leaves no trace: no metric update, no moved
+    BatchNormalization moments, no advanced seed.
     """
-    with adaptive.keeping_model_state(model):
+    with adaptive.measurement(model, start_state):
         y_pred = model(x, training=True)
+        regularisation = [
+            model._aggregate_additional_loss(loss)  # noqa: SLF001
+            for loss in model.losses
+        ]
     flat_pred = _flatten(y_pred)
     output_names = list(getattr(model, "output_names", None) or [])
     flat_true = _align_targets(y, y_pred, output_names)
     flat_weights = _align_weights(sample_weight, len(flat_pred), output_names)
-    total = tf.add_n([tf.cast(v, tf.float32) for v in model.losses] or [tf.constant(0.0)])
+    values = list(regularisation)
     for entry in model._compile_loss._flat_losses:  # noqa: SLF001
         index = 0
         if entry.path and isinstance(entry.path[0], int):
@@ -223,13 +236,16 @@ def compiled_loss(model, x, y, sample_weight) -> tf.Tensor:
         elif entry.path and isinstance(entry.path[0], str):
             index = output_names.index(entry.path[0])
         value = entry.loss(flat_true[index], flat_pred[index], flat_weights[index])
-        weight = 1.0 if entry.loss_weights is None else entry.loss_weights
-        total += tf.cast(value, tf.float32) * weight
-    return total
+        if entry.loss_weights is not None:
+            value = value * entry.loss_weights
+        values.append(value)
+    dtype = values[-1].dtype
+    total = tf.add_n([tf.reduce_sum(tf.cast(v, dtype)) for v in values])
+    return keras_loss_module.unscale_loss_for_distribution(total)
 
 
-def _adapt_damping(model, kfac, x, y, sample_weight):
-    kfac.adapt_damping_after_step(compiled_loss(model, x, y, sample_weight))
+def _adapt_damping(model, kfac, x, y, sample_weight, start_state):
+    kfac.adapt_damping_after_step(compiled_loss(model, x, y, sample_weight, start_state))
     return tf.no_op()
 
 

@@ -54,7 +54,8 @@ def test_qmodel_solution_equals_numpy(fixed_mu):
     m = np.array([[3.0, 0.5], [0.5, 2.0]])
     b = np.array([-1.0, 0.4])
     mu_arg = None if fixed_mu is None else tf.constant(fixed_mu, tf.float64)
-    alpha, mu, change = adaptive.solve_qmodel(tf.constant(m), tf.constant(b), mu_arg)
+    alpha, mu = adaptive.solve_qmodel(tf.constant(m), tf.constant(b), mu_arg)
+    change = adaptive.quadratic_change(tf.constant(m), tf.constant(b), alpha, mu)
     if fixed_mu is None:
         want = -np.linalg.solve(m, b)
     else:
@@ -65,7 +66,7 @@ def test_qmodel_solution_equals_numpy(fixed_mu):
 
 def test_qmodel_first_step_without_previous_update_is_one_dimensional():
     m = np.array([[3.0, 0.0], [0.0, 0.0]])
-    alpha, mu, _ = adaptive.solve_qmodel(tf.constant(m), tf.constant([-1.5, 0.0], tf.float64))
+    alpha, mu = adaptive.solve_qmodel(tf.constant(m), tf.constant([-1.5, 0.0], tf.float64))
     assert alpha.numpy() == pytest.approx(0.5) and mu.numpy() == 0.0
 
 
@@ -110,10 +111,32 @@ def test_mutable_hyperparameters_exclude_what_adaptive_mode_controls():
 
 
 STEPS, INTERVAL = 20, 5
+LOGGED = ("rho", "damping", "qmodel_alpha", "qmodel_mu", "qmodel_change")
+
+
+def regularized_model(seed=0):
+    """tiny_model with L2 kernel regularisers: model.losses enter ρ's losses."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(
+                3, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)
+            ),
+            keras.layers.Dense(
+                3, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.01)
+            ),
+        ]
+    )
+
+
+def adaptive_data():
+    rng = np.random.default_rng(3)
+    return rng.normal(size=(STEPS * 16, 4)), rng.integers(0, 3, size=STEPS * 16)
 
 
 @functools.cache
-def adaptive_run(num_replicas):
+def adaptive_run(num_replicas, regularized=False):
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
@@ -124,11 +147,9 @@ def adaptive_run(num_replicas):
                 [f"/cpu:{i}" for i in range(num_replicas)],
                 cross_device_ops=tf.distribute.ReductionToOneDevice(),
             )
-        rng = np.random.default_rng(3)
-        x = rng.normal(size=(STEPS * 16, 4))
-        y = rng.integers(0, 3, size=STEPS * 16)
+        x, y = adaptive_data()
         with strategy.scope():
-            model = tiny_model(seed=2)
+            model = (regularized_model if regularized else tiny_model)(seed=2)
             opt = kfac.Kfac(
                 adaptive=True,
                 damping=0.5,
@@ -140,12 +161,14 @@ def adaptive_run(num_replicas):
             )
             model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
         history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-        damping_log = []
+        logs = {key: [] for key in LOGGED}
         record = keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda batch, logs: damping_log.append(logs["damping"])
+            on_train_batch_end=lambda batch, logs=None, _out=logs: [
+                _out[key].append(float(logs[key])) for key in LOGGED
+            ]
         )
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[record])
-        return model, opt, history, damping_log
+        return model, opt, history, logs
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy("float32")
@@ -153,20 +176,132 @@ def adaptive_run(num_replicas):
 
 def test_adaptive_mode_trains_and_logs_its_state():
     model, opt, history, _ = adaptive_run(1)
-    for key in ("damping", "qmodel_alpha", "qmodel_mu", "qmodel_change", "rho"):
+    for key in LOGGED:
         assert key in history.history
     assert opt.curvature.factor_sums[0].dtype == "float64"
     assert np.isfinite(history.history["loss"]).all()
     assert float(opt.damping.numpy()) != 0.5  # the damping moved
 
 
-def test_two_replicas_give_the_same_weights_and_damping_sequence_in_float64():
-    one, _, _, damping_one = adaptive_run(1)
-    two, opt, _, damping_two = adaptive_run(2)
-    for a, b in zip(one.get_weights(), two.get_weights()):
+@pytest.mark.parametrize("num_replicas, regularized", [(2, False), (2, True), (4, True)])
+def test_replicas_give_the_same_rho_damping_coefficients_and_weights_in_float64(
+    num_replicas, regularized
+):
+    one, _, _, logs_one = adaptive_run(1, regularized)
+    many, opt, _, logs_many = adaptive_run(num_replicas, regularized)
+    for a, b in zip(one.get_weights(), many.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(damping_two, damping_one, rtol=1e-8)
+    for key in LOGGED:
+        np.testing.assert_allclose(logs_many[key], logs_one[key], rtol=1e-8, atol=1e-12)
+    # ρ is a ratio near 1 for good steps, not one scaled by the replica count.
+    assert 0.0 < np.median(logs_one["rho"]) < 2.0
     counts = opt.context.counts(1)
     steps = 2 * STEPS
     assert counts[strategies.ADAPTIVE]["calls"] == steps + steps // INTERVAL
     assert counts[strategies.GRADIENTS]["calls"] == steps
+
+
+def test_the_loss_after_the_step_keeps_float64_precision():
+    model, *_ = adaptive_run(1, True)
+    x, y = adaptive_data()
+    from kfac_dist import training
+
+    measure = tf.function(training.compiled_loss, autograph=False)
+    value = measure(model, tf.constant(x[:16]), tf.constant(y[:16]), None)
+    assert value.dtype == tf.float64
+
+
+def test_nan_rho_raises_the_damping():
+    damping = tf.constant(1.0, tf.float64)
+    raised = adaptive.adapt_damping(
+        damping, tf.constant(np.nan, tf.float64), interval=5, decay=0.9, min_damping=0.0
+    )
+    np.testing.assert_allclose(raised.numpy(), 1.0 / 0.9**5)
+
+
+def test_measurements_at_unchanged_weights_reproduce_the_loss_with_dropout():
+    """ρ's numerator at a zero step: the loss after the (null) step, measured from
+    the step's starting state, equals the loss of the step's own forward pass, so
+    both losses and the GGN products see the same dropout masks."""
+    from kfac_dist import training
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(3),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(loss=loss)
+    x, y = tf.constant(X), tf.constant(LABELS)
+    output = losses.output_loss(loss)
+
+    @tf.function(autograph=False)
+    def step():
+        start = adaptive.model_state(model)
+        y_pred = model(x, training=True)
+        before = model.compute_loss(x, y, y_pred)
+        after = training.compiled_loss(model, x, y, None, start)
+        variables = model.trainable_variables
+        zeros = [tf.zeros_like(v) for v in variables]
+        _, etas = adaptive.output_tangents(model, x, variables, zeros, [output], start)
+        elsewhere = training.compiled_loss(model, x, y, None)  # a fresh draw
+        return before, after, etas[0], y_pred, elsewhere
+
+    before, after, eta, y_pred, elsewhere = step()
+    np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(eta.numpy(), y_pred.numpy(), rtol=1e-6)
+    assert abs(float(elsewhere) - float(before)) > 1e-4  # dropout is really on
+
+
+@pytest.mark.parametrize("include_damping", [False, True])
+@pytest.mark.parametrize("weight_decay", [None, 0.375])
+def test_first_qmodel_step_of_a_linear_model_equals_numpy(include_damping, weight_decay):
+    """δ = 0 at the first step: α = −⟨g, Δ⟩ / Δᵀ(F + wd + λ)Δ with Δ = (F + λ)⁻¹g and
+    g = ∇ + wd·θ (coupled weight decay); the predicted change is that of the
+    model with or without the damping term. F = A ⊗ (2/d)I exactly here."""
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        rng = np.random.default_rng(8)
+        # Values exact in float32: the data pipeline may pass through it.
+        x = rng.normal(size=(16, 4)).astype(np.float32).astype(np.float64)
+        y = rng.normal(size=(16, 3)).astype(np.float32).astype(np.float64)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        damping = 0.25  # exact in float32, as the hyperparameter variables are
+        opt = kfac.Kfac(
+            momentum_type="qmodel",
+            damping=damping,
+            model=model,
+            loss="mse",
+            estimation_mode="exact",
+            inverse_method="eigen",
+            cov_ema_decay=0.0,
+            invert_every=1,
+            weight_decay_coeff=weight_decay,
+            include_damping_in_quad_change=include_damping,
+        )
+        model.compile(optimizer=opt, loss="mse")
+        theta = np.concatenate([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None]])
+        history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        after = np.concatenate([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None]])
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
+    wd = weight_decay or 0.0
+    inputs = np.concatenate([x, np.ones((16, 1))], axis=1)
+    fisher = np.kron(inputs.T @ inputs / 16, 2.0 / 3 * np.eye(3))  # row-major vec(θ)
+    grad = (2.0 / (16 * 3) * inputs.T @ (inputs @ theta - y)).reshape(-1) + wd * theta.reshape(-1)
+    eye = np.eye(fisher.shape[0])
+    delta = np.linalg.solve(fisher + damping * eye, grad)
+    curvature = delta @ (fisher + wd * eye) @ delta
+    alpha = -(grad @ delta) / (curvature + damping * delta @ delta)
+    np.testing.assert_allclose(after.reshape(-1), theta.reshape(-1) + alpha * delta, rtol=1e-8)
+    quadratic = curvature + (damping * delta @ delta if include_damping else 0.0)
+    change = 0.5 * alpha**2 * quadratic + alpha * (grad @ delta)
+    np.testing.assert_allclose(history.history["qmodel_change"][0], change, rtol=1e-8)
+    np.testing.assert_allclose(history.history["qmodel_alpha"][0], alpha, rtol=1e-8)
