@@ -104,3 +104,34 @@ def test_a_mask_consumed_inside_the_model_zeroes_padded_rows_of_the_layers_befor
     rows = np.concatenate([embeddings[TOKENS[valid]], np.ones((valid.sum(), 1))], axis=1)
     np.testing.assert_allclose(dense_a, rows.T @ rows / B, rtol=1e-5, atol=1e-7)
     assert np.isfinite(model.layers[1].kernel.numpy()).all()
+
+
+def test_a_masking_layer_equals_the_equivalent_sample_weights():
+    features = RNG.normal(size=(B, T, 3)).astype("float32")
+    features[~MASK.astype(bool)] = 0.0
+
+    def model(masking: bool) -> keras.Model:
+        keras.utils.set_random_seed(5)
+        layers = [keras.Input((T, 3))]
+        layers += [keras.layers.Masking(0.0)] if masking else []
+        layers += [keras.layers.Dense(WIDTH, activation="tanh"), keras.layers.Dense(CLASSES)]
+        return keras.Sequential(layers)
+
+    results = []
+    for masking, weights in ((True, None), (False, MASK * MASK.size / MASK.sum())):
+        net = model(masking)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        opt = kfac.Kfac(
+            learning_rate=0.1, damping=0.01, model=net, loss=loss, invert_every=1, seed=3
+        )
+        net.compile(optimizer=opt, loss=loss)
+        history = net.fit(
+            features, LABELS, sample_weight=weights, batch_size=B, epochs=2, verbose=0
+        )
+        results.append((history.history["loss"], opt.curvature.factors(), net.get_weights()))
+    (loss_a, factors_a, weights_a), (loss_b, factors_b, weights_b) = results
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(factors_a, factors_b):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
