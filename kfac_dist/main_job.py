@@ -1,7 +1,7 @@
 """The main job: the MNIST autoencoder trained with K-FAC, then Adam, on local workers, compared.
 
     python scripts/main_job.py                  # 2 workers; writes out/main_job/loss.png
-    python scripts/main_job.py --kfac-steps 500 --adam-steps 1000 --out-dir runs/main
+    python scripts/main_job.py --kfac-steps 500 --adam-steps 1000 --out-dir out/long
 
 Each optimizer trains the autoencoder of DESIGN.md §7 (batch 500, MNIST-5k:
 the first 5,000 training digits of tensorflow-datasets, or offline the 5,000

@@ -1,7 +1,7 @@
 """Command line of the placement benchmark: each policy's max share on ResNet-50 shapes.
 
-    python scripts/benchmark_placement.py              # print, and update BENCHMARKS.md
-    python scripts/benchmark_placement.py --no-write
+    python scripts/benchmark_placement.py              # print only: the tree stays clean
+    python scripts/benchmark_placement.py --write      # print, and update BENCHMARKS.md
     python scripts/benchmark_placement.py --replicas 2 16 128
 
 Exits with 1 if "balanced" is not within 5% of the lower bound at every
@@ -16,7 +16,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BENCHMARKS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+BENCHMARKS_FILE = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+)
 TOLERANCE = 0.05
 
 
@@ -26,8 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=list(BENCHMARK_REPLICAS))
     parser.add_argument("--inverse-method", choices=("cholesky", "eigen"), default="cholesky")
-    parser.add_argument("--output", default=BENCHMARKS_FILE, help="markdown file to update")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="also put the section into --output (a tracked file: left alone unless asked)",
+    )
+    parser.add_argument(
+        "--output", default=BENCHMARKS_FILE, help="markdown file --write updates (%(default)s)"
+    )
     return parser.parse_args(argv)
 
 
@@ -44,7 +52,7 @@ def main(argv=None) -> int:
     )
     section = tuner.benchmark_markdown(benchmark)
     print(section)
-    if not args.no_write:
+    if args.write:
         tuner.write_markdown_section(args.output, section)
         print(f"written to {os.path.normpath(args.output)}")
     within = benchmark.within("balanced", TOLERANCE)
