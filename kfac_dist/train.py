@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 import kfac_dist
-from kfac_dist import benchmarks, tpu
+from kfac_dist import benchmarks, shutdown, tpu
 from kfac_dist.blocks import INVERSE_METHODS
 from kfac_dist.checkpointing import StepCheckpoint
 from kfac_dist.examples import autoencoder, convnet
@@ -324,6 +324,7 @@ def make_strategy(args: argparse.Namespace) -> tf.distribute.Strategy:
             if "TF_CONFIG" not in os.environ:
                 print("TF_CONFIG is not set: training as a single worker.", flush=True)
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        shutdown.configure_shutdown_barrier(resolver)  # see main(): the workers leave together
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     return tpu.connect(
         args.tpu or tpu.LOCAL,
@@ -578,6 +579,13 @@ def train(
     keras.utils.set_random_seed(args.seed)
     model = build_model(args, strategy, example)
     is_chief = bool(strategy.extended.should_checkpoint)
+    if is_chief and args.verbose:
+        # The first step traces and compiles for a while before any progress bar.
+        print(
+            f"Built the {args.example} model for {args.optimizer} on {num_replicas} "
+            f"replica(s) ({args.strategy}); tracing the train step (the first step).",
+            flush=True,
+        )
     task_type, task_id = task(strategy)
     fit_callbacks: list[keras.callbacks.Callback] = []
     start_step = 0
@@ -668,7 +676,11 @@ def main(
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> int:
     """Runs the command (with `callbacks` added to `fit`'s); a setup problem (no TPU,
-    bad cluster, too little data) is one line on stderr and exit status 1."""
+    bad cluster, too little data) is one line on stderr and exit status 1.
+
+    A multi-worker run that succeeded ends its process here, once every worker
+    is done, so that none logs errors about its peers' exit (kfac_dist.shutdown).
+    """
     parser = parser or build_parser()
     args = parse_args(argv, parser)
     try:
@@ -688,6 +700,8 @@ def main(
         )
     elif result.is_chief:
         print(f"Nothing left to train: the checkpoint is at step {result.start_step}.", flush=True)
+    if args.strategy == "multiworker":
+        shutdown.leave_cluster(0)  # with the other workers, without their shutdown errors
     return 0
 
 

