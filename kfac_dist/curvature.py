@@ -14,6 +14,7 @@ brings every result to every replica.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -52,6 +53,14 @@ def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
         for block in blocks
         for factor_name, shape in zip(block.factor_names(), block.factor_shapes())
     ]
+
+
+class BatchStatistics(NamedTuple):
+    """One replica's batch statistics between the train step and the fold."""
+
+    statistics: list[tf.Tensor]  # means over the local batch, in factor order
+    weights: tf.Tensor  # [examples, sum of sample weights]
+    finite: tf.Tensor  # whether every statistic is finite (local)
 
 
 class Curvature:
@@ -116,31 +125,49 @@ class Curvature:
             start += count
 
     # --- statistics -----------------------------------------------------------
-    def accumulate(
+    def batch_statistics(
         self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor, weight_total=None
-    ) -> None:
-        """Folds one batch's statistics (flat, in factor order) into the local sums.
+    ) -> BatchStatistics:
+        """One batch's statistics (flat, in factor order), ready to fold.
 
         `weight_total` is the batch's sum of sample weights (default: b); the
-        Kronecker input factors are divided by the mean weight it gives.
-
-        A batch with non-finite statistics is not folded (and counted), so
-        the local sums stay as they were; this decision needs no collective.
+        Kronecker input factors are divided by the mean weight it gives. A
+        replica with no examples contributes zero statistics and zero weight
+        (its means are 0/0), so that its sums still decay: ΣS/ΣW is then the
+        moving average of the global batch whatever the split.
         """
-        decay = tf.constant(self.cov_ema_decay, curvature_dtype())
         b = tf.cast(batch_size, curvature_dtype())
         weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
-        finite = _all_finite(statistics)
+        has_examples = b > 0
+        statistics = [
+            tf.where(has_examples, tf.cast(s, b.dtype), tf.zeros_like(s, b.dtype))
+            for s in statistics
+        ]
+        return BatchStatistics(list(statistics), weights, _all_finite(statistics))
+
+    def empty_statistics(self) -> BatchStatistics:
+        """What a step without statistics hands to `fold` (never folded)."""
+        dtype = curvature_dtype()
+        zeros = [tf.zeros(v.shape, dtype) for v in self.factor_sums]
+        return BatchStatistics(zeros, tf.zeros([2], dtype), tf.constant(True))
+
+    def fold(self, batch: BatchStatistics, apply: tf.Tensor) -> None:
+        """S ← εS + (1-ε)·b·F_batch and W ← εW + (1-ε)·[b, Σw] where `apply` holds.
+
+        `apply` must be identical on every replica (the caller decides it on
+        all-reduced values), so a non-finite batch on one replica leaves every
+        replica's sums as they were.
+        """
+        decay = tf.constant(self.cov_ema_decay, curvature_dtype())
+        b = batch.weights[0]
 
         def fold():
-            # One pass per factor: S ← εS + (1-ε)·b·F_batch.
-            for var, stat in zip(self.factor_sums, statistics):
+            for var, stat in zip(self.factor_sums, batch.statistics):
                 var.assign(decay * var + ((1.0 - decay) * b) * stat)
-            self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * weights)
+            self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * batch.weights)
             return tf.no_op()
 
-        tf.cond(finite, fold, tf.no_op)
-        self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        tf.cond(apply, fold, tf.no_op)
         if self.factor_sync == EVERY_UPDATE:
             self.sync()
 
@@ -439,4 +466,4 @@ def per_replica_variable(optimizer: keras.optimizers.Optimizer):
     return add_variable
 
 
-__all__ = ["CHOLESKY", "Curvature", "FACTOR_SYNC_MODES", "per_replica_variable"]
+__all__ = ["CHOLESKY", "BatchStatistics", "Curvature", "FACTOR_SYNC_MODES", "per_replica_variable"]

@@ -17,6 +17,9 @@ from kfac_dist import losses as losses_lib
 from kfac_dist import placement as placement_lib
 from kfac_dist.multi_worker import enable_multi_worker_fit
 
+#: Name scope of the inverse update's `tf.cond`, so tools can find it in a graph.
+INVERSE_UPDATE_SCOPE = "kfac_inverse_update"
+
 MUTABLE = (
     "learning_rate",
     "damping",
@@ -477,12 +480,29 @@ class Kfac(keras.optimizers.Optimizer):
             v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
         ]
         grads = [tf.convert_to_tensor(g) for g in grads]
-        grads = self.context.all_reduce_gradients(grads)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        statistics, is_statistics_step, is_inverse_step = self._take_curvature_step()
+        # This replica's non-finite statistics travel inside the one gradient
+        # all-reduce: every replica then skips the same steps, with no extra
+        # collective (a replica that skipped alone would skew the factors).
+        local_bad = tf.cast(tf.logical_not(statistics.finite), grads[0].dtype)
+        *grads, bad = self.context.all_reduce_gradients([*grads, local_bad])
+        finite = tf.logical_and(
+            tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]),
+            tf.equal(bad, 0),
+        )
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         if self._coupled_weight_decay:
             decay = self._weight_decay_coeff
             grads = [g + tf.cast(decay, g.dtype) * v for g, v in zip(grads, trainable_variables)]
+        curvature = self.curvature
+        curvature.fold(statistics, tf.logical_and(is_statistics_step, finite))
+
+        def update_inverses():
+            curvature.update_inverses(self.damping_value())
+            return tf.no_op()
+
+        with tf.name_scope(INVERSE_UPDATE_SCOPE):
+            tf.cond(is_inverse_step, update_inverses, tf.no_op)
         by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
         block_grads = [[grads[by_index[i]] for i in indices] for indices in self._block_indices]
         preconditioned = self.curvature.precondition(block_grads, self._damping)
@@ -514,6 +534,19 @@ class Kfac(keras.optimizers.Optimizer):
             list(zip(directions, trainable_variables)),
             coefficients,
         )
+
+    def _take_curvature_step(self):
+        """This replica's batch statistics, whether to fold them and whether to invert.
+
+        The train step hands them over; `apply_gradients` called outside it
+        folds nothing and inverts nothing.
+        """
+        handed = getattr(self._replica_step, "curvature", None)
+        self._replica_step.curvature = None
+        if handed is None:
+            return self.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
+        statistics, is_statistics_step, step = handed
+        return statistics, is_statistics_step, tf.equal(step % self.invert_every, 0)
 
     def _distributed_kfac_update(self, distribution, grads_and_vars, coefficients):
         # The coefficients travel as merge_call arguments, so each replica's
@@ -645,26 +678,27 @@ class Kfac(keras.optimizers.Optimizer):
         self._damping.assign(damping)
         self._qmodel_state.assign(tf.concat([self._qmodel_state[:3], [rho]], 0))
 
-    def step_logs(self) -> dict[str, tf.Tensor]:
-        """K-FAC's own state for the `fit` history and TensorBoard."""
-        return {
-            "damping": tf.convert_to_tensor(self._damping),
-            "kl_clip": tf.convert_to_tensor(self._kl_clip.value),
-            **(
-                {}
-                if self.momentum_type == adaptive_lib.REGULAR
-                else {
-                    "qmodel_alpha": self._qmodel_state.value[0],
-                    "qmodel_mu": self._qmodel_state.value[1],
-                    "qmodel_change": self._qmodel_state.value[2],
-                    "rho": self._qmodel_state.value[3],
-                }
-            ),
-            "nonfinite_skips": tf.cast(
-                self._skipped_updates.value + self.curvature.skipped_statistics.value,
-                tf.float32,
-            ),
-        }
+    def step_logs(self) -> dict[str, float]:
+        """K-FAC's own state for the `fit` history, `return_dict=True` and TensorBoard.
+
+        Read on the host after a step, from this process's first replica:
+        these values are identical on every replica, so reading one copy
+        needs no collective (a log returned by the train step would cost
+        Keras' mean across replicas, a round trip per value and step).
+        """
+        local = self.context.strategy.experimental_local_results
+
+        def first(variable) -> np.ndarray:
+            return np.asarray(local(variable.value)[0])
+
+        logs = {"damping": float(first(self._damping)), "kl_clip": float(first(self._kl_clip))}
+        if self.momentum_type != adaptive_lib.REGULAR:
+            alpha, mu, change, rho = first(self._qmodel_state)
+            logs.update(qmodel_alpha=float(alpha), qmodel_mu=float(mu), qmodel_change=float(change))
+            logs["rho"] = float(rho)
+        skips = first(self._skipped_updates) + first(self.curvature.skipped_statistics)
+        logs["nonfinite_skips"] = float(skips)
+        return logs
 
     # --- placement report --------------------------------------------------------------
     def placement_report(self, as_dict: bool = False) -> str | dict:

@@ -3,11 +3,12 @@
 One step (DESIGN.md §3): a forward pass that records each block's inputs and
 pre-activations; the compiled loss and its gradients; on factor-update steps,
 gradients of a pseudo-loss built from the model's predictive distribution at
-every recorded pre-activation, folded into local factor sums; on
-inverse-update steps, the sync, the owned inversions and the sharing; then
-`apply_gradients`, where the optimizer preconditions the all-reduced
-gradients. Returns Keras' metrics plus K-FAC's own state for the history.
-"""
+every recorded pre-activation, and each block's batch statistics; then
+`apply_gradients`, where the optimizer all-reduces the gradients once (with
+each replica's finiteness of its statistics), folds the statistics unless
+some replica saw a non-finite value, and on inverse-update steps syncs,
+inverts its own factors and shares them, before it preconditions. Returns
+Keras' metrics; K-FAC's own state joins them on the host."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def example_weight_total(weights, batch_size) -> tf.Tensor | None:
     if weights is None:
         return None
     w = tf.cast(weights, curvature_dtype())
-    return tf.reduce_sum(tf.reduce_mean(tf.reshape(w, [batch_size, -1]), axis=1))
+    # Not [b, -1]: a replica with no examples cannot infer the -1.
+    per_example = tf.size(w) // tf.maximum(batch_size, 1)
+    return tf.reduce_sum(tf.reduce_mean(tf.reshape(w, tf.stack([batch_size, per_example])), axis=1))
 
 
 def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
@@ -176,18 +179,18 @@ def kfac_train_step(model, data):
         for block, block_records, block_targets in zip(curvature.blocks, records, targets):
             output_grads = [next(stacked) for _ in block_targets]
             statistics.extend(block.statistics(block_records, output_grads, batch_size, weights))
-        curvature.accumulate(statistics, batch_size, example_weight_total(weights, batch_size))
-        return tf.no_op()
+        total = example_weight_total(weights, batch_size)
+        return curvature.batch_statistics(statistics, batch_size, total)
 
+    # The statistics are folded (and the inverses updated) by the optimizer,
+    # after the gradient all-reduce that also decides, on values every
+    # replica shares, whether this batch was finite everywhere.
     if kfac.cov_update_every == 1:
-        update_statistics()
+        statistics, is_statistics_step = update_statistics(), tf.constant(True)
     else:
-        tf.cond(tf.equal(step % kfac.cov_update_every, 0), update_statistics, tf.no_op)
-    tf.cond(
-        tf.equal(step % kfac.invert_every, 0),
-        lambda: _update_inverses(curvature, kfac.damping_value()),
-        tf.no_op,
-    )
+        is_statistics_step = tf.equal(step % kfac.cov_update_every, 0)
+        statistics = tf.cond(is_statistics_step, update_statistics, curvature.empty_statistics)
+    kfac._replica_step.curvature = (statistics, is_statistics_step, step)  # noqa: SLF001
     kfac._replica_step.inputs = {  # noqa: SLF001
         "x": x,
         "y_pred": y_pred,
@@ -204,9 +207,8 @@ def kfac_train_step(model, data):
             lambda: _adapt_damping(model, kfac, x, y, sample_weight, start_state),
             tf.no_op,
         )
-    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    logs.update(kfac.step_logs())
-    return logs
+    # K-FAC's own state joins the logs on the host (see `_with_kfac_logs`).
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
 def compiled_loss(model, x, y, sample_weight, start_state=None) -> tf.Tensor:
@@ -249,12 +251,59 @@ def _adapt_damping(model, kfac, x, y, sample_weight, start_state):
     return tf.no_op()
 
 
-def _update_inverses(curvature, damping):
-    curvature.update_inverses(damping)
-    return tf.no_op()
+def _bound_kfac(model: keras.Model):
+    kfac = model.optimizer
+    if getattr(kfac, "is_kfac", False) and kfac.model is model and kfac.built:
+        return kfac
+    return None
+
+
+def _with_kfac_logs(model: keras.Model, function):
+    """Keras' train function, its logs joined by K-FAC's state read on the host."""
+
+    def train_function(iterator):
+        logs = function(iterator)
+        kfac = _bound_kfac(model)
+        return logs if kfac is None else {**logs, **kfac.step_logs()}
+
+    train_function.__wrapped__ = function
+    return train_function
+
+
+def _make_train_function(model: keras.Model, force: bool = False):
+    type(model).make_train_function(model, force)
+    function = model.train_function
+    if function is not None and not hasattr(function, "__wrapped__"):
+        model.train_function = _with_kfac_logs(model, function)
+    return model.train_function
+
+
+def _train_on_batch(
+    model: keras.Model, x, y=None, sample_weight=None, class_weight=None, return_dict=False
+):
+    """Keras' `train_on_batch`: K-FAC's state only in the dict, so that the
+    default return is what it is with any Keras optimizer (a scalar loss when
+    there are no metrics)."""
+    logs = type(model).train_on_batch(
+        model, x, y, sample_weight=sample_weight, class_weight=class_weight, return_dict=True
+    )
+    if return_dict:
+        return logs
+    kfac = _bound_kfac(model)
+    kfac_keys = set(kfac.step_logs()) if kfac is not None else set()
+    return model._flatten_metrics_in_order(  # noqa: SLF001
+        {key: value for key, value in logs.items() if key not in kfac_keys}
+    )
 
 
 def install(model: keras.Model) -> None:
-    """Makes `model` run the K-FAC train step (on this instance only)."""
+    """Makes `model` run the K-FAC train step (on this instance only).
+
+    K-FAC's state reaches the logs from the host after each train function
+    call, not from the step: Keras would average each returned log across
+    replicas, a collective per value and step.
+    """
     model.train_step = types.MethodType(kfac_train_step, model)
+    model.make_train_function = types.MethodType(_make_train_function, model)
+    model.train_on_batch = types.MethodType(_train_on_batch, model)
     model.train_function = None

@@ -204,3 +204,138 @@ def test_uneven_replica_batches_give_the_global_batch_factors():
         factors.append(opt.curvature.factors())
     for one, two in zip(*factors):
         np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-7)
+
+
+class Scale(keras.layers.Layer):
+    """A layer K-FAC does not know: registered with a generic diagonal block."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+def every_block_kind(num_replicas: int):
+    """One model with a block of each kind, in float64, with exact curvature."""
+    strategy = (
+        tf.distribute.get_strategy()
+        if num_replicas == 1
+        else tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(num_replicas)],
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
+    )
+    with strategy.scope():
+        keras.utils.set_random_seed(5)
+        ids = keras.Input((3,), dtype="int32")
+        image = keras.Input((4, 4, 1))
+        embedded = keras.layers.Flatten()(keras.layers.Embedding(7, 3)(ids))
+        conv = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, activation="tanh")(image))
+        hidden = keras.layers.LayerNormalization()(keras.layers.Concatenate()([embedded, conv]))
+        hidden = Scale()(keras.layers.Dense(4, activation="tanh")(hidden))
+        model = keras.Model([ids, image], keras.layers.Dense(3, activation="softmax")(hidden))
+        # The generic diagonal block's estimate depends on how the batch is
+        # split (signed sums per replica), and so would the weights: a tiny
+        # step keeps them equal so that the factors can be compared.
+        opt = kfac.Kfac(
+            learning_rate=1e-9,
+            damping=0.1,
+            model=model,
+            loss="sparse_categorical_crossentropy",
+            estimation_mode="exact",
+            unsupported_layers="diagonal",
+            invert_every=100,
+            cov_ema_decay=0.5,
+            seed=3,
+        )
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    return model, opt
+
+
+def local_sums(opt) -> list[list[np.ndarray]]:
+    """[replica][variable]: each replica's own factor sums and weight sums."""
+    local = opt.context.strategy.experimental_local_results
+    variables = [*opt.curvature.factor_sums, opt.curvature.weight_sum]
+    per_variable = [[np.asarray(v) for v in local(var.value)] for var in variables]
+    return [list(copies) for copies in zip(*per_variable)]
+
+
+def synced_factors(model, opt) -> list[np.ndarray]:
+    strategy = model.distribute_strategy
+    tf.function(lambda: strategy.run(opt.curvature.sync), autograph=False)()
+    return [np.asarray(f) for f in opt.curvature.factors()]
+
+
+def fit_with_empty_last_replicas(num_replicas: int, x, y, weights):
+    """Fits 3 global batches of 8, then one of 2: replicas 2 and 3 get none.
+
+    Returns the optimizer, the history and each replica's sums before and
+    after the last batch.
+    """
+    model, opt = every_block_kind(num_replicas)
+    before = []
+    snapshot = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: before.append(local_sums(opt))
+    )
+    history = model.fit(
+        x, y, sample_weight=weights, batch_size=8, shuffle=False, verbose=0, callbacks=[snapshot]
+    )
+    return model, opt, history, before[2], local_sums(opt)
+
+
+def test_empty_replicas_decay_their_sums_and_factors_match_one_replica_every_block_kind():
+    # In float64 the factors compare at 1e-6.
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        rng = np.random.default_rng(4)
+        n = 26
+        x = [rng.integers(0, 7, size=(n, 3)).astype("int32"), rng.normal(size=(n, 4, 4, 1))]
+        y, weights = rng.integers(0, 3, size=n), rng.uniform(0.5, 2.0, size=n)
+        factors = []
+        for num_replicas in (1, 4):
+            model, opt, history, before, after = fit_with_empty_last_replicas(
+                num_replicas, x, y, weights
+            )
+            kinds = {type(block).__name__ for block in opt.curvature.blocks}
+            assert kinds == {
+                "DenseBlock",
+                "ConvBlock",
+                "EmbeddingBlock",
+                "ScaleShiftBlock",
+                "GenericDiagonalBlock",
+            }
+            assert history.history["nonfinite_skips"] == [0.0]
+            for replica in range(2, num_replicas):  # no example: S ← εS, W ← εW
+                for got, old in zip(after[replica], before[replica]):
+                    np.testing.assert_allclose(got, 0.5 * old, rtol=1e-12, atol=0)
+            factors.append(synced_factors(model, opt))
+        # Every kind but the generic diagonal, whose signed estimate differs
+        # with the split; its empty replicas' decay is checked above.
+        generic = {b.name for b in opt.curvature.blocks if type(b).__name__.startswith("Generic")}
+        for unit, one, four in zip(opt.curvature.units, *factors):
+            if unit.block not in generic:
+                np.testing.assert_allclose(four, one, rtol=1e-6, atol=1e-12, err_msg=unit.name)
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
+
+
+def test_nonfinite_statistics_on_one_replica_skip_the_step_on_every_replica():
+    # A huge input on replica 0 saturates tanh: its gradients stay finite, its
+    # input factor overflows. Every replica must skip the fold and the update.
+    model, opt = build(2, invert_every=100)
+    model.fit(X[:32], Y[:32], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    sums, weights = local_sums(opt), model.get_weights()
+    bad = X[32:48].copy()
+    bad[3, 1] = 1e20  # example 3 of 16: replica 0's half
+    history = model.fit(bad, Y[32:48], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    for replica_before, replica_after in zip(sums, local_sums(opt)):
+        for want, got in zip(replica_before, replica_after):
+            np.testing.assert_array_equal(got, want)
+    for want, got in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert history.history["nonfinite_skips"] == [1.0]
+    model.fit(X[:32], Y[:32], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())

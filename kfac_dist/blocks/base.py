@@ -255,7 +255,8 @@ def row_weights(records, example_weights, rows_of) -> tf.Tensor | None:
 def _weights_per_row(weights: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     batch = tf.shape(weights)[0]
     per_example = tf.math.floordiv(count, tf.maximum(batch, 1))
-    means = tf.reshape(weights, [batch, -1])
+    # Not [batch, -1]: a replica with no examples cannot infer the -1.
+    means = tf.reshape(weights, tf.stack([batch, tf.size(weights) // tf.maximum(batch, 1)]))
     repeated = tf.repeat(tf.reduce_mean(means, axis=1), per_example)
     if weights.shape.rank < 2:
         return repeated
