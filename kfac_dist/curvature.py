@@ -4,11 +4,15 @@ Each replica folds its own batch statistics into local sums weighted by the
 examples it saw: S_r ← ε S_r + (1-ε) b_r F_r and W_r ← ε W_r + (1-ε) b_r.
 The factor is S/W with S = Σ_r S_r, W = Σ_r W_r: the debiased moving average
 of the global-batch statistics (W starts at zero, so dividing by it is the
-1-εᵗ correction). Summing is linear, so syncing only on inverse updates is
-exact; after a sync every replica holds S/N, W/N, so a second sync changes
-nothing. A placement plan names one owner per factor; owners invert, and one
-sum all-reduce of a buffer where each replica fills only its own factors
-brings every result to every replica.
+1-εᵗ correction). A replica with no examples folds zeros with zero weight,
+so its sums still decay. Whether a batch is folded is decided on values
+every replica shares (the gradient all-reduce carries each replica's
+finiteness flag), so all replicas fold the same batches. Summing is linear,
+so syncing only on inverse updates is exact; after a sync every replica
+holds S/N, W/N, so a second sync changes nothing. A placement plan names
+one owner per factor; owners invert, and one sharing phase (an all-reduce,
+an all-gather, or one broadcast per owner) brings every result to every
+replica.
 """
 
 from __future__ import annotations
@@ -290,8 +294,8 @@ class Curvature:
         largest, hands in fewer bytes, but holds N × the largest payload: "auto"
         uses it only when that is no more than the all-reduce buffer. Under
         MultiWorkerMirroredStrategy "auto" has each owner broadcast its
-        payloads instead (one collective per payload, each replica handing in
-        only its own, one payload's buffer at a time).
+        payloads instead (one packed collective per owner, each replica
+        handing in only its own, one owner's buffer at a time).
         """
         multi_worker = isinstance(self.context.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if self.sharing_choice == "broadcast" and not self.context.has_broadcast:
@@ -332,20 +336,29 @@ class Curvature:
         return self.unpack_shared(payloads, received)
 
     def _broadcast_from_owners(self, payloads):
-        """Each shared payload, broadcast by its owner (the sharing phase in chunks)."""
+        """Each owner broadcasts all its shared payloads in one packed buffer.
+
+        One collective per owner, whatever the number of factors: sharing
+        a thousand factors costs the latency of a few collectives, not of a
+        thousand, and each replica still hands in only its own payloads.
+        """
         payloads = list(payloads)
         replica = self.context.replica_id()
-        for u in self.shared_units:
-            wire = _to_wire(payloads[u])
-            flat = _flat(wire)
-            is_owner = tf.equal(replica, self.plan.owners[u])
-            received = self.context.broadcast(flat, is_owner, INVERSE_SHARE)
-            parts, offset = [], 0
-            for t in wire:
-                n = t.shape.num_elements()
-                parts.append(tf.reshape(received[offset : offset + n], t.shape))
-                offset += n
-            payloads[u] = _from_wire(iter(parts), payloads[u])
+        for owner in range(self.context.num_replicas):
+            units = [u for u in self.shared_units if self.plan.owners[u] == owner]
+            if not units:
+                continue
+            wires = [_to_wire(payloads[u]) for u in units]
+            flat = _flat([t for wire in wires for t in wire])
+            received = self.context.broadcast(flat, tf.equal(replica, owner), INVERSE_SHARE)
+            offset = 0
+            for u, wire in zip(units, wires):
+                parts = []
+                for t in wire:
+                    n = t.shape.num_elements()
+                    parts.append(tf.reshape(received[offset : offset + n], t.shape))
+                    offset += n
+                payloads[u] = _from_wire(iter(parts), payloads[u])
         return payloads
 
     def pack_for_sharing(self, payloads: list[list[tf.Tensor]], replica) -> tf.Tensor:

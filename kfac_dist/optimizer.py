@@ -739,6 +739,7 @@ class Kfac(keras.optimizers.Optimizer):
             bytes_per_factor_sync=sync_bytes,
             bytes_per_inverse_share=sharing.sent,
             sharing_method=curvature.sharing_method,
+            sharing_collectives=sharing.collectives,
             memory_per_replica=[memory] * plan.num_replicas,
         )
         if not as_dict:

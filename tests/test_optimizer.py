@@ -323,3 +323,27 @@ def test_kfac_state_appears_in_tensorboard(tmp_path):
             event = event_pb2.Event.FromString(record.numpy())
             tags.update(value.tag for value in event.summary.value)
     assert {"epoch_damping", "epoch_kl_clip", "epoch_learning_rate"} <= tags, tags
+
+
+@pytest.mark.parametrize("metrics", [[], ["mae"]])
+def test_train_on_batch_returns_what_it_returns_with_adam(metrics):
+    returned = {}
+    for name in ("adam", "kfac"):
+        model = dense_model(activation="tanh")
+        if name == "adam":
+            opt = keras.optimizers.Adam(0.01)
+        else:
+            opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, loss="mse")
+        model.compile(optimizer=opt, loss="mse", metrics=metrics)
+        returned[name] = (
+            model.train_on_batch(X, Y),
+            model.train_on_batch(X, Y, return_dict=True),
+        )
+    (adam_flat, adam_dict), (kfac_flat, kfac_dict) = returned["adam"], returned["kfac"]
+    if not metrics:
+        assert isinstance(kfac_flat, float) and isinstance(adam_flat, float)
+    else:
+        assert isinstance(kfac_flat, list) and len(kfac_flat) == len(adam_flat) == 2
+    assert set(kfac_dict) == set(adam_dict) | {"damping", "kl_clip", "nonfinite_skips"}
+    np.testing.assert_allclose(kfac_dict["damping"], 0.1, rtol=1e-6)
+    assert kfac_dict["nonfinite_skips"] == 0.0

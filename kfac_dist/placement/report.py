@@ -47,12 +47,19 @@ class Sharing:
     `method` is `"all_reduce"`, `"all_gather"`, `"broadcast"`, or `None` when
     nothing is shared; `sent` is what each replica hands in to the collective
     (for broadcasts: the most any replica sends, its own payloads) and
-    `buffer` the transient buffer it holds for it.
+    `buffer` the transient buffer it holds for it. `collectives` is how many
+    collectives one sharing phase issues: one all-reduce or all-gather, one
+    broadcast per owner (never one per factor), none when nothing is shared.
     """
 
     method: str | None
     sent: int
     buffer: int
+    collectives: int | None = None  # default: 1, or 0 when nothing is shared
+
+    def __post_init__(self) -> None:
+        if self.collectives is None:
+            object.__setattr__(self, "collectives", 0 if self.method is None else 1)
 
 
 def inverse_sharing(
@@ -69,10 +76,11 @@ def inverse_sharing(
     replica's own payloads padded to the largest replica's, and holds N of
     them. `"auto"` takes the all-gather when its buffer is no larger than the
     all-reduce's — unless `prefer_broadcast` (multi-worker collectives, where
-    bandwidth between hosts is what counts): then each owner broadcasts its
-    payloads, one collective per payload, handing in only its own and holding
-    one payload at a time. Units every replica computes are not shared, and
-    one replica shares nothing.
+    bandwidth between hosts is what counts): then each owner broadcasts all
+    its payloads packed in one buffer, one collective per owner whatever the
+    number of factors, handing in only its own and holding one owner's
+    buffer at a time. Units every replica computes are not shared, and one
+    replica shares nothing.
     """
     check_method(method)
     if sharing not in SHARING_METHODS:
@@ -89,12 +97,8 @@ def inverse_sharing(
     elif sharing == "auto":
         sharing = "all_gather" if plan.num_replicas * largest <= total else "all_reduce"
     if sharing == "broadcast":
-        biggest = max(
-            unit.result_floats(method)
-            for unit, owner in zip(plan.units, plan.owners, strict=True)
-            if owner is not None
-        )
-        return Sharing(sharing, largest * itemsize, biggest * itemsize)
+        owners = sum(1 for floats in own if floats > 0)
+        return Sharing(sharing, largest * itemsize, largest * itemsize, owners)
     if sharing == "all_gather":
         return Sharing(sharing, largest * itemsize, plan.num_replicas * largest * itemsize)
     return Sharing(sharing, total * itemsize, total * itemsize)
@@ -139,6 +143,7 @@ def format_placement_table(
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
     sharing_method: str | None = None,
+    sharing_collectives: int | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
     memory_per_replica: Sequence[ReplicaMemory] | None = None,
     names_width: int = 60,
@@ -153,14 +158,16 @@ def format_placement_table(
     names the policy, the replicated units, the max share against its lower
     bound, the bytes each replica hands in per factor sync
     (`bytes_per_factor_sync`) and per inverse sharing
-    (`bytes_per_inverse_share`, through `sharing_method`), when given, and
-    the memory breakdown when every replica holds the same.
+    (`bytes_per_inverse_share`, through `sharing_method` in
+    `sharing_collectives` collectives), when given, and the memory breakdown
+    when every replica holds the same.
     """
     info = plan_to_dict(
         plan,
         bytes_per_factor_sync=bytes_per_factor_sync,
         bytes_per_inverse_share=bytes_per_inverse_share,
         sharing_method=sharing_method,
+        sharing_collectives=sharing_collectives,
         state_bytes_per_replica=state_bytes_per_replica,
         memory_per_replica=memory_per_replica,
     )
@@ -210,7 +217,10 @@ def format_placement_table(
     if bytes_per_factor_sync is not None:
         traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)} per sync")
     if bytes_per_inverse_share is not None:
-        via = f" ({sharing_method})" if sharing_method else ""
+        how = [sharing_method] if sharing_method else []
+        if sharing_collectives is not None:
+            how.append(f"{sharing_collectives} collective{'s' * (sharing_collectives != 1)}")
+        via = f" ({', '.join(how)})" if how else ""
         traffic.append(
             f"inverse sharing {format_bytes(bytes_per_inverse_share)} per inverse update{via}"
         )
@@ -227,6 +237,7 @@ def plan_to_dict(
     bytes_per_factor_sync: int | None = None,
     bytes_per_inverse_share: int | None = None,
     sharing_method: str | None = None,
+    sharing_collectives: int | None = None,
     state_bytes_per_replica: Sequence[int] | None = None,
     memory_per_replica: Sequence[ReplicaMemory] | None = None,
 ) -> dict:
@@ -239,6 +250,7 @@ def plan_to_dict(
     for name, value in (
         ("bytes_per_factor_sync", bytes_per_factor_sync),
         ("bytes_per_inverse_share", bytes_per_inverse_share),
+        ("sharing_collectives", sharing_collectives),
     ):
         if value is not None:
             _check_bytes(name, value)
@@ -299,6 +311,7 @@ def plan_to_dict(
         "bytes_per_factor_sync": bytes_per_factor_sync,
         "bytes_per_inverse_share": bytes_per_inverse_share,
         "sharing_method": sharing_method,
+        "sharing_collectives": sharing_collectives,
     }
 
 

@@ -176,6 +176,7 @@ def format_tuning(tuning: Tuning, *, title: str = "", names_width: int = 60) -> 
             bytes_per_factor_sync=tuning.bytes_per_factor_sync,
             bytes_per_inverse_share=sharing.sent,
             sharing_method=sharing.method,
+            sharing_collectives=sharing.collectives,
             names_width=names_width,
         )
         lines += ["", f"== {plan.policy_name} ==", table]
@@ -207,6 +208,7 @@ def tuning_to_dict(tuning: Tuning) -> dict:
                     bytes_per_factor_sync=tuning.bytes_per_factor_sync,
                     bytes_per_inverse_share=sharing.sent,
                     sharing_method=sharing.method,
+                    sharing_collectives=sharing.collectives,
                 ),
                 "sharing_buffer_bytes": sharing.buffer,
             }
