@@ -61,7 +61,22 @@ def test_two_workers_keep_the_communication_budget(results, placement, factor_sy
             assert count["sharing_method"] is None
             assert count["inverse_share"]["calls"] == 0
         else:
-            # Multi-worker: each owner broadcasts its factors' inverses.
+            # Multi-worker: each owner broadcasts its factors' inverses, packed.
             assert count["sharing_method"] == "broadcast"
-            chunks = count["shared_units"]
-            assert count["inverse_share"]["calls"] == chunks * inverse_updates
+            assert count["sharing_collectives"] == 2 < count["shared_units"]
+            assert count["inverse_share"]["calls"] == 2 * inverse_updates
+
+
+@pytest.mark.parametrize("placement, factor_sync", worker.CONFIGS)
+def test_traced_graph_has_adams_collectives_per_step_and_sync_and_sharing_per_update(
+    results, placement, factor_sync
+):
+    # Counted in each worker's traced train function: K-FAC's logs cost no
+    # collective, and an inverse update is one factor sync and one sharing phase.
+    for _, counts in results:
+        adam, got = counts["adam"]["graph"], counts[f"{placement}-{factor_sync}"]
+        assert adam["per_inverse_update"] == 0 and adam["per_step"] >= 1
+        every_step_sync = int(factor_sync == "every_update")
+        assert got["graph"]["per_step"] == adam["per_step"] + every_step_sync
+        sync = int(factor_sync == "lazy")
+        assert got["graph"]["per_inverse_update"] == sync + got["sharing_collectives"]

@@ -3,11 +3,13 @@
 tests/test_multi_worker_kfac.py runs it as 2 workers and imports it for the
 single-process reference. One process trains one model per configuration
 (placement policy, factor sync); each gets its own Kfac and collective group.
-Writes `worker-<index>.npz` (final weights per configuration, collective
-counts) into --out.
+Writes `worker-<index>.npz` (final weights per configuration) and
+`worker-<index>.json` (the project's collective counters, and the
+collectives counted in each traced train function, Adam's too) into --out.
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,6 +70,30 @@ def build(placement: str, factor_sync: str) -> keras.Model:
     return model
 
 
+def graph_collectives(model: keras.Model) -> dict[str, int]:
+    from tests.collectives import count_collectives
+
+    return dataclasses.asdict(count_collectives(model.train_function))
+
+
+def adam_graph_collectives(strategy) -> dict[str, int]:
+    import kfac_dist as kfac
+
+    with strategy.scope():
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    kfac.enable_multi_worker_fit(model)
+    model.fit(dataset(), epochs=1, shuffle=False, verbose=0)
+    return graph_collectives(model)
+
+
 def main() -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     parser = argparse.ArgumentParser()
@@ -87,7 +113,10 @@ def main() -> None:
             **model.optimizer.context.counts(),
             "sharing_method": curvature.sharing_method,
             "shared_units": len(curvature.shared_units),
+            "sharing_collectives": curvature.sharing.collectives,
+            "graph": graph_collectives(model),
         }
+    counts["adam"] = {"graph": adam_graph_collectives(strategy)}
     np.savez(out / f"worker-{index}.npz", **arrays)
     (out / f"worker-{index}.json").write_text(json.dumps(counts))
 
