@@ -249,33 +249,52 @@ class Curvature:
     def owned_payloads(self, factors, damping, replica) -> list[list[tf.Tensor]]:
         """Each unit's payload if this replica owns it (or all do), else zeros.
 
-        The branch depends on `replica`, a run-time tensor (as on TPU), so
-        one compiled step serves every replica.
+        One `tf.switch_case` on `replica`, a run-time tensor (as on TPU), holds
+        every owner's inversions: one compiled step serves every replica, and
+        the graph has one branch per replica instead of a conditional per
+        factor, which kept the first trace superlinear in the factor count.
         """
-        payloads, unit = [], 0
-        for block, factor_slice in self._block_slices():
-            block_factors = factors[factor_slice]
-            for index in range(len(block_factors)):
-                payloads.append(
-                    self._owned_payload(block, index, block_factors, damping, replica, unit)
-                )
-                unit += 1
+        jobs = [
+            (block, index, factors[factor_slice])
+            for block, factor_slice in self._block_slices()
+            for index in range(factor_slice.stop - factor_slice.start)
+        ]
+        shared = self.shared_units
+        payloads: list[list[tf.Tensor] | None] = [None] * len(jobs)
+        for unit in sorted(set(range(len(jobs))) - set(shared)):
+            payloads[unit] = self._invert([jobs[unit]], damping)[0]
+        if not shared:
+            return payloads
+
+        def owner_branch(owner: int):
+            def branch():
+                own = [u for u in shared if self.plan.owners[u] == owner]
+                inverted = dict(zip(own, self._invert([jobs[u] for u in own], damping)))
+                return [
+                    inverted[u]
+                    if u in inverted
+                    else [tf.zeros(v.shape, curvature_dtype()) for v in self.payloads[u]]
+                    for u in shared
+                ]
+
+            return branch
+
+        branches = [owner_branch(r) for r in range(self.context.num_replicas)]
+        for unit, payload in zip(shared, tf.switch_case(replica, branches)):
+            payloads[unit] = list(payload)
         return payloads
 
-    def _owned_payload(self, block, index, block_factors, damping, replica, unit):
-        def compute():
-            payload, retries = block.invert(index, block_factors, damping, self.inverse_method)
-            self.inversions.assign_add(1)
-            self.inversion_retries.assign_add(tf.cast(retries, tf.int64))
-            return payload
-
-        if unit not in self.shared_units:
-            return compute()
-
-        def skip():
-            return [tf.zeros(v.shape, curvature_dtype()) for v in self.payloads[unit]]
-
-        return tf.cond(tf.equal(replica, self.plan.owners[unit]), compute, skip)
+    def _invert(self, jobs, damping) -> list[list[tf.Tensor]]:
+        """The payloads of `jobs` (block, factor index, block factors), counted."""
+        results, retries = [], []
+        for block, index, block_factors in jobs:
+            payload, tries = block.invert(index, block_factors, damping, self.inverse_method)
+            results.append(payload)
+            retries.append(tf.cast(tries, tf.int64))
+        if jobs:
+            self.inversions.assign_add(len(jobs))
+            self.inversion_retries.assign_add(tf.add_n(retries))
+        return results
 
     @property
     def shared_units(self) -> list[int]:
