@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import kfac_dist as kfac
 from kfac_dist import strategies
+from tests.collectives import count_collectives
 
 STEPS = 20
 GLOBAL_BATCH = 16
@@ -18,25 +19,31 @@ X = RNG.normal(size=(STEPS * GLOBAL_BATCH, 5)).astype("float32")
 Y = RNG.integers(0, 3, size=STEPS * GLOBAL_BATCH)
 
 
-def build(num_replicas: int, **kfac_args):
+def strategy_of(num_replicas: int) -> tf.distribute.Strategy:
     if num_replicas == 1:
-        strategy = tf.distribute.get_strategy()
-    else:
-        # The strategy's own collectives use group key 1 for any device set, so
-        # 2- and 4-replica strategies cannot both use them in one process.
-        strategy = tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(num_replicas)],
-            cross_device_ops=tf.distribute.ReductionToOneDevice(),
-        )
-    with strategy.scope():
-        keras.utils.set_random_seed(7)
-        model = keras.Sequential(
-            [
-                keras.Input((5,)),
-                keras.layers.Dense(6, activation="tanh"),
-                keras.layers.Dense(3, activation="softmax"),
-            ]
-        )
+        return tf.distribute.get_strategy()
+    # The strategy's own collectives use group key 1 for any device set, so
+    # 2- and 4-replica strategies cannot both use them in one process.
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(num_replicas)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+
+
+def mlp() -> keras.Model:
+    keras.utils.set_random_seed(7)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def build(num_replicas: int, **kfac_args):
+    with strategy_of(num_replicas).scope():
+        model = mlp()
         args = dict(
             learning_rate=0.2,
             damping=0.05,
@@ -119,6 +126,42 @@ def test_communication_budget_per_step(num_replicas, placement, factor_sync, sha
         assert counts[strategies.INVERSE_SHARE]["calls"] == expected_shares
         assert counts[strategies.INVERSE_SHARE]["bytes"] == expected_shares * sharing_bytes
         assert counts[strategies.ADAPTIVE]["calls"] == 0
+
+
+@functools.cache
+def adam_collectives(num_replicas: int):
+    with strategy_of(num_replicas).scope():
+        model = mlp()
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    return count_collectives(model.train_function).per_replica(num_replicas)
+
+
+@pytest.mark.parametrize(
+    "num_replicas, placement, factor_sync, sharing",
+    [
+        (1, "round_robin", "lazy", "auto"),
+        (2, "round_robin", "lazy", "auto"),
+        (2, "replicated", "lazy", "auto"),
+        (2, "round_robin", "lazy", "broadcast"),
+        (4, "balanced", "lazy", "all_gather"),
+        (4, "balanced", "lazy", "all_reduce"),
+        (4, "balanced", "every_update", "broadcast"),
+    ],
+)
+def test_traced_graph_has_adams_collectives_per_step_and_one_sync_and_sharing_per_inverse_update(
+    num_replicas, placement, factor_sync, sharing
+):
+    model, opt = trained(num_replicas, placement, factor_sync, sharing)
+    got = count_collectives(model.train_function).per_replica(num_replicas)
+    adam = adam_collectives(num_replicas)
+    assert adam.per_inverse_update == 0
+    every_step_sync = int(factor_sync == "every_update" and num_replicas > 1)
+    assert got.per_step == adam.per_step + every_step_sync
+    sync = int(factor_sync == "lazy" and num_replicas > 1)
+    assert got.per_inverse_update == sync + opt.curvature.sharing.collectives
+    if num_replicas > 1 and placement != "replicated":
+        assert opt.curvature.sharing.collectives >= 1
 
 
 def test_all_gather_sends_fewer_bytes_than_all_reduce_when_padding_is_small():
