@@ -243,5 +243,9 @@ def test_report_table_shows_owners_bytes_and_memory():
         assert row.endswith(", ".join(owned))
     text = "\n".join(lines)
     assert f"factor sync {format_bytes(want['sync'])} per sync" in text
-    assert f"inverse sharing {format_bytes(want['share'])} per inverse update (all_reduce)" in text
+    assert (
+        f"inverse sharing {format_bytes(want['share'])} per inverse update "
+        "(all_reduce, 1 collective)" in text
+    )
+    assert opt.placement_report(as_dict=True)["sharing_collectives"] == 1
     assert f"memory per replica: state {state} (factor sums " in text

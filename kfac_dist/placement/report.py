@@ -218,7 +218,7 @@ def format_placement_table(
         traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)} per sync")
     if bytes_per_inverse_share is not None:
         how = [sharing_method] if sharing_method else []
-        if sharing_collectives is not None:
+        if sharing_method and sharing_collectives is not None:
             how.append(f"{sharing_collectives} collective{'s' * (sharing_collectives != 1)}")
         via = f" ({', '.join(how)})" if how else ""
         traffic.append(

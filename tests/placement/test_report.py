@@ -8,6 +8,7 @@ from kfac_dist.placement.plan import make_plan
 from kfac_dist.placement.report import (
     format_bytes,
     format_placement_table,
+    inverse_sharing,
     plan_to_dict,
 )
 from kfac_dist.placement.units import InversionUnit
@@ -153,3 +154,23 @@ def test_format_bytes_uses_binary_units():
     assert format_bytes(3 * 1024**2 // 2) == "1.5 MiB"
     assert format_bytes(5 * 1024**4) == "5.0 TiB"
     assert format_bytes(2048 * 1024**4) == "2048.0 TiB"
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3, 8])
+def test_broadcast_sharing_is_one_collective_per_owner_whatever_the_factor_count(num_replicas):
+    units = [InversionUnit(f"d{i}/A", f"d{i}", 3 + i % 4) for i in range(40)]
+    plan = make_plan(units, num_replicas, "round_robin")
+    sharing = inverse_sharing(plan, "cholesky", 4, "auto", prefer_broadcast=True)
+    own = [0] * num_replicas
+    for unit, owner in zip(units, plan.owners):
+        own[owner] += unit.dim * (unit.dim + 1) // 2
+    assert sharing.method == "broadcast"
+    assert sharing.collectives == num_replicas < len(units)
+    assert sharing.sent == sharing.buffer == 4 * max(own)
+    table = format_placement_table(
+        plan,
+        bytes_per_inverse_share=sharing.sent,
+        sharing_method="broadcast",
+        sharing_collectives=sharing.collectives,
+    )
+    assert f"(broadcast, {num_replicas} collectives)" in table

@@ -157,7 +157,7 @@ def test_format_tuning_prints_a_table_per_policy_and_the_kfac_argument():
     sync = 4 * (triangle(4) + triangle(2) + 2 * triangle(5) + 8 + 2)
     assert text.count(f"factor sync {sync} B per sync") == 3
     assert "inverse sharing 0 B per inverse update\n" in text  # replicated
-    assert "per inverse update (all_reduce)" in text
+    assert "per inverse update (all_reduce, 1 collective)" in text
     assert lines[-2].startswith("recommended: balanced (max share ")
     assert lines[-1] == 'use: Kfac(..., placement="balanced")'
 
