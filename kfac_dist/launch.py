@@ -3,9 +3,14 @@
 `MultiWorkerMirroredStrategy` finds its peers through the `TF_CONFIG`
 environment variable. Locally (`--num-workers N`) this module picks free ports,
 starts N copies of a command, prefixes every output line with its worker index,
-and stops the whole job when one worker fails or on Ctrl-C, so that no worker
-is left waiting in a collective for a peer that is gone. For a list of hosts it
-prints (or, with `--ssh`, runs) each host's command.
+and stops the whole job when one worker fails, when one makes no progress for
+`--stall-timeout` seconds (no output and no heartbeat; a frozen worker, or one
+left waiting in a collective for a peer that is gone), or on Ctrl-C. For a list
+of hosts it prints (or, with `--ssh`, runs) each host's command.
+
+Progress is any output line, or a touch of the file named by the worker's
+`KFAC_DIST_HEARTBEAT` environment variable (`heartbeat()` does it; Keras
+training can call it once per batch with `kfac_dist.multi_worker.Heartbeat`).
 
     python -m kfac_dist.launch --num-workers 2 -- python train.py --epochs 3
     python -m kfac_dist.launch --hosts h1,h2 --port 2222 -- python train.py
@@ -19,10 +24,12 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +38,11 @@ from typing import TextIO
 
 DEFAULT_PORT = 2222
 GRACE_PERIOD_S = 5.0
+STALL_TIMEOUT_S = 900.0
+HEARTBEAT_ENV = "KFAC_DIST_HEARTBEAT"
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_COMMAND_NOT_FOUND = 127
+EXIT_STALLED = 124  # as timeout(1) exits
 _POLL_INTERVAL_S = 0.05
 _READER_JOIN_TIMEOUT_S = 5.0
 
@@ -77,6 +87,32 @@ def worker_env(
     return env
 
 
+def heartbeat() -> None:
+    """Tells the launcher this worker makes progress (a no-op outside a launched job)."""
+    path = os.environ.get(HEARTBEAT_ENV)
+    if path:
+        with open(path, "a"):
+            os.utime(path)
+
+
+class StalledError(RuntimeError):
+    """A worker made no progress (no output, no heartbeat) for too long."""
+
+    def __init__(self, index: int, seconds: float, finished: Sequence[int]) -> None:
+        self.index = index
+        while_ = (
+            f" while worker(s) {', '.join(map(str, finished))} had already finished (exit 0)"
+            if finished
+            else ""
+        )
+        super().__init__(
+            f"worker {index} made no progress (no output, no heartbeat) for "
+            f"{seconds:.0f} s{while_}: it is frozen, or waiting for a peer that will "
+            "never come; stopping every worker (raise --stall-timeout if it was "
+            "only slow)"
+        )
+
+
 def exit_code(returncode: int) -> int:
     """A Popen return code as a shell exit status (killed by signal s: 128 + s)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -88,7 +124,11 @@ class WorkerGroup:
     Each worker leads its own process group, so stopping a worker also stops
     whatever it started. Leaving the `with` block stops every worker still
     running (SIGTERM, then SIGKILL after `grace_period`), whatever the reason
-    for leaving: a failure, a timeout, Ctrl-C.
+    for leaving: a failure, a stall, a timeout, Ctrl-C.
+
+    With `stall_timeout`, a running worker that neither prints a line nor
+    touches its heartbeat file (`$KFAC_DIST_HEARTBEAT`, set here) for that
+    many seconds makes `wait` raise `StalledError` naming it.
     """
 
     def __init__(
@@ -97,17 +137,31 @@ class WorkerGroup:
         envs: Sequence[Mapping[str, str]],
         on_line: Callable[[int, str], None],
         grace_period: float = GRACE_PERIOD_S,
+        stall_timeout: float | None = None,
     ) -> None:
         if len(commands) != len(envs):
             raise ValueError("need one environment per command")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be > 0 seconds or None, got {stall_timeout}")
         self.grace_period = grace_period
+        self.stall_timeout = stall_timeout
         self.processes: list[subprocess.Popen[bytes]] = []
         self._readers: list[threading.Thread] = []
+        self._heartbeat_dir = tempfile.mkdtemp(prefix="kfac-launch-")
+        self._heartbeats = [
+            os.path.join(self._heartbeat_dir, f"worker-{i}") for i in range(len(commands))
+        ]
+        self._last_output = [time.monotonic()] * len(commands)
+
+        def record(index: int, line: str) -> None:
+            self._last_output[index] = time.monotonic()
+            on_line(index, line)
+
         try:
             for index, (command, env) in enumerate(zip(commands, envs, strict=True)):
                 process = subprocess.Popen(
                     list(command),
-                    env=dict(env),
+                    env={**env, HEARTBEAT_ENV: self._heartbeats[index]},
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
@@ -116,7 +170,7 @@ class WorkerGroup:
                 self.processes.append(process)
                 reader = threading.Thread(
                     target=_forward_lines,
-                    args=(process, index, on_line),
+                    args=(process, index, record),
                     daemon=True,
                 )
                 reader.start()
@@ -142,7 +196,8 @@ class WorkerGroup:
 
     def wait(self, timeout: float | None = None) -> int:
         """Waits until every worker succeeded (returns 0) or one failed (returns
-        its exit code at once); raises `TimeoutError` after `timeout` seconds."""
+        its exit code at once); raises `TimeoutError` after `timeout` seconds,
+        `StalledError` when a worker stalls (see the class)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             codes = self.returncodes
@@ -151,9 +206,29 @@ class WorkerGroup:
                 return exit_code(failed[0])
             if all(code == 0 for code in codes):
                 return 0
+            self._check_progress(codes)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"workers still running after {timeout} s")
             time.sleep(_POLL_INTERVAL_S)
+
+    def last_progress(self, index: int) -> float:
+        """When worker `index` last printed or beat (time.monotonic() clock)."""
+        try:
+            # The heartbeat file's age, moved onto the monotonic clock.
+            beat = time.monotonic() - (time.time() - os.stat(self._heartbeats[index]).st_mtime)
+        except FileNotFoundError:
+            beat = float("-inf")
+        return max(self._last_output[index], beat)
+
+    def _check_progress(self, codes: Sequence[int | None]) -> None:
+        if self.stall_timeout is None:
+            return
+        now = time.monotonic()
+        for index, code in enumerate(codes):
+            idle = now - self.last_progress(index)
+            if code is None and idle > self.stall_timeout:
+                finished = [i for i, c in enumerate(codes) if c == 0]
+                raise StalledError(index, idle, finished)
 
     def stop(self) -> None:
         """Stops every worker and its descendants; Ctrl-C cannot cut this short."""
@@ -161,6 +236,8 @@ class WorkerGroup:
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             self._signal_groups(signal.SIGTERM)
+            # A frozen (SIGSTOPped) worker acts on SIGTERM only once continued.
+            self._signal_groups(signal.SIGCONT)
             deadline = time.monotonic() + self.grace_period
             while any(code is None for code in self.returncodes) and time.monotonic() < deadline:
                 time.sleep(_POLL_INTERVAL_S)
@@ -170,6 +247,7 @@ class WorkerGroup:
                 process.wait()
             for reader in self._readers:
                 reader.join(_READER_JOIN_TIMEOUT_S)
+            shutil.rmtree(self._heartbeat_dir, ignore_errors=True)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
@@ -208,18 +286,42 @@ def _segment_end(data: bytes) -> int:
 def prefixed_printer(stream: TextIO | None = None) -> Callable[[int, str], None]:
     """An `on_line` that writes `[worker i] line` to `stream`, one segment at a time.
 
-    A segment ending in "\r" (a progress-bar redraw) is written as it is, so
-    the next one overwrites it on a terminal.
+    Keras draws its progress bar as backspaces, "\r", then the bar: a bare
+    "\r" or backspaces would get a prefix of their own, and a log would read
+    "[worker 0] [worker 0] 1/100". So the backspaces are dropped (the "\r"
+    returns to the line's start anyway) and a segment with nothing to show is
+    skipped. On a terminal a redraw keeps its "\r", so the next one overwrites
+    it; elsewhere (a file, a pipe) it ends its line, one line per redraw.
     """
     lock = threading.Lock()
 
     def print_line(index: int, line: str) -> None:
+        text = line.replace("\b", "")
+        redraw = text.endswith("\r")
+        body = text.rstrip("\r\n")
+        if redraw and not body.strip():
+            return  # a bare "\r": nothing to show
         with lock:
             out = sys.stdout if stream is None else stream
-            out.write(f"[worker {index}] {line}")
+            end = "\r" if redraw and _is_terminal(out) else "\n"
+            out.write(f"[worker {index}] {body}{end}")
             out.flush()
 
     return print_line
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _supervise(group: WorkerGroup) -> int:
+    """The group's exit code; a stall is reported on stderr and ends as 124."""
+    try:
+        return group.wait()
+    except StalledError as error:
+        print(f"launch: {error}", file=sys.stderr, flush=True)
+        return EXIT_STALLED
 
 
 def run_local(
@@ -228,11 +330,13 @@ def run_local(
     on_line: Callable[[int, str], None] | None = None,
     grace_period: float = GRACE_PERIOD_S,
     host: str = "127.0.0.1",
+    stall_timeout: float | None = STALL_TIMEOUT_S,
 ) -> int:
     """Runs `num_workers` copies of `command` on this machine as one cluster.
 
     Returns 0 when every worker succeeded, else the first failure's exit code
-    (130 on Ctrl-C); the other workers are stopped before returning.
+    (130 on Ctrl-C, 124 when a worker made no progress for `stall_timeout`
+    seconds, None: never); the other workers are stopped before returning.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -244,8 +348,9 @@ def run_local(
             envs,
             on_line or prefixed_printer(),
             grace_period,
+            stall_timeout,
         ) as group:
-            return group.wait()
+            return _supervise(group)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
@@ -285,8 +390,13 @@ def run_ssh(
     workdir: str | None = None,
     on_line: Callable[[int, str], None] | None = None,
     grace_period: float = GRACE_PERIOD_S,
+    stall_timeout: float | None = STALL_TIMEOUT_S,
 ) -> int:
-    """Runs `command` on every host over ssh, supervised like `run_local`."""
+    """Runs `command` on every host over ssh, supervised like `run_local`.
+
+    Remote workers' heartbeat files are not seen here: only their output
+    counts as progress.
+    """
     remote = host_commands(hosts, command, port, workdir)
     try:
         with WorkerGroup(
@@ -294,8 +404,9 @@ def run_ssh(
             [dict(os.environ)] * len(hosts),
             on_line or prefixed_printer(),
             grace_period,
+            stall_timeout,
         ) as group:
-            return group.wait()
+            return _supervise(group)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
@@ -325,6 +436,13 @@ def _parser() -> argparse.ArgumentParser:
         default=GRACE_PERIOD_S,
         help="seconds between SIGTERM and SIGKILL when stopping workers",
     )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=STALL_TIMEOUT_S,
+        help="stop the job when a worker prints nothing and beats no heartbeat for "
+        "this many seconds (default: %(default)s; 0: never)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command ...")
     return parser
 
@@ -339,11 +457,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--ssh needs --hosts")
     if args.num_workers is not None and args.num_workers < 1:
         parser.error("--num-workers must be >= 1")
+    if args.stall_timeout < 0:
+        parser.error("--stall-timeout must be >= 0 seconds (0: never)")
+    stall_timeout = args.stall_timeout or None
     # A scheduler's SIGTERM stops the job like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.num_workers is not None:
-            return run_local(command, args.num_workers, grace_period=args.grace_period)
+            return run_local(
+                command,
+                args.num_workers,
+                grace_period=args.grace_period,
+                stall_timeout=stall_timeout,
+            )
         hosts = [host for host in args.hosts.split(",") if host]
         if args.ssh:
             return run_ssh(
@@ -352,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.port,
                 args.workdir,
                 grace_period=args.grace_period,
+                stall_timeout=stall_timeout,
             )
         for host, line in zip(
             hosts, host_commands(hosts, command, args.port, args.workdir), strict=True

@@ -28,6 +28,7 @@ MUTABLE = (
     "norm_constraint",
     "batch_size",
 )
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 _REJECTED_ARGS = {
     "use_ema": "K-FAC keeps no EMA of the weights",
@@ -97,7 +98,16 @@ class Kfac(keras.optimizers.Optimizer):
             inverses; otherwise all-gather when its padded buffer is no larger
             than the all-reduce's, else all-reduce), "all_reduce",
             "all_gather" or "broadcast".
-        seed: seed of the sampled Fisher.
+        seed: seed of the sampled Fisher. None draws one; under
+            MultiWorkerMirroredStrategy every worker then uses the chief's
+            draw (the seed is a variable, broadcast when created inside
+            `strategy.scope()`), and checkpoints save it, so a resumed job
+            samples the same Fishers.
+        collective_timeout: seconds any of K-FAC's collectives (and the
+            gradient all-reduce) may wait for its peers before the step
+            fails with `DeadlineExceededError` instead of hanging, default
+            600; None waits forever. Raise it when one worker can lag the
+            others by longer (e.g. tracing a very large model).
     """
 
     is_kfac = True
@@ -133,6 +143,7 @@ class Kfac(keras.optimizers.Optimizer):
         factor_sync: str = curvature_lib.LAZY,
         inverse_sharing: str = "auto",
         seed: int | None = None,
+        collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
         name: str | None = None,
         **kwargs,
     ):
@@ -244,6 +255,11 @@ class Kfac(keras.optimizers.Optimizer):
             f"inverse_sharing must be one of {placement_lib.SHARING_METHODS}, "
             f"got {inverse_sharing!r}.",
         )
+        _require(
+            collective_timeout is None or float(collective_timeout) > 0,
+            f"collective_timeout must be > 0 seconds (or None: wait forever), "
+            f"got {collective_timeout}.",
+        )
         super().__init__(learning_rate=learning_rate, name=name)
         self._mutable = tuple(
             h
@@ -278,6 +294,11 @@ class Kfac(keras.optimizers.Optimizer):
             )
             self._norm_constraint = self._hyper_variable("norm_constraint", norm_constraint or 0.0)
             self._batch_size = self._hyper_variable("batch_size", batch_size or 0, "int64")
+            if seed is None:
+                seed = np.random.randint(0, 2**31 - 1)
+            # A variable: MultiWorkerMirrored broadcasts the chief's initial
+            # value to every worker, and checkpoints save it.
+            self._seed = self._hyper_variable("seed", int(seed), "int64")
         self.loss = loss
         self.loss_weights = loss_weights
         self.cov_ema_decay = float(cov_ema_decay)
@@ -291,7 +312,7 @@ class Kfac(keras.optimizers.Optimizer):
         self.placement = placement
         self.factor_sync = factor_sync
         self.inverse_sharing = inverse_sharing
-        self.seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else int(seed)
+        self.collective_timeout = None if collective_timeout is None else float(collective_timeout)
         self._model_ref = None
         # What one replica's step hands from the train step to the update: a
         # replica thread's own (MirroredStrategy traces replicas in threads).
@@ -323,7 +344,9 @@ class Kfac(keras.optimizers.Optimizer):
     def bind(self, model: keras.Model) -> None:
         """Binds to `model`: its strategy, its train step, its layers."""
         self._model_ref = weakref.ref(model)
-        self.context = strategies.resolve(model.distribute_strategy)
+        self.context = strategies.resolve(
+            model.distribute_strategy, collective_timeout=self.collective_timeout
+        )
         training.install(model)
         enable_multi_worker_fit(model)
         if model.built:
@@ -442,6 +465,11 @@ class Kfac(keras.optimizers.Optimizer):
     @property
     def damping(self):
         return self._damping
+
+    @property
+    def seed(self):
+        """The sampled Fisher's seed (an int64 variable, the same on every worker)."""
+        return self._seed
 
     @property
     def momentum(self):
@@ -761,7 +789,9 @@ class Kfac(keras.optimizers.Optimizer):
     def sync_factors(self) -> None:
         """Brings every replica's factor sums to their common average (one sync).
 
-        Called before saving, so that replica 0's copy is every replica's state.
+        A collective: under MultiWorkerMirroredStrategy every worker must call
+        it, at the same step. `StepCheckpoint` does, before each save, so that
+        replica 0's copy is every replica's state and a resume is exact.
         """
         if self.curvature is None:
             return
@@ -776,7 +806,22 @@ class Kfac(keras.optimizers.Optimizer):
         self._sync_function()
 
     def save_own_variables(self, store):
-        self.sync_factors()
+        """Saves this process' state as it is, with no collective.
+
+        `model.save` is often called on the chief only, and a collective here
+        would wait forever for the other workers. The factor sums saved are
+        replica 0's: between two inverse updates (factor_sync="lazy") they are
+        the global moving average as of the last sync plus the statistics of
+        replica 0's own shards since, an estimate of the same average from
+        fewer examples (exact right after an inverse update, with
+        factor_sync="every_update", or with one replica). Inverses, counters,
+        damping, the seed and momentum are identical on every replica. For an
+        exact snapshot of every replica's statistics, call `sync_factors()` on
+        every worker first (`StepCheckpoint` does).
+        """
+        if self.context.num_replicas > 1 and not _spans_workers(self.context.strategy):
+            # Every replica lives in this process: syncing cannot wait for anyone.
+            self.sync_factors()
         super().save_own_variables(store)
 
     # --- serialization ---------------------------------------------------------------
@@ -822,7 +867,8 @@ class Kfac(keras.optimizers.Optimizer):
                 "placement": self.placement if isinstance(self.placement, str) else "round_robin",
                 "factor_sync": self.factor_sync,
                 "inverse_sharing": self.inverse_sharing,
-                "seed": self.seed,
+                "seed": int(self._seed.numpy()),
+                "collective_timeout": self.collective_timeout,
             }
         )
         return config
@@ -838,6 +884,12 @@ class Kfac(keras.optimizers.Optimizer):
         if isinstance(config.get("loss"), dict):
             config["loss"] = keras.losses.deserialize(config["loss"], custom_objects=custom_objects)
         return cls(model=model, **config)
+
+
+def _spans_workers(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.extended._in_multi_worker_mode()  # noqa: SLF001
+    )
 
 
 def _plain(value) -> bool:

@@ -22,17 +22,23 @@ SUPPORTED = (
 )
 
 
-def resolve(strategy: tf.distribute.Strategy | None = None) -> CrossReplicaContext:
-    """The context for `strategy` (default: the active one)."""
+def resolve(
+    strategy: tf.distribute.Strategy | None = None, collective_timeout: float | None = None
+) -> CrossReplicaContext:
+    """The context for `strategy` (default: the active one).
+
+    `collective_timeout` (seconds, None: none) bounds each collective of a
+    mirrored context; TPU collectives are compiled by XLA and cannot time out.
+    """
     strategy = strategy or tf.distribute.get_strategy()
     if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return TpuContext(strategy)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return CollectiveContext(strategy)
+        return CollectiveContext(strategy, collective_timeout)
     if isinstance(strategy, tf.distribute.MirroredStrategy):
         if strategy.num_replicas_in_sync == 1:
             return SingleReplicaContext(strategy)
-        return CollectiveContext(strategy)
+        return CollectiveContext(strategy, collective_timeout)
     if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
         strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
     ):

@@ -102,8 +102,12 @@ class CrossReplicaContext(abc.ABC):
         """
         self._count(GRADIENTS, None, sum(_nbytes(g) for g in grads))
         return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, list(grads)
+            tf.distribute.ReduceOp.SUM, list(grads), options=self._gradient_options()
         )
+
+    def _gradient_options(self) -> tf.distribute.experimental.CommunicationOptions | None:
+        """Options of the gradient all-reduce (a context's collective timeout)."""
+        return None
 
     def _count(self, kind: str, buffer: tf.Tensor | None, nbytes: int | None = None) -> None:
         if kind not in self._calls:
