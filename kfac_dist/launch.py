@@ -98,19 +98,43 @@ def heartbeat() -> None:
 class StalledError(RuntimeError):
     """A worker made no progress (no output, no heartbeat) for too long."""
 
-    def __init__(self, index: int, seconds: float, finished: Sequence[int]) -> None:
+    def __init__(
+        self,
+        index: int,
+        seconds: float,
+        *,
+        stopped: bool = False,
+        silent: Sequence[int] = (),
+        finished: Sequence[int] = (),
+    ) -> None:
         self.index = index
-        while_ = (
-            f" while worker(s) {', '.join(map(str, finished))} had already finished (exit 0)"
-            if finished
-            else ""
+        why = (
+            "its process is stopped (SIGSTOP, a debugger)"
+            if stopped
+            else "it is frozen, or waiting for a peer that will never come"
+        )
+        notes = "".join(
+            f"; worker(s) {', '.join(map(str, workers))} {what}"
+            for workers, what in (
+                (silent, "silent as long (waiting for it?)"),
+                (finished, "had already finished (exit 0)"),
+            )
+            if workers
         )
         super().__init__(
             f"worker {index} made no progress (no output, no heartbeat) for "
-            f"{seconds:.0f} s{while_}: it is frozen, or waiting for a peer that will "
-            "never come; stopping every worker (raise --stall-timeout if it was "
-            "only slow)"
+            f"{seconds:.0f} s: {why}{notes}. Stopping every worker (raise "
+            "--stall-timeout if it was only slow)."
         )
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (Linux /proc; False where unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def exit_code(returncode: int) -> int:
@@ -224,11 +248,24 @@ class WorkerGroup:
         if self.stall_timeout is None:
             return
         now = time.monotonic()
-        for index, code in enumerate(codes):
-            idle = now - self.last_progress(index)
-            if code is None and idle > self.stall_timeout:
-                finished = [i for i, c in enumerate(codes) if c == 0]
-                raise StalledError(index, idle, finished)
+        idle = {
+            index: now - self.last_progress(index)
+            for index, code in enumerate(codes)
+            if code is None
+        }
+        stalled = [index for index, seconds in idle.items() if seconds > self.stall_timeout]
+        if not stalled:
+            return
+        # Every peer of a frozen worker goes silent too: name the frozen one.
+        stopped = [index for index in stalled if _is_stopped(self.processes[index].pid)]
+        culprit = stopped[0] if stopped else max(stalled, key=idle.__getitem__)
+        raise StalledError(
+            culprit,
+            idle[culprit],
+            stopped=bool(stopped),
+            silent=[index for index in stalled if index != culprit],
+            finished=[index for index, code in enumerate(codes) if code == 0],
+        )
 
     def stop(self) -> None:
         """Stops every worker and its descendants; Ctrl-C cannot cut this short."""

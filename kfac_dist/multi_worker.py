@@ -12,6 +12,13 @@ Keras 3.15's TensorFlow trainer fails there in two places (keras-team/keras#2058
    it with shape `[1]`: the mean over replicas and axis 0 of one-element
    vectors is the mean over replicas, as a scalar again.
 
+A third failure is not fixed: with `steps_per_execution` > 1 the step runs in
+a `tf.while_loop`, and the strategy's own all-reduce takes its instance key
+through a call-time placeholder that TensorFlow does not feed inside the loop
+("You must feed a value for placeholder tensor 'while/.../Placeholder'"), even
+for Adam. Keys fixed at trace time would make a worker that retraces alone
+hang instead, so the fix rejects that case up front (`check_steps_per_execution`).
+
 Both are fixed on one model instance with instance-level overrides of
 `_maybe_symbolic_build` and `_make_function`; Keras itself is never patched.
 `_make_function` receives the step (`self.train_step`, `self.test_step`) when
@@ -28,6 +35,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
+from kfac_dist import launch
 
 VERIFIED_KERAS = "3.15"
 _FIX_ATTRIBUTES = ("_maybe_symbolic_build", "_make_function")
@@ -49,6 +58,24 @@ def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
+def check_steps_per_execution(model: keras.Model, steps_per_execution: int | None = None) -> None:
+    """Raises a clear `ValueError` for steps_per_execution > 1 across several workers.
+
+    `steps_per_execution` defaults to the model's (1 before `compile`).
+    """
+    if steps_per_execution is None:
+        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+    if steps_per_execution > 1 and _is_multi_worker(model.distribute_strategy):
+        raise ValueError(
+            f"steps_per_execution={steps_per_execution} does not work under "
+            "MultiWorkerMirroredStrategy with several workers in Keras 3.15, even with "
+            "Adam: the step then runs inside a tf.while_loop, where TensorFlow does not "
+            "feed the instance keys of the strategy's all-reduce (a 'You must feed a "
+            "value for placeholder tensor' error). Compile with steps_per_execution=1 "
+            "(the default) for multi-worker training."
+        )
+
+
 def is_multi_worker_fit_enabled(model: keras.Model) -> bool:
     """Whether `enable_multi_worker_fit` installed its fix on `model`."""
     return all(name in vars(model) for name in _FIX_ATTRIBUTES)
@@ -61,7 +88,9 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     It changes nothing unless the model's strategy is a
     `MultiWorkerMirroredStrategy` with more than one worker; calling it again
     does nothing. Raises `RuntimeError` where the fix is needed and Keras is
-    not 3.15.x, the version whose internals it was verified on.
+    not 3.15.x, the version whose internals it was verified on, and
+    `ValueError` for `steps_per_execution` > 1 (now if the model is compiled
+    so, else when `fit` makes its train function).
 
     Returns:
         `model`, for chaining.
@@ -69,6 +98,7 @@ def enable_multi_worker_fit(model: keras.Model) -> keras.Model:
     if is_multi_worker_fit_enabled(model) or not _is_multi_worker(model.distribute_strategy):
         return model
     _check_keras_version(keras.version())
+    check_steps_per_execution(model)
     model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
     model._make_function = types.MethodType(_make_function, model)
     # Functions made before the fix would reduce the logs the failing way.
@@ -91,6 +121,7 @@ def _maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: 
 
 def _make_function(model: keras.Model, step_function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Keras' train/test function around a step whose scalar logs have shape [1]."""
+    check_steps_per_execution(model)
 
     @functools.wraps(step_function)
     def step_with_vector_logs(data):
@@ -103,3 +134,21 @@ def _as_vector_if_scalar(value: Any) -> Any:
     if isinstance(value, tf.Tensor | tf.Variable) and value.shape.rank == 0:
         return tf.reshape(value, [1])
     return value
+
+
+class Heartbeat(keras.callbacks.Callback):
+    """Tells `kfac_dist.launch` after every batch that this worker makes progress.
+
+    The launcher stops a job whose worker neither prints nor beats for its
+    `--stall-timeout`; a quiet run (`verbose=0`, one long epoch) beats here.
+    Outside a launched job it does nothing.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        launch.heartbeat()
+
+    def on_test_batch_end(self, batch, logs=None):
+        launch.heartbeat()
+
+    def on_predict_batch_end(self, batch, logs=None):
+        launch.heartbeat()

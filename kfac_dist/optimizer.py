@@ -15,7 +15,7 @@ from kfac_dist import curvature as curvature_lib
 from kfac_dist import linalg, registration, strategies, training
 from kfac_dist import losses as losses_lib
 from kfac_dist import placement as placement_lib
-from kfac_dist.multi_worker import enable_multi_worker_fit
+from kfac_dist.multi_worker import check_steps_per_execution, enable_multi_worker_fit
 
 #: Name scope of the inverse update's `tf.cond`, so tools can find it in a graph.
 INVERSE_UPDATE_SCOPE = "kfac_inverse_update"
@@ -373,6 +373,7 @@ class Kfac(keras.optimizers.Optimizer):
                 "This Kfac optimizer is not bound to a model: pass model= to Kfac, "
                 "or load a saved model with kfac_dist.keras.saving_utils.load_model(path)."
             )
+        check_steps_per_execution(model)
         super().build(var_list)
         blocks = self._register(model)
         self.curvature = curvature_lib.Curvature(

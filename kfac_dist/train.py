@@ -44,6 +44,7 @@ from kfac_dist.checkpointing import StepCheckpoint
 from kfac_dist.examples import autoencoder, convnet
 from kfac_dist.examples import data as data_lib
 from kfac_dist.losses import ESTIMATION_MODES
+from kfac_dist.multi_worker import Heartbeat
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 OPTIMIZERS = ("kfac", "adam")
@@ -299,6 +300,12 @@ def parse_args(
         parser.error("--norm-constraint must be >= 0 (0 turns KL clipping off)")
     if args.checkpoint_every is not None and (args.checkpoint_dir is None or args.steps is None):
         parser.error("--checkpoint-every needs --checkpoint-dir and --steps")
+    if args.strategy == "multiworker" and (args.steps_per_execution or 1) > 1:
+        parser.error(
+            "--steps-per-execution > 1 does not work with --strategy multiworker: Keras "
+            "3.15 fails inside its multi-step loop under MultiWorkerMirroredStrategy, "
+            "even with Adam (see kfac_dist.multi_worker); leave it at 1"
+        )
     return args
 
 
@@ -498,8 +505,8 @@ def task(strategy: tf.distribute.Strategy) -> tuple[str, int]:
 def worker_dir(directory: Path | None, is_chief: bool) -> Iterator[Path | None]:
     """`directory` on the chief; elsewhere a temporary directory, removed on exit.
 
-    Every worker must run the same callbacks and saves (saving Kfac syncs its
-    factors with a collective), but only the chief's files are kept, as
+    Every worker runs the same callbacks and saves (the factor sync before a
+    save is a collective), but only the chief's files are kept, as
     tf.distribute's multi-worker guide recommends.
     """
     if directory is None:
@@ -587,7 +594,8 @@ def train(
             flush=True,
         )
     task_type, task_id = task(strategy)
-    fit_callbacks: list[keras.callbacks.Callback] = []
+    # Beats for the launcher's stall timeout, whatever the verbosity.
+    fit_callbacks: list[keras.callbacks.Callback] = [Heartbeat()]
     start_step = 0
     if args.checkpoint_every is not None:
         # Every worker reads the chief's latest save: a shared file system across hosts.
@@ -628,6 +636,9 @@ def train(
     seconds = time.perf_counter() - start
     checkpoint = None
     if args.checkpoint_dir is not None:
+        sync = getattr(model.optimizer, "sync_factors", None)
+        if sync is not None:
+            sync()  # every worker: the saved factors are then every replica's
         with worker_dir(args.checkpoint_dir, is_chief) as directory:
             model.save(checkpoint_path(directory))
         checkpoint = str(checkpoint_path(args.checkpoint_dir)) if is_chief else None

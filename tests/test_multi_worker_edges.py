@@ -69,6 +69,13 @@ def test_chief_only_save_issues_no_collective_and_saves_the_chief_state(workers,
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_steps_per_execution_above_1_is_rejected_before_training(workers):
+    for arrays in workers:
+        message = str(arrays["steps_per_execution_error"])
+        assert "steps_per_execution=2 does not work under MultiWorkerMirroredStrategy" in message
+        assert "Compile with steps_per_execution=1" in message
+
+
 def test_seed_none_is_the_chiefs_draw_on_every_worker(workers):
     first, second = workers
     assert first["seed"] == second["seed"]

@@ -129,6 +129,13 @@ def test_fix_keeps_a_train_step_assigned_to_the_instance(workers):
         assert np.isfinite(logs["replaced_history"]["loss"]).all()
 
 
+def test_fix_rejects_steps_per_execution_above_1_up_front(workers):
+    for _, logs in workers:
+        assert logs["steps_per_execution_error"].startswith(
+            "ValueError: steps_per_execution=2 does not work under MultiWorkerMirroredStrategy"
+        )
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_enable_is_a_no_op_without_multiple_workers(data, replicas):
     strategy = (

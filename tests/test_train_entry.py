@@ -40,6 +40,10 @@ def event_files(directory: Path) -> list[Path]:
         (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
         (["--checkpoint-every", "2", "--steps", "4"], "--checkpoint-every needs --checkpoint-dir"),
         (["--checkpoint-every", "2", "--checkpoint-dir", "d"], "and --steps"),
+        (
+            ["--strategy", "multiworker", "--steps-per-execution", "2"],
+            "--steps-per-execution > 1 does not work with --strategy multiworker",
+        ),
     ],
 )
 def test_flags_that_the_run_would_ignore_are_errors(argv, complaint, capsys):

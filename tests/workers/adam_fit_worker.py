@@ -7,7 +7,8 @@ scenario, since each start of TensorFlow costs seconds:
 1. unfixed: `fit` of a plain model (records the error Keras raises);
 2. half fixed: only the symbolic build fixed (records the next error);
 3. fixed: `fit` with a metric and validation data, `evaluate`, `predict`;
-4. a `train_step` assigned to the instance after the fix, as K-FAC does.
+4. a `train_step` assigned to the instance after the fix, as K-FAC does;
+5. the fix asked for a model compiled with steps_per_execution=2 (rejected).
 
 Reads `data.npz` from --out and writes `worker-<index>.npz` (final weights,
 predictions) and `worker-<index>.json` (logs, errors) there.
@@ -113,6 +114,13 @@ def main() -> None:
         "replaced": tf.constant(1.0),
     }
     results["replaced_history"] = fit(replaced, data, 1)
+
+    with strategy.scope():
+        looped = build_model(initial)
+        looped.compile(optimizer="adam", loss="mse", steps_per_execution=2)
+    results["steps_per_execution_error"] = _error_of(
+        lambda: multi_worker.enable_multi_worker_fit(looped)
+    )
 
     np.savez(
         out / f"worker-{index}.npz",

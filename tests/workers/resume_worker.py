@@ -4,7 +4,8 @@ Run as 2 workers by tests/test_resume.py. The same command starts or resumes:
 it restores the latest checkpoint in --checkpoint-dir (if any), skips the
 batches already trained on (a deterministic data order), and trains to
 --steps. With --kill-at S, worker 1 kills itself with SIGKILL after step S.
-Writes `worker-<index>.npz` (final weights) into --out.
+Writes `worker-<index>.npz` (final weights, where its last save was written)
+into --out.
 """
 
 import argparse
@@ -81,7 +82,12 @@ def main() -> None:
         callbacks=callbacks,
         verbose=0,
     )
-    np.savez(args.out / f"worker-{index}.npz", *model.get_weights(), start=start)
+    np.savez(
+        args.out / f"worker-{index}.npz",
+        *model.get_weights(),
+        start=start,
+        write_path=str(checkpoint.last_write_path),
+    )
 
 
 if __name__ == "__main__":

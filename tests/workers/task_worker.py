@@ -4,12 +4,15 @@ Standard library only, so that launcher tests start workers in milliseconds.
 With --spawn-child it starts a grandchild (`sleep`) to check that stopping a
 worker also stops what it started. With --ready-dir every worker marks itself
 ready there, and the failing worker waits for all marks before failing, so
-the test knows every pid before the job is stopped.
+the test knows every pid before the job is stopped. --freeze-task freezes
+that worker with SIGSTOP once ready; --hang-task makes it wait silently
+(--sleep seconds) while the others exit 0 at once.
 """
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +26,8 @@ def main() -> int:
     parser.add_argument("--fail-task", type=int)
     parser.add_argument("--exit-code", type=int, default=1)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--freeze-task", type=int)
+    parser.add_argument("--hang-task", type=int)
     args = parser.parse_args()
 
     config = json.loads(os.environ["TF_CONFIG"])
@@ -36,6 +41,12 @@ def main() -> int:
     if args.ready_dir is not None:
         (args.ready_dir / f"ready-{index}").touch()
 
+    if index == args.freeze_task:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if args.hang_task is not None:
+        if index == args.hang_task:
+            time.sleep(args.sleep)
+        return 0
     if index == args.fail_task:
         if args.ready_dir is not None:
             deadline = time.monotonic() + 30

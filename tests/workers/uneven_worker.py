@@ -9,7 +9,8 @@ tests/test_multi_worker_edges.py runs it as 2 workers. One process, in order:
    rows on worker 1: only worker 1 retraces, and every step is an inverse
    update (K-FAC's factor sync and sharing run);
 3. `model.save` on the chief only (no collective may be left waiting), then
-   one more `train_on_batch` on both workers (their collectives still meet).
+   one more `train_on_batch` on both workers (their collectives still meet);
+4. `fit` of a Kfac model compiled with steps_per_execution=2 (rejected).
 
 Writes `worker-<index>.npz` (weights after each phase, the chief's local
 factor sums at the save, the seed) into --out, and the chief's save as
@@ -96,6 +97,19 @@ def main() -> None:
         print("chief saved", flush=True)
     model.train_on_batch(x_local, y_local)
     arrays.update({f"after_save/{i}": w for i, w in enumerate(model.get_weights())})
+
+    with strategy.scope():
+        looped = build()
+        looped.compile(
+            optimizer=kfac.Kfac(learning_rate=0.1, damping=0.05, model=looped, seed=1),
+            loss="sparse_categorical_crossentropy",
+            steps_per_execution=2,
+        )
+    try:
+        looped.fit(dataset, epochs=1, verbose=0)
+        arrays["steps_per_execution_error"] = ""
+    except ValueError as error:
+        arrays["steps_per_execution_error"] = str(error)
     np.savez(out / f"worker-{index}.npz", **arrays)
 
 
