@@ -73,3 +73,61 @@ def test_single_replica_context_is_identity_and_still_counts():
     np.testing.assert_allclose(matrices[0], np.ones((2, 2)))
     np.testing.assert_allclose(gathered[0], [[0.0] * 3])
     assert context.counts()[strategies.FACTOR_SYNC]["calls"] == 1
+
+
+def _graph_nodes(concrete) -> list:
+    graph_def = concrete.graph.as_graph_def()
+    return list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+
+
+def _stable_keys(concrete) -> list[int]:
+    """The int32 constants in the traced graph that are K-FAC's instance keys."""
+    keys = []
+    for node in _graph_nodes(concrete):
+        if node.op == "Const" and node.attr["dtype"].type == tf.int32.as_datatype_enum:
+            value = tf.make_ndarray(node.attr["value"].tensor)
+            if value.shape == () and int(value) >= 2**30:
+                keys.append(int(value))
+    return sorted(keys)
+
+
+def test_instance_keys_do_not_depend_on_what_was_traced_before():
+    # A worker that retraces its step alone (an uneven batch) must keep the
+    # keys its peers traced once: the same collectives, the same keys.
+    strategy = mirrored(2)
+    context = CollectiveContext(strategy, timeout_seconds=7.0)
+
+    @tf.function(autograph=False)
+    def step(x):
+        def replica_fn(x):
+            rid = context.replica_id()
+            summed = context.all_reduce_sum([tf.reduce_sum(x) * tf.ones([3])], "factor_sync")
+            shared = context.broadcast(summed[0], tf.equal(rid, 0), strategies.INVERSE_SHARE)
+            gathered = context.all_gather(tf.ones([2]), strategies.INVERSE_SHARE)
+            return shared, gathered
+
+        return strategy.run(replica_fn, args=(x,))
+
+    first = step.get_concrete_function(tf.TensorSpec([8, 2]))
+    other = step.get_concrete_function(tf.TensorSpec([8, 4]))  # traced in between
+    retraced = step.get_concrete_function(tf.TensorSpec([7, 2]))
+    keys = _stable_keys(first)
+    assert len(set(keys)) == 3  # one key per collective, the same on both replicas
+    assert _stable_keys(retraced) == keys == _stable_keys(other)
+    collectives = [n for n in _graph_nodes(first) if n.op.startswith("Collective")]
+    assert len(collectives) == 2 * 4  # reduce, send or receive, gather, per replica
+    assert all(n.attr["timeout_seconds"].f == 7.0 for n in collectives)
+    shared, gathered = step(tf.ones([8, 2]))
+    for got in strategy.experimental_local_results(shared):
+        np.testing.assert_allclose(got, [32.0] * 3)
+    for got in strategy.experimental_local_results(gathered):
+        np.testing.assert_allclose(got, [[1.0, 1.0]] * 2)
+
+
+def test_stable_instance_keys_fit_int32_above_the_eager_counter():
+    from kfac_dist.strategies.collective import stable_instance_key
+
+    keys = {stable_instance_key(f"step/all_reduce/float32/[{n}]#0") for n in range(1000)}
+    assert len(keys) == 1000
+    assert all(2**30 <= key < 2**31 for key in keys)
+    assert stable_instance_key("a") == stable_instance_key("a")
