@@ -79,3 +79,21 @@ def test_steps_per_execution_above_1_is_rejected_before_training(workers):
 def test_seed_none_is_the_chiefs_draw_on_every_worker(workers):
     first, second = workers
     assert first["seed"] == second["seed"]
+
+
+def test_a_peer_that_stops_coming_ends_in_a_timeout_error_not_a_hang():
+    # Worker 1 stays away (alive) after step 2; worker 0's next K-FAC collective
+    # gives up after collective_timeout, and the job ends: worker 1 is stopped.
+    timeout_s = 10
+    results = run_workers(
+        Path(__file__).parent / "workers" / "stall_worker.py",
+        2,
+        ["--timeout", str(timeout_s), "--hold", "600"],
+        timeout=300,  # a bound for a broken fix only
+    )
+    first, second = results
+    assert not first.timed_out, first
+    assert first.exit_code == 3, first
+    assert "worker 0: DeadlineExceededError" in first.output
+    assert "kfac/Collective" in first.output  # K-FAC's own collective timed out
+    assert second.exit_code != 0  # stopped with the job
