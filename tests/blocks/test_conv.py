@@ -108,10 +108,38 @@ def _reference_patches(layer, x):
     return patches
 
 
+def _channels_last_call(layer):
+    """The layer's call on channels-first data, computed channels last.
+
+    Without oneDNN (CPUs without AVX-512, or TF_ENABLE_ONEDNN_OPTS=0)
+    TensorFlow's CPU Conv2D runs only NHWC; the block under test still sees
+    channels-first inputs and outputs.
+    """
+
+    def call(x):
+        s = tf.nn.convolution(
+            tf.transpose(x, [0, 2, 3, 1]),
+            layer.kernel,
+            strides=layer.strides,
+            padding=layer.padding.upper(),
+            dilations=layer.dilation_rate,
+        )
+        if layer.bias is not None:
+            s = s + layer.bias
+        s = tf.transpose(s, [0, 3, 1, 2])
+        return s if layer.activation is None else layer.activation(s)
+
+    return call
+
+
+def _call(layer):
+    return _channels_last_call(layer) if layer.data_format == "channels_first" else layer.call
+
+
 def _layer_case(cls, cases, name, approx=None, seed=0):
     layer, x = _build(cls, cases[name], seed)
     block = ConvBlock(layer, approx)
-    output, record = block.record(layer.call, tf.constant(x))
+    output, record = block.record(_call(layer), tf.constant(x))
     patches = _reference_patches(layer, x.astype(np.float64))
     s = record.outputs.numpy()
     # The reference im2col reproduces the layer's own convolution.
@@ -135,6 +163,20 @@ ALL_CASES = [(keras.layers.Conv2D, CONV2D_CASES, n) for n in CONV2D_CASES] + [
     (keras.layers.Conv1D, CONV1D_CASES, n) for n in CONV1D_CASES
 ]
 IDS = [f"{cls.__name__}-{name}" for cls, _, name in ALL_CASES]
+
+
+def test_channels_last_stand_in_computes_the_channels_first_layer():
+    layer, x = _build(keras.layers.Conv2D, CONV2D_CASES["channels_first_same"], seed=0)
+    want = _channels_last_call(layer)(tf.constant(x)).numpy()
+    try:
+        got = layer(x).numpy()
+    except tf.errors.UnimplementedError:
+        pytest.skip(
+            "TensorFlow cannot run Conv2D(data_format='channels_first') on this CPU "
+            "(oneDNN off: no AVX-512, or TF_ENABLE_ONEDNN_OPTS=0); the other tests "
+            "use the channels-last stand-in checked here where it can run"
+        )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls, cases, name", ALL_CASES, ids=IDS)
