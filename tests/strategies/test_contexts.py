@@ -131,3 +131,18 @@ def test_stable_instance_keys_fit_int32_above_the_eager_counter():
     assert len(keys) == 1000
     assert all(2**30 <= key < 2**31 for key in keys)
     assert stable_instance_key("a") == stable_instance_key("a")
+
+
+def test_kfac_collective_timeout_reaches_the_context_and_is_checked():
+    import keras
+
+    import kfac_dist as kfac
+
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        optimizer = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, collective_timeout=42)
+    assert optimizer.context.timeout_seconds == 42.0
+    assert optimizer.get_config()["collective_timeout"] == 42.0
+    with pytest.raises(ValueError, match=r"collective_timeout must be > 0 seconds \(or None"):
+        kfac.Kfac(learning_rate=0.1, damping=0.1, collective_timeout=0)
