@@ -326,7 +326,7 @@ class Kfac(keras.optimizers.Optimizer):
         self.context = strategies.resolve(model.distribute_strategy)
         training.install(model)
         enable_multi_worker_fit(model)
-        if model.built:
+        if registration.is_built(model):
             # Building now (not inside the first traced step) registers the
             # layers, fails early on unsupported ones, and spares Keras a
             # second trace of the train step for the variables created there.
@@ -349,6 +349,12 @@ class Kfac(keras.optimizers.Optimizer):
             raise ValueError(
                 "This Kfac optimizer is not bound to a model: pass model= to Kfac, "
                 "or load a saved model with kfac_dist.keras.saving_utils.load_model(path)."
+            )
+        if not registration.is_built(model) and not model.trainable_variables:
+            raise ValueError(
+                f"Kfac cannot register the layers of model '{model.name}': it has no "
+                "variables yet. Let fit build it, or build it first by calling it on a "
+                "batch (model(x)) before building the optimizer."
             )
         super().build(var_list)
         blocks = self._register(model)

@@ -197,6 +197,32 @@ def _innermost_owners(walk) -> dict[int, tuple[keras.layers.Layer, object]]:
     return {key: (layer, parent) for key, (layer, parent, _) in owners.items()}
 
 
+def is_built(model: keras.Model) -> bool:
+    """Whether every layer of `model` has created its variables (as Keras checks it).
+
+    `model.built` alone is not enough: a subclassed model after
+    `model.build(shape)`, or a `Sequential` without an `Input`, is marked
+    built before its layers have been called.
+    """
+    return all(layer.built for layer in model._flatten_layers())  # noqa: SLF001
+
+
+def build_from_batch(model: keras.Model, x) -> None:
+    """Creates the variables of a model that builds late, from a batch's shapes.
+
+    Keras itself defers this to the first traced forward pass when no
+    strategy is set; K-FAC needs the variables before that pass, to record
+    the layers in it. The build is symbolic (Keras' own, as under a
+    strategy): it adds nothing to the traced step.
+    """
+    if is_built(model):
+        return
+    spec = keras.tree.map_structure(
+        lambda t: None if t is None else keras.KerasTensor(t.shape, t.dtype.name), x
+    )
+    keras.src.backend.compute_output_spec(model, spec, training=False)
+
+
 def _key(variable) -> int:
     return id(getattr(variable, "value", variable))
 

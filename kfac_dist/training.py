@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from kfac_dist import adaptive, capture
+from kfac_dist import adaptive, capture, registration
 from kfac_dist.adaptive import REGULAR
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
@@ -129,10 +129,14 @@ def kfac_train_step(model, data):
         )
     if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
         return type(model).train_step(model, data)
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     if not kfac.built:
+        # A model that builds late (subclassed, Sequential without an Input,
+        # model.build(shape)) has no variables yet: create them first, so
+        # that registration sees its layers.
+        registration.build_from_batch(model, x)
         kfac.build(model.trainable_variables)
     curvature = kfac.curvature
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
     step = tf.identity(kfac.iterations)  # this step's index, read before the update
