@@ -291,6 +291,19 @@ def test_subclass_overriding_call_is_not_taken_for_the_standard_layer():
         registration.collect_blocks(model)
 
 
+def test_keras_reversible_embedding_is_not_taken_for_an_embedding():
+    # Its call also maps hidden states back to logits (reverse=True), with the
+    # same table: the Embedding block's token-count factor would be wrong.
+    inputs = keras.Input((4,), dtype="int32")
+    embedding = keras.layers.ReversibleEmbedding(9, 3, name="tied")
+    logits = embedding(embedding(inputs), reverse=True)
+    model = keras.Model(inputs, logits)
+    with pytest.raises(
+        registration.UnsupportedLayerError, match="'tied' \\(ReversibleEmbedding\\)"
+    ):
+        registration.collect_blocks(model)
+
+
 # --- a variable registered twice is an error naming it -----------------------
 
 
