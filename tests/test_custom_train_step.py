@@ -64,7 +64,12 @@ def test_a_marked_train_step_runs_and_composes_with_kfac(replicas):
     strategy = (
         tf.distribute.get_strategy()
         if replicas == 1
-        else tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+        else tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(replicas)],
+            # The strategy's own collectives use group key 1 for any device
+            # set: tests of one process share it only through this path.
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     )
     with strategy.scope():
         model = ComposedStep()

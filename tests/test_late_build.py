@@ -59,7 +59,12 @@ def test_late_built_model_registers_its_layers_and_trains_with_fit(style, replic
     strategy = (
         tf.distribute.get_strategy()
         if replicas == 1
-        else tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+        else tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(replicas)],
+            # The strategy's own collectives use group key 1 for any device
+            # set: tests of one process share it only through this path.
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 6)).astype(np.float32)

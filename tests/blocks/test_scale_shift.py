@@ -250,8 +250,17 @@ def test_batch_renorm_scale_gradient_matches_autodiff_of_the_layer():
     )
 
 
+def _two_replicas() -> tf.distribute.MirroredStrategy:
+    # The strategy's own collectives use group key 1 for any device set, and
+    # instance keys from 100 in every strategy: tests of one process share
+    # them only through this path (Keras' synchronized moments included).
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def test_synchronized_batch_norm_records_global_batch_normalization_per_replica():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = _two_replicas()
     rng = np.random.default_rng(9)
     x = (rng.normal(size=(8, 3)) * np.array([1.0, 2.0, 0.5]) + np.arange(3)).astype(np.float32)
     x[4:] += 3.0  # the two replicas' halves have different moments
@@ -266,7 +275,8 @@ def test_synchronized_batch_norm_records_global_batch_normalization_per_replica(
     dataset = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(x).batch(8)
     )
-    per_replica = strategy.run(tf.function(replica_step), args=(next(iter(dataset)),))
+    step = tf.function(lambda batch: strategy.run(replica_step, args=(batch,)))
+    per_replica = step(next(iter(dataset)))
     recorded = np.concatenate([t.numpy() for t in strategy.experimental_local_results(per_replica)])
     global_x_hat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)
     np.testing.assert_allclose(recorded, global_x_hat, rtol=1e-4, atol=1e-5)
@@ -276,7 +286,7 @@ def test_synchronized_batch_norm_records_global_batch_normalization_per_replica(
 def test_renorm_and_synchronized_batch_norm_models_train_with_fit(replicas):
     import kfac_dist as kfac
 
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    strategy = _two_replicas() if replicas == 2 else tf.distribute.get_strategy()
     rng = np.random.default_rng(10)
     x = rng.normal(size=(128, 4)).astype(np.float32)
     y = np.stack([np.tanh(x[:, 0] - x[:, 1]), x[:, 2] * x[:, 3]], axis=1).astype(np.float32)
