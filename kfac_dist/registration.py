@@ -110,21 +110,15 @@ class LayerCollection:
         return block
 
 
-def _is_standard(layer) -> bool:
-    """A supported layer class whose forward pass is the one its block models.
+def _block_for(layer, fisher_approx: str | None) -> Block | None:
+    """The block of a supported layer whose forward pass is the one the block models.
 
     A subclass that overrides `call` computes something else from the same
     variables (a scaled output, a tied reverse embedding): its block's
-    factors would be wrong, so it is treated as unsupported.
+    factors would be wrong, so it is treated as unsupported (None).
     """
-    return any(isinstance(layer, cls) and type(layer).call is cls.call for cls in BLOCK_OF_LAYER)
-
-
-def _block_for(layer, fisher_approx: str | None) -> Block | None:
-    if not _is_standard(layer):
-        return None
     for cls, block_cls in BLOCK_OF_LAYER.items():
-        if isinstance(layer, cls):
+        if isinstance(layer, cls) and type(layer).call is cls.call:
             return block_cls(layer, fisher_approx)
     return None
 
@@ -267,9 +261,9 @@ def collect_blocks(
     trainable = {_key(v) for v in model.trainable_variables}
     walk = list(_walk(model))
     for layer, _, _ in walk:
-        if not layer.trainable or not _is_standard(layer):
+        block = _block_for(layer, _approx_for(layer, fisher_approx)) if layer.trainable else None
+        if block is None:
             continue
-        block = _block_for(layer, _approx_for(layer, fisher_approx))
         keys = {_key(v) for v in block.variables}
         if keys != {_key(v) for v in layer.trainable_variables if _key(v) in trainable}:
             continue  # variables beyond the block's: left to their owners below
