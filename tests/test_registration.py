@@ -258,6 +258,8 @@ def test_models_with_sublayer_owners_train_with_the_diagonal_opt_in(kind):
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert int(opt.curvature.inversions.numpy()) > 0
     for variable, start in zip(model.trainable_variables, before):
+        if variable.path.endswith("key/bias"):
+            continue  # softmax attention is invariant to it: its gradient is 0
         assert not np.allclose(variable.numpy(), start), variable.path
 
 
