@@ -349,7 +349,7 @@ class Kfac(keras.optimizers.Optimizer):
         )
         training.install(model)
         enable_multi_worker_fit(model)
-        if model.built:
+        if registration.is_built(model):
             # Building now (not inside the first traced step) registers the
             # layers, fails early on unsupported ones, and spares Keras a
             # second trace of the train step for the variables created there.
@@ -374,6 +374,12 @@ class Kfac(keras.optimizers.Optimizer):
                 "or load a saved model with kfac_dist.keras.saving_utils.load_model(path)."
             )
         check_steps_per_execution(model)
+        if not registration.is_built(model) and not model.trainable_variables:
+            raise ValueError(
+                f"Kfac cannot register the layers of model '{model.name}': it has no "
+                "variables yet. Let fit build it, or build it first by calling it on a "
+                "batch (model(x)) before building the optimizer."
+            )
         super().build(var_list)
         blocks = self._register(model)
         self.curvature = curvature_lib.Curvature(

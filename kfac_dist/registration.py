@@ -1,15 +1,17 @@
 """Walking a Keras model into curvature blocks, and manual registration.
 
-Registration knows Keras layers; blocks know math. Nested models are
-flattened, frozen layers skipped, and every trainable variable must end up in
-exactly one block: a layer K-FAC does not know is an error that says how to
-register it, unless the user opts into a diagonal block for it.
+Registration knows Keras layers; blocks know math. Nested models and
+layers are walked, frozen layers skipped, and every trainable variable ends
+up in exactly one block, that of the innermost layer owning it: a layer
+K-FAC does not know is an error that says how to register it, unless the
+user opts into a diagonal block for it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 
 import keras
 
@@ -51,6 +53,7 @@ class LayerCollection:
 
     Layers of the model left out of the collection are registered
     automatically; losses left out come from `Kfac(loss=...)` or `compile`.
+    Each variable belongs to one block: registering it twice is an error.
     """
 
     def __init__(self):
@@ -61,31 +64,72 @@ class LayerCollection:
         """Registers a supported layer (Dense, Conv1D/2D, Embedding, BN, LN)."""
         block = _block_for(layer, fisher_approx)
         if block is None:
-            raise UnsupportedLayerError(_unsupported_message([layer]))
-        self.blocks.append(block)
-        return block
+            raise UnsupportedLayerError(_unsupported_message([(layer, None)]))
+        return self._add(block)
 
     def register_generic(self, variables: Sequence, name: str) -> Block:
         """Registers arbitrary variables with a diagonal block."""
-        block = GenericDiagonalBlock(name, variables)
-        self.blocks.append(block)
-        return block
+        variables = list(variables)
+        if not variables:
+            raise ValueError(
+                f"register_generic(name={name!r}) got no variables: pass the variables "
+                "to precondition (e.g. layer.trainable_variables of a built layer)."
+            )
+        return self._add(GenericDiagonalBlock(name, variables))
 
     def register_loss(self, output: str | int, loss, weight: float = 1.0) -> None:
         """Registers the loss of one model output (by name or index)."""
         losses_lib.output_loss(loss, weight)  # fail now, not at the first step
         self.losses[output] = (loss, weight)
 
+    def _add(self, block: Block) -> Block:
+        registered_by = {_key(v): b.name for b in self.blocks for v in b.variables}
+        if block.name in {b.name for b in self.blocks}:
+            raise ValueError(
+                f"LayerCollection already has a block named {block.name!r}; give each "
+                "block its own name."
+            )
+        twice, seen = [], set()
+        for variable in block.variables:
+            if _key(variable) in registered_by or _key(variable) in seen:
+                twice.append(variable)
+            seen.add(_key(variable))
+        if twice:
+            raise ValueError(
+                "Variable(s) registered twice: "
+                + ", ".join(
+                    f"{v.path} (already in block {registered_by.get(_key(v), block.name)!r})"
+                    for v in twice
+                )
+                + f", now again in {block.name!r}. Each variable belongs to exactly one "
+                "block. A layer's variables include its sublayers' (MultiHeadAttention's "
+                "query/key/value/output, an LSTM's cell): register the container or its "
+                "parts, not both."
+            )
+        self.blocks.append(block)
+        return block
+
 
 def _block_for(layer, fisher_approx: str | None) -> Block | None:
+    """The block of a supported layer whose forward pass is the one the block models.
+
+    A subclass that overrides `call` computes something else from the same
+    variables (a scaled output, a tied reverse embedding): its block's
+    factors would be wrong, so it is treated as unsupported (None).
+    """
     for cls, block_cls in BLOCK_OF_LAYER.items():
-        if type(layer) is cls or isinstance(layer, cls):
+        if isinstance(layer, cls) and type(layer).call is cls.call:
             return block_cls(layer, fisher_approx)
     return None
 
 
+def _describe(layer, parent) -> str:
+    where = f", in '{parent.name}'" if parent is not None else ""
+    return f"'{layer.name}' ({type(layer).__name__}{where})"
+
+
 def _unsupported_message(layers) -> str:
-    names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
+    names = ", ".join(_describe(layer, parent) for layer, parent in layers)
     return (
         f"K-FAC cannot register the trainable layer(s) {names}. Supported layers: "
         f"{SUPPORTED_LAYER_NAMES}. To train them anyway, either pass "
@@ -93,6 +137,17 @@ def _unsupported_message(layers) -> str:
         "or register them by hand: lc = kfac_dist.LayerCollection(); "
         "lc.register_generic(layer.trainable_variables, name=layer.name); "
         "Kfac(..., layer_collection=lc)."
+    )
+
+
+def _registered_twice_message(taken, registered_by, layer) -> str:
+    names = ", ".join(f"{v.path} (block {registered_by[_key(v)]!r})" for v in taken)
+    return (
+        f"Variable(s) {names} are registered in the LayerCollection, and K-FAC would "
+        f"register them again in the block of layer '{layer.name}' "
+        f"({type(layer).__name__}) with the layer's other variables. Each variable "
+        "belongs to exactly one block: register the whole layer with "
+        "lc.register_layer(layer), or all of its variables by hand."
     )
 
 
@@ -109,15 +164,82 @@ def _approx_for(layer, fisher_approx: Mapping | str | None) -> str | None:
     return None
 
 
-def _leaf_layers(model: keras.Model):
-    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
-        if isinstance(layer, keras.Model) or not layer.trainable:
-            continue
-        yield layer
+def _walk(model: keras.Model) -> Iterator[tuple[keras.layers.Layer, object, int]]:
+    """(layer, parent, depth) for every layer under `model`, parents first, each once.
+
+    The parent of a layer directly in `model` is None.
+    """
+    seen = {id(model)}
+    stack = [(model, None, 0)]
+    while stack:
+        layer, parent, depth = stack.pop(0)
+        yield layer, parent, depth
+        for child in layer._flatten_layers(include_self=False, recursive=False):  # noqa: SLF001
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child, layer if layer is not model else None, depth + 1))
+
+
+def _innermost_owners(walk) -> dict[int, tuple[keras.layers.Layer, object]]:
+    """Each variable's innermost owner: the deepest layer that holds it directly."""
+    owners: dict[int, tuple[keras.layers.Layer, object, int]] = {}
+    for layer, parent, depth in walk:
+        for variable in layer._trainable_variables:  # noqa: SLF001
+            key = _key(variable)
+            if key not in owners or depth > owners[key][2]:
+                owners[key] = (layer, parent, depth)
+    return {key: (layer, parent) for key, (layer, parent, _) in owners.items()}
+
+
+def is_built(model: keras.Model) -> bool:
+    """Whether every layer of `model` has created its variables (as Keras checks it).
+
+    `model.built` alone is not enough: a subclassed model after
+    `model.build(shape)`, or a `Sequential` without an `Input`, is marked
+    built before its layers have been called.
+    """
+    return all(layer.built for layer in model._flatten_layers())  # noqa: SLF001
+
+
+def build_from_batch(model: keras.Model, x) -> None:
+    """Creates the variables of a model that builds late, from a batch's shapes.
+
+    Keras itself defers this to the first traced forward pass when no
+    strategy is set; K-FAC needs the variables before that pass, to record
+    the layers in it. The build is symbolic (Keras' own, as under a
+    strategy): it adds nothing to the traced step.
+    """
+    if is_built(model):
+        return
+    spec = keras.tree.map_structure(
+        lambda t: None if t is None else keras.KerasTensor(t.shape, t.dtype.name), x
+    )
+    keras.src.backend.compute_output_spec(model, spec, training=False)
 
 
 def _key(variable) -> int:
     return id(getattr(variable, "value", variable))
+
+
+def _with_unique_names(blocks: list[Block]) -> list[Block]:
+    """Renames automatic blocks that share a layer name after their variables' path.
+
+    Layer names repeat inside containers (every MultiHeadAttention has a
+    'query'); placement needs one name per block.
+    """
+    counts = Counter(block.name for block in blocks)
+    taken = {block.name for block in blocks if counts[block.name] == 1}
+    for block in blocks:
+        if counts[block.name] == 1:
+            continue
+        path = block.variables[0].path.rsplit("/", 1)[0].replace("/", ".")
+        name, suffix = path, 1
+        while name in taken:
+            suffix += 1
+            name = f"{path}_{suffix}"
+        block.name = name
+        taken.add(name)
+    return blocks
 
 
 def collect_blocks(
@@ -127,37 +249,55 @@ def collect_blocks(
     unsupported_layers: str = "error",
     layer_collection: LayerCollection | None = None,
 ) -> list[Block]:
-    """Blocks covering every trainable variable of `model` exactly once."""
+    """Blocks covering every trainable variable of `model` exactly once.
+
+    Manual registrations come first; then each supported layer gets its block;
+    every variable left is preconditioned by the innermost layer that owns it
+    (a diagonal block on request), so a container whose variables all sit in
+    supported sublayers needs nothing of its own.
+    """
     blocks = list(layer_collection.blocks) if layer_collection else []
-    covered = {_key(v) for block in blocks for v in block.variables}
-    unsupported = []
-    for layer in _leaf_layers(model):
-        own = [v for v in layer.trainable_variables if _key(v) not in covered]
-        if not own:
+    registered_by = {_key(v): block.name for block in blocks for v in block.variables}
+    trainable = {_key(v) for v in model.trainable_variables}
+    walk = list(_walk(model))
+    for layer, _, _ in walk:
+        block = _block_for(layer, _approx_for(layer, fisher_approx)) if layer.trainable else None
+        if block is None:
             continue
-        block = _block_for(layer, _approx_for(layer, fisher_approx))
-        if block is None or {_key(v) for v in block.variables} != {_key(v) for v in own}:
-            unsupported.append(layer)
-            continue
+        keys = {_key(v) for v in block.variables}
+        if keys != {_key(v) for v in layer.trainable_variables if _key(v) in trainable}:
+            continue  # variables beyond the block's: left to their owners below
+        taken = [v for v in block.variables if _key(v) in registered_by]
+        if len(taken) == len(keys):
+            continue  # the whole layer is registered by hand
+        if taken:
+            raise ValueError(_registered_twice_message(taken, registered_by, layer))
         blocks.append(block)
-        covered.update(_key(v) for v in block.variables)
+        registered_by.update((key, block.name) for key in keys)
+    owners = _innermost_owners(walk)
+    left: dict[int, list] = {}
+    for variable in model.trainable_variables:
+        key = _key(variable)
+        if key not in registered_by and key in owners:
+            left.setdefault(id(owners[key][0]), []).append(variable)
+    unsupported = [(layer, parent) for layer, parent, _ in walk if id(layer) in left]
     if unsupported:
         if unsupported_layers != "diagonal":
             raise UnsupportedLayerError(_unsupported_message(unsupported))
         warnings.warn(
             "K-FAC preconditions these layers with a diagonal block: "
-            + ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in unsupported),
+            + ", ".join(_describe(layer, parent) for layer, parent in unsupported),
             stacklevel=3,
         )
-        for layer in unsupported:
-            own = [v for v in layer.trainable_variables if _key(v) not in covered]
+        for layer, _ in unsupported:
+            own = left[id(layer)]
             blocks.append(GenericDiagonalBlock(layer.name, own))
-            covered.update(_key(v) for v in own)
-    missing = [v for v in model.trainable_variables if _key(v) not in covered]
+            registered_by.update((_key(v), layer.name) for v in own)
+    missing = [v for v in model.trainable_variables if _key(v) not in registered_by]
     if missing:
         raise UnsupportedLayerError(
             "These trainable variables belong to no layer K-FAC can see: "
             + ", ".join(v.path for v in missing)
             + ". Register them with LayerCollection.register_generic(variables, name=...)."
         )
-    return blocks
+    return _with_unique_names(blocks)

@@ -13,13 +13,14 @@ Keras' metrics; K-FAC's own state joins them on the host."""
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from kfac_dist import adaptive, capture
+from kfac_dist import adaptive, capture, registration
 from kfac_dist.adaptive import REGULAR
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
@@ -119,7 +120,13 @@ def pseudo_losses(kfac, y_pred, y_true, sample_weight, seed, replica_id):
 
 
 def kfac_train_step(model, data):
-    """Keras `train_step` with K-FAC's curvature work (installed per instance)."""
+    """Keras `train_step` with K-FAC's curvature work (installed per instance).
+
+    Also the hook for a model whose class has its own `train_step`: decorated
+    with `calls_kfac_step`, that step calls `kfac_train_step(self, data)` for
+    the forward pass, the curvature and the update, and does its own work
+    around it (see `install`).
+    """
     kfac = model.optimizer
     if getattr(getattr(kfac, "inner_optimizer", None), "is_kfac", False):
         raise ValueError(
@@ -128,11 +135,17 @@ def kfac_train_step(model, data):
             "mixed_bfloat16 policy; factors and inverses stay float32 under both."
         )
     if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
-        return type(model).train_step(model, data)
+        # Keras' own step: `type(model).train_step` may be a user step that
+        # called this hook.
+        return keras.Model.train_step(model, data)
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     if not kfac.built:
+        # A model that builds late (subclassed, Sequential without an Input,
+        # model.build(shape)) has no variables yet: create them first, so
+        # that registration sees its layers.
+        registration.build_from_batch(model, x)
         kfac.build(model.trainable_variables)
     curvature = kfac.curvature
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
     step = tf.identity(kfac.iterations)  # this step's index, read before the update
@@ -296,14 +309,62 @@ def _train_on_batch(
     )
 
 
+_CALLS_KFAC_STEP = "_calls_kfac_step"
+
+
+def calls_kfac_step(train_step: Callable) -> Callable:
+    """Marks a custom `train_step` that runs K-FAC's step itself.
+
+    Example:
+        class MyModel(keras.Model):
+            @kfac_dist.calls_kfac_step
+            def train_step(self, data):
+                x, y = data
+                logs = kfac_dist.kfac_train_step(self, (augment(x), y))
+                return {**logs, "my_metric": ...}
+
+    `Kfac(model=...)` then leaves that step in place instead of refusing it.
+    """
+    setattr(train_step, _CALLS_KFAC_STEP, True)
+    return train_step
+
+
+def _user_train_step(model: keras.Model) -> Callable | None:
+    """The model's own `train_step` (its instance's or its class's), if not Keras'."""
+    own = vars(model).get("train_step")
+    if own is not None and getattr(own, "__func__", None) is not kfac_train_step:
+        return own
+    if type(model).train_step is not keras.Model.train_step:
+        return type(model).train_step
+    return None
+
+
 def install(model: keras.Model) -> None:
     """Makes `model` run the K-FAC train step (on this instance only).
 
+    K-FAC needs its own step: the forward pass records every layer's inputs
+    and pre-activations, and the curvature gradients come from the same tape.
+    A model's own `train_step` is never replaced silently: it must call
+    K-FAC's step (`calls_kfac_step`), or binding fails saying what to do.
     K-FAC's state reaches the logs from the host after each train function
     call, not from the step: Keras would average each returned log across
     replicas, a collective per value and step.
     """
-    model.train_step = types.MethodType(kfac_train_step, model)
+    user_step = _user_train_step(model)
+    if user_step is not None:
+        if not getattr(user_step, _CALLS_KFAC_STEP, False):
+            raise ValueError(
+                f"Model '{model.name}' ({type(model).__name__}) has its own train_step, "
+                "which Kfac would have to replace: K-FAC's step records each layer's "
+                "inputs and pre-activations in the forward pass and takes the curvature "
+                "gradients from the same tape. Either remove the override (a custom "
+                "loss belongs in compute_loss, metrics in compile), or keep it and call "
+                "K-FAC's step from it: decorate it with @kfac_dist.calls_kfac_step and "
+                "return kfac_dist.kfac_train_step(self, data) (on data you may have "
+                "transformed, with logs you may extend)."
+            )
+    else:
+        model.train_step = types.MethodType(kfac_train_step, model)
     model.make_train_function = types.MethodType(_make_train_function, model)
     model.train_on_batch = types.MethodType(_train_on_batch, model)
     model.train_function = None

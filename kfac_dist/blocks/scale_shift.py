@@ -1,15 +1,18 @@
 """BatchNormalization and LayerNormalization: a block over (γ, β).
 
 The layer computes s = γ·x̂ + β, so example i's gradients are
-dγ_i = Σ_t g_t x̂_t and dβ_i = Σ_t g_t (t over every axis γ is shared on).
-x̂ is recomputed from the layer's input as the layer normalises it (batch
-moments in training, moving moments otherwise; per replica, as Keras does
-unless `synchronized=True`). Diagonal by default, "full" for small layers.
+dγ_i = Σ_t g_t ∂s_t/∂γ and dβ_i = Σ_t g_t (t over every axis γ is shared on).
+∂s/∂γ is taken from the layer's own forward pass, as a forward-mode
+derivative along γ: it is x̂ exactly as the layer normalised it — batch or
+moving moments, masked moments, moments synchronized across replicas
+(`synchronized=True`), RMS scaling — and r·x̂ + d under batch
+renormalization (`renorm=True`), whose correction (r, d) rescales γ. Each
+output depends on one entry of γ, so a tangent of ones gives it for every
+entry in one pass. Diagonal by default, "full" for small layers.
 """
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -38,31 +41,15 @@ class ScaleShiftBlock(Block):
         return self._layer
 
     def record(self, call, inputs, *args, **kwargs):
-        outputs = call(inputs, *args, **kwargs)
-        training = kwargs.get("training", args[0] if args else None)
-        normalized = self._normalize(tf.cast(inputs, curvature_dtype()), training)
-        return outputs, Record(inputs=inputs, outputs=outputs, extras={"normalized": normalized})
-
-    def _normalize(self, x: tf.Tensor, training) -> tf.Tensor:
-        layer = self._layer
-        rank = x.shape.rank
-        param_axes = [a % rank for a in self._param_axes]
-        if isinstance(layer, keras.layers.BatchNormalization):
-            reduce_axes = [a for a in range(rank) if a not in param_axes]
-            if training:
-                mean, variance = tf.nn.moments(x, reduce_axes, keepdims=True)
-            else:
-                shape = [x.shape[a] if a in param_axes else 1 for a in range(rank)]
-                mean = tf.reshape(tf.cast(layer.moving_mean, curvature_dtype()), shape)
-                variance = tf.reshape(tf.cast(layer.moving_variance, curvature_dtype()), shape)
-            return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
-        if getattr(layer, "rms_scaling", False):
-            # Keras 3's (deprecated) rms_scaling divides x — not centred — by
-            # the standard deviation, not by the root mean square.
-            _, variance = tf.nn.moments(x, param_axes, keepdims=True)
-            return x * tf.math.rsqrt(variance + layer.epsilon)
-        mean, variance = tf.nn.moments(x, param_axes, keepdims=True)
-        return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
+        gamma = getattr(self._layer, "gamma", None)
+        if gamma is None:
+            outputs = call(inputs, *args, **kwargs)
+            return outputs, Record(inputs=inputs, outputs=outputs)
+        primal = gamma.value
+        with tf.autodiff.ForwardAccumulator([primal], [tf.ones_like(primal)]) as accumulator:
+            outputs = call(inputs, *args, **kwargs)
+        scale_grad = tf.cast(accumulator.jvp(outputs), curvature_dtype())
+        return outputs, Record(inputs=inputs, outputs=outputs, extras={"normalized": scale_grad})
 
     def per_example_gradients(self, records, output_grads):
         total = None

@@ -176,3 +176,137 @@ def test_precondition_applies_damped_inverse_to_scale_and_shift(approx, method):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+# --- batch renormalization and synchronized batch norm ------------------------
+
+RENORM_MEAN = np.array([0.5, 1.0, 2.0])
+RENORM_STDDEV = np.array([1.0, 3.0, 1.5])
+CLIPPING = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.3}
+
+
+def _renorm_layer(shape):
+    layer = keras.layers.BatchNormalization(renorm=True, renorm_clipping=CLIPPING)
+    layer.build(shape)
+    layer.gamma.assign(np.array([0.5, -1.5, 2.0], np.float32))
+    layer.renorm_mean.assign(RENORM_MEAN.astype(np.float32))
+    layer.renorm_stddev.assign(RENORM_STDDEV.astype(np.float32))
+    return layer
+
+
+def _numpy_renormalized(x):
+    """∂s/∂γ = r·x̂ + d of Ioffe (2017), r and d from the moving renorm moments, clipped."""
+    axes = tuple(range(x.ndim - 1))
+    mean, stddev = x.mean(axes), np.sqrt(x.var(axes) + 1e-3)
+    r = np.clip(stddev / RENORM_STDDEV, CLIPPING["rmin"], CLIPPING["rmax"])
+    d = np.clip((mean - RENORM_MEAN) / RENORM_STDDEV, -CLIPPING["dmax"], CLIPPING["dmax"])
+    return r * (x - mean) / stddev + d
+
+
+@pytest.mark.parametrize("approx", [DIAGONAL, FULL])
+def test_batch_renorm_statistics_use_the_corrected_scale_gradient(approx):
+    shape = (B, 2, 3)
+    layer = _renorm_layer(shape)
+    block = ScaleShiftBlock(layer, approx)
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=shape) * 2.0 + 1.0).astype(np.float32)
+    output, record = block.record(layer.call, tf.constant(x), training=True)
+    x_eff = _numpy_renormalized(x.astype(np.float64))
+    # The layer's output is s = γ·(r·x̂ + d) + β, and the recorded ∂s/∂γ is r·x̂ + d.
+    np.testing.assert_allclose(
+        output.numpy(), layer.gamma.numpy() * x_eff + layer.beta.numpy(), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(record.extras["normalized"].numpy(), x_eff, rtol=1e-4, atol=1e-5)
+    grads = rng.normal(size=(C, *shape))
+    (stat,) = block.statistics([record], [tf.constant(grads, tf.float32)], B)
+    per_example = _per_example_numpy(layer, x_eff, grads)
+    expected = (
+        np.sum(per_example**2, axis=0) / B
+        if approx == DIAGONAL
+        else per_example.T @ per_example / B
+    )
+    np.testing.assert_allclose(stat.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_renorm_scale_gradient_matches_autodiff_of_the_layer():
+    """dγ of ⟨g, s⟩ through the layer (r, d held fixed, as Keras stops their gradient)."""
+    shape = (B, 3)
+    layer = _renorm_layer(shape)
+    block = ScaleShiftBlock(layer)
+    rng = np.random.default_rng(8)
+    x = tf.constant((rng.normal(size=shape) * 2.0 + 1.0).astype(np.float32))
+    g = tf.constant(rng.normal(size=shape).astype(np.float32))
+    _, record = block.record(layer.call, x, training=True)
+    layer.renorm_mean.assign(RENORM_MEAN.astype(np.float32))  # undo the moving update
+    layer.renorm_stddev.assign(RENORM_STDDEV.astype(np.float32))
+    with tf.GradientTape() as tape:
+        pseudo = tf.reduce_sum(g * layer.call(x, training=True))
+    (d_gamma,) = tape.gradient(pseudo, [layer.gamma])
+    np.testing.assert_allclose(
+        d_gamma.numpy(),
+        np.sum(g.numpy() * record.extras["normalized"].numpy(), axis=0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def _two_replicas() -> tf.distribute.MirroredStrategy:
+    # The strategy's own collectives use group key 1 for any device set, and
+    # instance keys from 100 in every strategy: tests of one process share
+    # them only through this path (Keras' synchronized moments included).
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def test_synchronized_batch_norm_records_global_batch_normalization_per_replica():
+    strategy = _two_replicas()
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=(8, 3)) * np.array([1.0, 2.0, 0.5]) + np.arange(3)).astype(np.float32)
+    x[4:] += 3.0  # the two replicas' halves have different moments
+    with strategy.scope():
+        layer = keras.layers.BatchNormalization(synchronized=True)
+        layer.build(x.shape)
+    block = ScaleShiftBlock(layer)
+
+    def replica_step(inputs):
+        return block.record(layer.call, inputs, training=True)[1].extras["normalized"]
+
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(8)
+    )
+    step = tf.function(lambda batch: strategy.run(replica_step, args=(batch,)))
+    per_replica = step(next(iter(dataset)))
+    recorded = np.concatenate([t.numpy() for t in strategy.experimental_local_results(per_replica)])
+    global_x_hat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)
+    np.testing.assert_allclose(recorded, global_x_hat, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_renorm_and_synchronized_batch_norm_models_train_with_fit(replicas):
+    import kfac_dist as kfac
+
+    strategy = _two_replicas() if replicas == 2 else tf.distribute.get_strategy()
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(128, 4)).astype(np.float32)
+    y = np.stack([np.tanh(x[:, 0] - x[:, 1]), x[:, 2] * x[:, 3]], axis=1).astype(np.float32)
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.BatchNormalization(renorm=True, name="renorm"),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.BatchNormalization(synchronized=True, name="synced"),
+                keras.layers.Dense(2),
+            ]
+        )
+        opt = kfac.Kfac(
+            learning_rate=0.05, damping=0.1, model=model, loss="mse", invert_every=2, seed=0
+        )
+        model.compile(optimizer=opt, loss="mse")
+    history = model.fit(x, y, batch_size=32, epochs=5, verbose=0, shuffle=False)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+    assert {"renorm", "synced"} <= {b.name for b in opt.curvature.blocks}
+    assert int(opt.curvature.inversions.numpy()) > 0
