@@ -1,6 +1,8 @@
 """Adaptive K-FAC: exact Fisher products, the quadratic model, LM damping, replicas."""
 
 import functools
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -9,6 +11,9 @@ import tensorflow as tf
 
 import kfac_dist as kfac
 from kfac_dist import adaptive, losses, strategies
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from adaptive_worker import regularized_model  # noqa: E402
 
 RNG = np.random.default_rng(5)
 X = RNG.normal(size=(12, 4)).astype("float32")
@@ -112,22 +117,6 @@ def test_mutable_hyperparameters_exclude_what_adaptive_mode_controls():
 
 STEPS, INTERVAL = 20, 5
 LOGGED = ("rho", "damping", "qmodel_alpha", "qmodel_mu", "qmodel_change")
-
-
-def regularized_model(seed=0):
-    """tiny_model with L2 kernel regularisers: model.losses enter ρ's losses."""
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(
-                3, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01)
-            ),
-            keras.layers.Dense(
-                3, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.01)
-            ),
-        ]
-    )
 
 
 def adaptive_data():

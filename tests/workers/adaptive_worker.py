@@ -28,18 +28,23 @@ def dataset() -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).with_options(options)
 
 
-def build() -> keras.Model:
-    import kfac_dist as kfac
-
-    keras.utils.set_random_seed(2)
+def regularized_model(seed: int = 2) -> keras.Model:
+    """A small classifier with L2 kernel regularisers: model.losses enter ρ's losses."""
+    keras.utils.set_random_seed(seed)
     regularizer = keras.regularizers.L2(0.01)
-    model = keras.Sequential(
+    return keras.Sequential(
         [
             keras.Input((4,)),
             keras.layers.Dense(3, activation="tanh", kernel_regularizer=regularizer),
             keras.layers.Dense(3, activation="softmax", kernel_regularizer=regularizer),
         ]
     )
+
+
+def build() -> keras.Model:
+    import kfac_dist as kfac
+
+    model = regularized_model()
     optimizer = kfac.Kfac(
         adaptive=True,
         damping=0.5,
