@@ -114,15 +114,32 @@ def eigendecomposition(factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def kl_clip_factor(
-    inner_product: tf.Tensor, learning_rate: tf.Tensor, norm_constraint: tf.Tensor
+    inner_product: tf.Tensor,
+    learning_rate: tf.Tensor,
+    norm_constraint: tf.Tensor,
+    momentum: tf.Tensor | float = 0.0,
+    velocity_gradient: tf.Tensor | float = 0.0,
+    velocity_curvature: tf.Tensor | float = 0.0,
 ) -> tf.Tensor:
-    """min(1, sqrt(C / (lr² Σ⟨P∇, ∇⟩))) (Ba, Grosse & Martens 2017)."""
+    """min(1, sqrt(C / |q|)) for the step Δ = μv − lr·P∇ of curvature q = ΔᵀF̂Δ.
+
+    q = lr²⟨P∇, ∇⟩ − 2μ·lr⟨v, ∇⟩ + μ²⟨v, F̂v⟩, since F̂·P∇ = ∇. With μ = 0 it is
+    Ba, Grosse & Martens' (2017) clip of the preconditioned gradient; with
+    momentum it bounds the step actually taken, which momentum would
+    otherwise let grow to 1/(1−μ) times the bound's step.
+    """
     dtype = inner_product.dtype
     lr = tf.cast(learning_rate, dtype)
+    mu = tf.cast(momentum, dtype)
     bound = tf.cast(norm_constraint, dtype)
-    ratio = tf.math.divide_no_nan(bound, lr * lr * tf.abs(inner_product))
+    curvature = (
+        lr * lr * inner_product
+        - 2.0 * mu * lr * tf.cast(velocity_gradient, dtype)
+        + mu * mu * tf.cast(velocity_curvature, dtype)
+    )
+    ratio = tf.math.divide_no_nan(bound, tf.abs(curvature))
     return tf.where(
-        inner_product == 0, tf.ones_like(ratio), tf.minimum(tf.ones_like(ratio), tf.sqrt(ratio))
+        curvature == 0, tf.ones_like(ratio), tf.minimum(tf.ones_like(ratio), tf.sqrt(ratio))
     )
 
 

@@ -55,10 +55,13 @@ class Kfac(keras.optimizers.Optimizer):
     The update, for each curvature block with gradient ∇ (all-reduced once):
 
         P∇ = F̂⁻¹ ∇                # F̂ = A ⊗ G (+ damping), or diagonal/full
-        ν = min(1, sqrt(C / (lr² Σ_blocks ⟨P∇, ∇⟩)))   # if norm_constraint=C
-        d = ν·P∇ + weight_decay_coeff·θ
-        v = momentum·v − lr·d
+        ν = min(1, sqrt(C / q)),   q = (μv − lr·P∇)ᵀ F̂ (μv − lr·P∇)   # if norm_constraint=C
+        v = ν·(μ·v − lr·P∇) − lr·weight_decay_coeff·θ    # μ = momentum
         θ = θ + v
+
+    The KL clip bounds the step taken, momentum included (q from Σ_blocks
+    ⟨P∇, ∇⟩, ⟨v, ∇⟩ and a tracked F̂v); with momentum 0 it is kfac 0.2.4's
+    min(1, sqrt(C / (lr² Σ_blocks ⟨P∇, ∇⟩))).
 
     Args (keyword-only, as in kfac 0.2.4):
         learning_rate: float or `LearningRateSchedule`, > 0.
@@ -398,6 +401,12 @@ class Kfac(keras.optimizers.Optimizer):
         self._qmodel_state = add((4,), "qmodel_state")
         self._skipped_updates = add((), "skipped_updates", "int64")
         self._velocities = [self.add_variable_from_reference(v, "velocity") for v in var_list]
+        # F̂v for each velocity v: the KL clip of a momentum step needs ⟨v, F̂v⟩.
+        self._velocity_curvatures = (
+            [self.add_variable_from_reference(v, "velocity_curvature") for v in var_list]
+            if self._clips_kl
+            else []
+        )
         self._block_indices = [[self._get_variable_index(v) for v in b.variables] for b in blocks]
         registered = {i for indices in self._block_indices for i in indices}
         self._unregistered = [i for i in range(len(var_list)) if i not in registered]
@@ -548,14 +557,15 @@ class Kfac(keras.optimizers.Optimizer):
                 directions[by_index[i]] = tf.cast(p, g.dtype)
                 inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
         if self.momentum_type == adaptive_lib.REGULAR:
-            if "norm_constraint" in self._mutable:
-                clip = linalg.kl_clip_factor(inner, learning_rate, self._norm_constraint)
+            if self._clips_kl:
+                clip = self._kl_clip_of_step(grads, by_index, inner, learning_rate)
             else:
                 clip = tf.constant(1.0, inner.dtype)
+            # The whole step μv − lr·P∇ is scaled, momentum included.
             directions = [d * tf.cast(clip, d.dtype) for d in directions]
             self._kl_clip.assign(clip)
             scale = -tf.cast(learning_rate, inner.dtype)
-            momentum = tf.cast(self._momentum, inner.dtype)
+            momentum = tf.cast(self._momentum, inner.dtype) * clip
         else:
             self._kl_clip.assign(tf.ones_like(self._kl_clip))
             scale, momentum = self._qmodel_coefficients(
@@ -563,11 +573,54 @@ class Kfac(keras.optimizers.Optimizer):
             )
         self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         coefficients = (scale, momentum, finite)
+        # F̂·(clip·P∇) = clip·∇: F̂v follows the velocity with the gradients.
+        curvature_updates = (
+            [
+                (
+                    grads[by_index[i]] * tf.cast(clip, grads[by_index[i]].dtype),
+                    self._velocity_curvatures[i],
+                )
+                for indices in self._block_indices
+                for i in indices
+            ]
+            if self._clips_kl and self.momentum_type == adaptive_lib.REGULAR
+            else []
+        )
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_kfac_update,
             self._distribution_strategy,
             list(zip(directions, trainable_variables)),
+            curvature_updates,
             coefficients,
+        )
+
+    @property
+    def _clips_kl(self) -> bool:
+        return self.momentum_type == adaptive_lib.REGULAR and "norm_constraint" in self._mutable
+
+    def _kl_clip_of_step(self, grads, by_index, inner, learning_rate) -> tf.Tensor:
+        """The KL clip of this step, momentum included (`linalg.kl_clip_factor`).
+
+        Identical on every replica: ∇ is all-reduced, v and F̂v are shared
+        state. F̂v is exact while the inverses stay the same, an estimate from
+        the previous inverses for a few steps after each inverse update.
+        """
+        dtype = inner.dtype
+        registered = [i for indices in self._block_indices for i in indices]
+        velocities = [self._velocities[i] for i in registered]
+        velocity_gradient = adaptive_lib.flat_dot(
+            velocities, [grads[by_index[i]] for i in registered], dtype
+        )
+        velocity_curvature = adaptive_lib.flat_dot(
+            velocities, [self._velocity_curvatures[i] for i in registered], dtype
+        )
+        return linalg.kl_clip_factor(
+            inner,
+            learning_rate,
+            self._norm_constraint,
+            self._momentum,
+            velocity_gradient,
+            velocity_curvature,
         )
 
     def _take_curvature_step(self):
@@ -583,13 +636,29 @@ class Kfac(keras.optimizers.Optimizer):
         statistics, is_statistics_step, step = handed
         return statistics, is_statistics_step, tf.equal(step % self.invert_every, 0)
 
-    def _distributed_kfac_update(self, distribution, grads_and_vars, coefficients):
+    def _distributed_kfac_update(
+        self, distribution, grads_and_vars, curvature_updates, coefficients
+    ):
         # The coefficients travel as merge_call arguments, so each replica's
         # update reads its own copy (identical values, no cross-device reads).
         for grad, var in grads_and_vars:
             distribution.extended.update(
                 var, self._kfac_update, args=(grad, coefficients), group=False
             )
+        for grad, velocity_curvature in curvature_updates:
+            distribution.extended.update(
+                velocity_curvature,
+                self._velocity_curvature_update,
+                args=(grad, coefficients),
+                group=False,
+            )
+
+    def _velocity_curvature_update(self, velocity_curvature, gradient, coefficients):
+        """F̂v ← μ·F̂v + s·clip·∇, the velocity's update seen through F̂ (F̂P∇ = ∇)."""
+        scale, momentum, finite = coefficients
+        dtype = velocity_curvature.dtype
+        updated = tf.cast(momentum, dtype) * velocity_curvature + tf.cast(scale, dtype) * gradient
+        self.assign(velocity_curvature, tf.where(finite, updated, velocity_curvature))
 
     def _kfac_update(self, variable, gradient, coefficients):
         """v = μv + s·(d + wd·θ); θ = θ + v; nothing moves on a non-finite step.

@@ -195,3 +195,25 @@ def test_kl_clip_factor_in_float64():
     np.testing.assert_allclose(
         clip.numpy(), np.sqrt(np.float64(np.float32(0.01)) / (0.25 * 4.0)), rtol=1e-12
     )
+
+
+def test_kl_clip_factor_with_momentum_bounds_the_whole_step():
+    # q = (μv − lr·F⁻¹∇)ᵀ F (μv − lr·F⁻¹∇), from an explicit SPD F.
+    rng = np.random.default_rng(1)
+    root = rng.normal(size=(6, 6))
+    fisher = root @ root.T + 0.1 * np.eye(6)
+    velocity, grad = rng.normal(size=6), rng.normal(size=6)
+    direction = np.linalg.solve(fisher, grad)
+    lr, mu, bound = 0.5, 0.9, 0.01
+    step = mu * velocity - lr * direction
+    clip = linalg.kl_clip_factor(
+        tf.constant(direction @ grad, tf.float64),
+        lr,
+        bound,
+        momentum=mu,
+        velocity_gradient=velocity @ grad,
+        velocity_curvature=velocity @ fisher @ velocity,
+    )
+    expected = min(1.0, np.sqrt(np.float64(np.float32(bound)) / (step @ fisher @ step)))
+    assert expected < 1.0
+    np.testing.assert_allclose(clip.numpy(), expected, rtol=1e-6)
