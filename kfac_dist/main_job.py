@@ -52,16 +52,12 @@ TF_STARTUP_NOISE = re.compile(
     r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
     r"|cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)"
 )
-# Fixed K-FAC settings for this autoencoder: the best of five points of
-# kfac_dist/benchmarks.py's grid over 300 steps (one process): moving-average
-# loss 100 at step 148, 71 at step 300. Damping 1 and bound 0.01 (kfac-jax's
-# fixed setting) reached 83 after 300 steps; Adam(1e-3) 131.
+# Fixed K-FAC settings for this autoencoder: the benchmark's default point
+# (kfac_dist/benchmarks.py, the best of its grid over 200 steps in one process).
 KFAC_HYPERPARAMETERS = {
-    "learning_rate": 1.0,
-    "momentum": 0.9,
-    "damping": 0.03,
-    "norm_constraint": 0.001,
-    "invert_every": 10,
+    **benchmarks.KFAC_DEFAULT,
+    "momentum": benchmarks.KFAC_FIXED["momentum"],
+    "invert_every": benchmarks.KFAC_FIXED["invert_every"],
 }
 
 
