@@ -578,12 +578,12 @@ class Kfac(keras.optimizers.Optimizer):
             [
                 (
                     grads[by_index[i]] * tf.cast(clip, grads[by_index[i]].dtype),
-                    self._velocity_curvatures[i],
+                    self._velocity_curvatures[i].value,
                 )
                 for indices in self._block_indices
                 for i in indices
             ]
-            if self._clips_kl and self.momentum_type == adaptive_lib.REGULAR
+            if self._clips_kl
             else []
         )
         tf.__internal__.distribute.interim.maybe_merge_call(

@@ -48,6 +48,7 @@ def build(num_replicas: int, **kfac_args):
             learning_rate=0.2,
             damping=0.05,
             momentum=0.9,
+            norm_constraint=1e-3,  # the KL clip of a momentum step engages
             model=model,
             loss="sparse_categorical_crossentropy",
             estimation_mode="exact",
