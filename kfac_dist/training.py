@@ -148,9 +148,13 @@ def kfac_train_step(model, data):
     curvature = kfac.curvature
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
-    step = tf.identity(kfac.iterations)  # this step's index, read before the update
+    # This update's index, read before the update (with gradient accumulation,
+    # all k micro-batches of an update share it).
+    step = tf.identity(kfac.iterations)
     replica_id = curvature.context.replica_id()
-    seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
+    # Each call (micro-batch) draws its own samples.
+    calls = kfac._iterations  # noqa: SLF001
+    seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(calls, tf.int64)])
 
     # The adaptive mode's extra forward passes start from this state, so that
     # they draw the random numbers (dropout masks) this step's loss was taken with.
