@@ -339,6 +339,7 @@ class Kfac(keras.optimizers.Optimizer):
         self._replica_step = threading.local()
         self._output_losses = None
         self.curvature = None
+        self._traced_update = False  # whether a traced step holds K-FAC's state
         if model is not None:
             self.bind(model)
 
@@ -376,16 +377,24 @@ class Kfac(keras.optimizers.Optimizer):
             with model.distribute_strategy.scope():
                 self.build(model.trainable_variables)
 
-    def _register(self, model):
+    def _register(self, model, var_list):
         return registration.collect_blocks(
             model,
             fisher_approx=self.fisher_approx,
             unsupported_layers=self.unsupported_layers,
             layer_collection=self.layer_collection,
+            variables=var_list,
         )
 
     def build(self, var_list):
+        """Registers the layers of `var_list` and creates K-FAC's state for them.
+
+        `var_list` is all of the model's trainable variables, or K-FAC's share
+        of them in a `keras.optimizers.MultiOptimizer`.
+        """
         if self.built:
+            if {id(v) for v in var_list} != {id(v) for v in self._trainable_variables}:
+                self._rebuild(var_list)
             return
         model = self.model
         if model is None:
@@ -400,8 +409,10 @@ class Kfac(keras.optimizers.Optimizer):
                 "variables yet. Let fit build it, or build it first by calling it on a "
                 "batch (model(x)) before building the optimizer."
             )
+        self._check_share(model, var_list)
+        self._first_state_variable = len(self._variables)
         super().build(var_list)
-        blocks = self._register(model)
+        blocks = self._register(model, var_list)
         self.curvature = curvature_lib.Curvature(
             blocks,
             self.context,
@@ -427,6 +438,37 @@ class Kfac(keras.optimizers.Optimizer):
         registered = {i for indices in self._block_indices for i in indices}
         self._unregistered = [i for i in range(len(var_list)) if i not in registered]
         self.built = True
+
+    def _rebuild(self, var_list) -> None:
+        """Builds again on `var_list`, a MultiOptimizer's share of the variables.
+
+        `bind` builds on all the variables of a built model, before a
+        MultiOptimizer can say which are K-FAC's; while no update has been
+        traced, that state was never used and is dropped.
+        """
+        if self._traced_update:
+            raise ValueError(
+                "Kfac has already trained all of the model's trainable variables and "
+                "cannot be narrowed to a MultiOptimizer's share now: build the "
+                "MultiOptimizer before the first step (compile with it, then fit)."
+            )
+        del self._variables[self._first_state_variable :]
+        self._trainable_variables_indices = {}
+        self.built = False
+        self.build(var_list)
+
+    def _check_share(self, model, var_list) -> None:
+        """Given only some of the model's variables, the update rule must allow it."""
+        mine = {id(v) for v in var_list}
+        if all(id(v) in mine for v in model.trainable_variables):
+            return
+        _require(
+            self.momentum_type == adaptive_lib.REGULAR and not self.adapt_damping,
+            "Kfac with adaptive=True, adapt_damping or quadratic-model momentum must train "
+            "all of the model's trainable variables: the quadratic model and ρ assume no "
+            "other optimizer moves the loss. In a MultiOptimizer, use regular momentum "
+            "with a fixed damping.",
+        )
 
     # --- losses -------------------------------------------------------------------
     def output_losses(self, num_outputs: int) -> list[losses_lib.OutputLoss | None]:
@@ -554,6 +596,7 @@ class Kfac(keras.optimizers.Optimizer):
             v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
         ]
         grads = [tf.convert_to_tensor(g) for g in grads]
+        self._traced_update = True
         curvature_step = self._take_curvature_step()
         accumulators = []
         if self.gradient_accumulation_steps:
