@@ -39,7 +39,7 @@ def mirrored() -> tf.distribute.Strategy:
     )
 
 
-def train(strategy, batch_size, x, y, **kfac_args):
+def train(strategy, batch_size, x, y, steps_per_execution=1, **kfac_args):
     with strategy.scope():
         keras.utils.set_random_seed(1)
         model = keras.Sequential(
@@ -61,7 +61,11 @@ def train(strategy, batch_size, x, y, **kfac_args):
             seed=1,
         )
         opt = kfac.Kfac(**{**args, **kfac_args})
-        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.compile(
+            optimizer=opt,
+            loss="sparse_categorical_crossentropy",
+            steps_per_execution=steps_per_execution,
+        )
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
     return model, opt
 
