@@ -136,7 +136,9 @@ def _unsupported_message(layers) -> str:
         "unsupported_layers='diagonal' to Kfac (a diagonal Fisher block for each), "
         "or register them by hand: lc = kfac_dist.LayerCollection(); "
         "lc.register_generic(layer.trainable_variables, name=layer.name); "
-        "Kfac(..., layer_collection=lc)."
+        "Kfac(..., layer_collection=lc). If another optimizer trains them (a "
+        "keras.optimizers.MultiOptimizer), pass unsupported_layers='diagonal': K-FAC "
+        "drops their blocks when the MultiOptimizer gives it its share."
     )
 
 
