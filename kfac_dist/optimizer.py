@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kfac_dist import accumulation, linalg, registration, strategies, training
 from kfac_dist import adaptive as adaptive_lib
 from kfac_dist import blocks as blocks_lib
 from kfac_dist import curvature as curvature_lib
-from kfac_dist import linalg, registration, strategies, training
 from kfac_dist import losses as losses_lib
 from kfac_dist import placement as placement_lib
 from kfac_dist.multi_worker import check_steps_per_execution, enable_multi_worker_fit
@@ -34,10 +34,6 @@ _REJECTED_ARGS = {
     "use_ema": "K-FAC keeps no EMA of the weights",
     "ema_momentum": "K-FAC keeps no EMA of the weights",
     "ema_overwrite_frequency": "K-FAC keeps no EMA of the weights",
-    "gradient_accumulation_steps": (
-        "accumulated gradients would not match each batch's curvature statistics; "
-        "use a larger batch"
-    ),
     "weight_decay": "use weight_decay_coeff (decoupled, added to the update)",
     "loss_scale_factor": "use the mixed-precision policy, which wraps the optimizer",
 }
@@ -111,6 +107,12 @@ class Kfac(keras.optimizers.Optimizer):
             fails with `DeadlineExceededError` instead of hanging, default
             600; None waits forever. Raise it when one worker can lag the
             others by longer (e.g. tracing a very large model).
+        gradient_accumulation_steps: k ≥ 2 to apply one update per k calls
+            (micro-batches), default None (off). Gradients and curvature
+            statistics are summed over the k micro-batches, so the update is
+            that of one step on their union. `iterations`, the learning-rate
+            schedule and every K-FAC schedule (cov_update_every, invert_every)
+            count applied updates. Not with adaptive/adapt_damping.
     """
 
     is_kfac = True
@@ -147,6 +149,7 @@ class Kfac(keras.optimizers.Optimizer):
         inverse_sharing: str = "auto",
         seed: int | None = None,
         collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
         **kwargs,
     ):
@@ -263,7 +266,24 @@ class Kfac(keras.optimizers.Optimizer):
             f"collective_timeout must be > 0 seconds (or None: wait forever), "
             f"got {collective_timeout}.",
         )
-        super().__init__(learning_rate=learning_rate, name=name)
+        _require(
+            gradient_accumulation_steps is None or int(gradient_accumulation_steps) >= 2,
+            f"gradient_accumulation_steps must be >= 2 (or None: off), "
+            f"got {gradient_accumulation_steps}.",
+        )
+        _require(
+            gradient_accumulation_steps is None or not (adapt_damping or qmodel),
+            "gradient_accumulation_steps cannot be used with adaptive=True, adapt_damping "
+            "or quadratic-model momentum: they measure the loss on the update's whole "
+            "batch, which accumulation spreads over several calls. Use a larger batch, "
+            "or regular momentum with fixed damping.",
+        )
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            gradient_accumulation_steps=gradient_accumulation_steps
+            and int(gradient_accumulation_steps),
+        )
         self._mutable = tuple(
             h
             for h, value in zip(
@@ -322,6 +342,7 @@ class Kfac(keras.optimizers.Optimizer):
         self._replica_step = threading.local()
         self._output_losses = None
         self.curvature = None
+        self._traced_update = False  # whether a traced step holds K-FAC's state
         if model is not None:
             self.bind(model)
 
@@ -359,16 +380,24 @@ class Kfac(keras.optimizers.Optimizer):
             with model.distribute_strategy.scope():
                 self.build(model.trainable_variables)
 
-    def _register(self, model):
+    def _register(self, model, var_list):
         return registration.collect_blocks(
             model,
             fisher_approx=self.fisher_approx,
             unsupported_layers=self.unsupported_layers,
             layer_collection=self.layer_collection,
+            variables=var_list,
         )
 
     def build(self, var_list):
+        """Registers the layers of `var_list` and creates K-FAC's state for them.
+
+        `var_list` is all of the model's trainable variables, or K-FAC's share
+        of them in a `keras.optimizers.MultiOptimizer`.
+        """
         if self.built:
+            if {id(v) for v in var_list} != {id(v) for v in self._trainable_variables}:
+                self._rebuild(var_list)
             return
         model = self.model
         if model is None:
@@ -383,8 +412,10 @@ class Kfac(keras.optimizers.Optimizer):
                 "variables yet. Let fit build it, or build it first by calling it on a "
                 "batch (model(x)) before building the optimizer."
             )
+        self._check_share(model, var_list)
+        self._first_state_variable = len(self._variables)
         super().build(var_list)
-        blocks = self._register(model)
+        blocks = self._register(model, var_list)
         self.curvature = curvature_lib.Curvature(
             blocks,
             self.context,
@@ -394,8 +425,13 @@ class Kfac(keras.optimizers.Optimizer):
             factor_sync=self.factor_sync,
             sharing=self.inverse_sharing,
         )
-        self.curvature.build(curvature_lib.per_replica_variable(self))
         add = curvature_lib.per_replica_variable(self)
+        self.curvature.build(add)
+        self._statistic_sums = (
+            accumulation.StatisticSums(self.curvature.factor_sums, add)
+            if self.gradient_accumulation_steps
+            else None
+        )
         self._kl_clip = add((), "kl_clip")
         # [α, μ, predicted change, ρ] of the quadratic model, for the history.
         self._qmodel_state = add((4,), "qmodel_state")
@@ -411,6 +447,37 @@ class Kfac(keras.optimizers.Optimizer):
         registered = {i for indices in self._block_indices for i in indices}
         self._unregistered = [i for i in range(len(var_list)) if i not in registered]
         self.built = True
+
+    def _rebuild(self, var_list) -> None:
+        """Builds again on `var_list`, a MultiOptimizer's share of the variables.
+
+        `bind` builds on all the variables of a built model, before a
+        MultiOptimizer can say which are K-FAC's; while no update has been
+        traced, that state was never used and is dropped.
+        """
+        if self._traced_update:
+            raise ValueError(
+                "Kfac has already trained all of the model's trainable variables and "
+                "cannot be narrowed to a MultiOptimizer's share now: build the "
+                "MultiOptimizer before the first step (compile with it, then fit)."
+            )
+        del self._variables[self._first_state_variable :]
+        self._trainable_variables_indices = {}
+        self.built = False
+        self.build(var_list)
+
+    def _check_share(self, model, var_list) -> None:
+        """Given only some of the model's variables, the update rule must allow it."""
+        mine = {id(v) for v in var_list}
+        if all(id(v) in mine for v in model.trainable_variables):
+            return
+        _require(
+            self.momentum_type == adaptive_lib.REGULAR and not self.adapt_damping,
+            "Kfac with adaptive=True, adapt_damping or quadratic-model momentum must train "
+            "all of the model's trainable variables: the quadratic model and ρ assume no "
+            "other optimizer moves the loss. In a MultiOptimizer, use regular momentum "
+            "with a fixed damping.",
+        )
 
     # --- losses -------------------------------------------------------------------
     def output_losses(self, num_outputs: int) -> list[losses_lib.OutputLoss | None]:
@@ -518,18 +585,113 @@ class Kfac(keras.optimizers.Optimizer):
         )
 
     # --- the update -----------------------------------------------------------------
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        """K-FAC's update on every call, or on every k-th with gradient accumulation.
+
+        Replaces Keras' own accumulation, which cannot serve (see accumulation.py).
+        """
+        self._backend_update_step(grads, trainable_variables, self.learning_rate)
+
+    def _get_current_learning_rate(self):
+        # A schedule counts applied updates (`iterations`), as the inverse
+        # schedule does; Keras' base counts accumulated micro-batches.
+        if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            return self._learning_rate(self.iterations)
+        return super()._get_current_learning_rate()
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """All-reduce once, precondition in replica context, then Keras' per-variable update."""
         trainable_variables = [
             v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
         ]
         grads = [tf.convert_to_tensor(g) for g in grads]
-        statistics, is_statistics_step, is_inverse_step = self._take_curvature_step()
+        self._traced_update = True
+        curvature_step = self._take_curvature_step()
+        accumulators = []
+        if self.gradient_accumulation_steps:
+            directions, coefficients, curvature_gradients, accumulators = (
+                self._accumulated_directions(
+                    grads, trainable_variables, learning_rate, curvature_step
+                )
+            )
+        else:
+            directions, coefficients, curvature_gradients = self._directions(
+                grads, trainable_variables, learning_rate, curvature_step
+            )
+        registered = [i for indices in self._block_indices for i in indices]
+        curvature_updates = [
+            (gradient, self._velocity_curvatures[i].value)
+            for i, gradient in zip(registered, curvature_gradients)
+        ]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_kfac_update,
+            self._distribution_strategy,
+            list(zip(directions, trainable_variables)),
+            coefficients,
+            accumulators,
+            curvature_updates,
+        )
+
+    def _accumulated_directions(self, grads, trainable_variables, learning_rate, curvature_step):
+        """Adds this micro-batch to the sums; on the k-th call, the update of their means.
+
+        Also returns each gradient accumulator's next value (zero after an
+        update), for the update's `merge_call` to write.
+        """
+        steps = self.gradient_accumulation_steps
+        accumulators = [
+            self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
+        ]
+        sums = [tf.convert_to_tensor(a) + g for a, g in zip(accumulators, grads)]
+        statistics, is_statistics_step, is_inverse_step = curvature_step
+        statistics = self._statistic_sums.add(statistics)
+        is_update_step = tf.equal((self._iterations + 1) % steps, 0)
+
+        def update():
+            means = [total / tf.cast(steps, total.dtype) for total in sums]
+            directions, (scale, momentum, finite), curvature_gradients = self._directions(
+                means,
+                trainable_variables,
+                learning_rate,
+                (statistics, is_statistics_step, is_inverse_step),
+                conditional=True,
+            )
+            self._statistic_sums.reset()
+            return directions, scale, momentum, finite, curvature_gradients
+
+        def accumulate():
+            zero = tf.constant(0.0, linalg.curvature_dtype())
+            no_curvature = [tf.zeros_like(grads[i]) for i in registered] if self._clips_kl else []
+            return [tf.zeros_like(g) for g in grads], zero, zero, tf.constant(False), no_curvature
+
+        by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
+        registered = [by_index[i] for indices in self._block_indices for i in indices]
+        directions, scale, momentum, finite, curvature_gradients = tf.cond(
+            is_update_step, update, accumulate
+        )
+        next_sums = [tf.where(is_update_step, tf.zeros_like(t), t) for t in sums]
+        return (
+            directions,
+            (scale, momentum, finite),
+            curvature_gradients,
+            list(zip(next_sums, accumulators)),
+        )
+
+    def _directions(
+        self, grads, trainable_variables, learning_rate, curvature_step, conditional=False
+    ):
+        """The all-reduced, preconditioned (and clipped) directions and the update's coefficients.
+
+        Folds the statistics and, on schedule, updates the inverses first.
+        `conditional`: called inside a `tf.cond` (see
+        `CrossReplicaContext.all_reduce_gradients`).
+        """
+        statistics, is_statistics_step, is_inverse_step = curvature_step
         # This replica's non-finite statistics travel inside the one gradient
         # all-reduce: every replica then skips the same steps, with no extra
         # collective (a replica that skipped alone would skew the factors).
         local_bad = tf.cast(tf.logical_not(statistics.finite), grads[0].dtype)
-        *grads, bad = self.context.all_reduce_gradients([*grads, local_bad])
+        *grads, bad = self.context.all_reduce_gradients([*grads, local_bad], conditional)
         finite = tf.logical_and(
             tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]),
             tf.equal(bad, 0),
@@ -572,27 +734,17 @@ class Kfac(keras.optimizers.Optimizer):
                 grads, directions, trainable_variables, by_index, inner
             )
         self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        coefficients = (scale, momentum, finite)
         # F̂·(clip·P∇) = clip·∇: F̂v follows the velocity with the gradients.
-        curvature_updates = (
+        curvature_gradients = (
             [
-                (
-                    grads[by_index[i]] * tf.cast(clip, grads[by_index[i]].dtype),
-                    self._velocity_curvatures[i].value,
-                )
+                grads[by_index[i]] * tf.cast(clip, grads[by_index[i]].dtype)
                 for indices in self._block_indices
                 for i in indices
             ]
             if self._clips_kl
             else []
         )
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_kfac_update,
-            self._distribution_strategy,
-            list(zip(directions, trainable_variables)),
-            curvature_updates,
-            coefficients,
-        )
+        return directions, (scale, momentum, finite), curvature_gradients
 
     @property
     def _clips_kl(self) -> bool:
@@ -637,7 +789,7 @@ class Kfac(keras.optimizers.Optimizer):
         return statistics, is_statistics_step, tf.equal(step % self.invert_every, 0)
 
     def _distributed_kfac_update(
-        self, distribution, grads_and_vars, curvature_updates, coefficients
+        self, distribution, grads_and_vars, coefficients, accumulators, curvature_updates
     ):
         # The coefficients travel as merge_call arguments, so each replica's
         # update reads its own copy (identical values, no cross-device reads).
@@ -652,6 +804,10 @@ class Kfac(keras.optimizers.Optimizer):
                 args=(grad, coefficients),
                 group=False,
             )
+
+        # Each replica keeps its own sum of its micro-batches' gradients.
+        for value, accumulator in accumulators:
+            distribution.extended.update(accumulator.value, _assign, args=(value,), group=False)
 
     def _velocity_curvature_update(self, velocity_curvature, gradient, coefficients):
         """F̂v ← μ·F̂v + s·clip·∇, the velocity's update seen through F̂ (F̂P∇ = ∇)."""
@@ -912,7 +1068,6 @@ class Kfac(keras.optimizers.Optimizer):
             "ema_momentum",
             "ema_overwrite_frequency",
             "loss_scale_factor",
-            "gradient_accumulation_steps",
         ):
             config.pop(key, None)
         config.update(
@@ -960,6 +1115,10 @@ class Kfac(keras.optimizers.Optimizer):
         if isinstance(config.get("loss"), dict):
             config["loss"] = keras.losses.deserialize(config["loss"], custom_objects=custom_objects)
         return cls(model=model, **config)
+
+
+def _assign(variable, value):
+    variable.assign(value)
 
 
 def _spans_workers(strategy: tf.distribute.Strategy) -> bool:

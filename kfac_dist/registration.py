@@ -136,7 +136,9 @@ def _unsupported_message(layers) -> str:
         "unsupported_layers='diagonal' to Kfac (a diagonal Fisher block for each), "
         "or register them by hand: lc = kfac_dist.LayerCollection(); "
         "lc.register_generic(layer.trainable_variables, name=layer.name); "
-        "Kfac(..., layer_collection=lc)."
+        "Kfac(..., layer_collection=lc). If another optimizer trains them (a "
+        "keras.optimizers.MultiOptimizer), pass unsupported_layers='diagonal': K-FAC "
+        "drops their blocks when the MultiOptimizer gives it its share."
     )
 
 
@@ -149,6 +151,21 @@ def _registered_twice_message(taken, registered_by, layer) -> str:
         "belongs to exactly one block: register the whole layer with "
         "lc.register_layer(layer), or all of its variables by hand."
     )
+
+
+def _check_not_split(blocks: Sequence[Block], trainable: set[int]) -> None:
+    """A block's variables are all K-FAC's or none: its curvature couples them."""
+    for block in blocks:
+        given = [_key(v) in trainable for v in block.variables]
+        if any(given) and not all(given):
+            mine = ", ".join(v.path for v, g in zip(block.variables, given) if g)
+            others = ", ".join(v.path for v, g in zip(block.variables, given) if not g)
+            raise ValueError(
+                f"Block {block.name!r} would be split: K-FAC is given {mine} but not "
+                f"{others}. Its Fisher block couples all of them: give all of a layer's "
+                "variables to Kfac or none (in a MultiOptimizer, map the layer's path, "
+                "e.g. 'dense_1/.*', to one optimizer)."
+            )
 
 
 def _approx_for(layer, fisher_approx: Mapping | str | None) -> str | None:
@@ -248,6 +265,7 @@ def collect_blocks(
     fisher_approx: Mapping | None = None,
     unsupported_layers: str = "error",
     layer_collection: LayerCollection | None = None,
+    variables: Sequence | None = None,
 ) -> list[Block]:
     """Blocks covering every trainable variable of `model` exactly once.
 
@@ -255,15 +273,24 @@ def collect_blocks(
     every variable left is preconditioned by the innermost layer that owns it
     (a diagonal block on request), so a container whose variables all sit in
     supported sublayers needs nothing of its own.
+
+    `variables` (default: all of the model's trainable variables) are the
+    ones K-FAC trains, e.g. its share in a `MultiOptimizer`: only they are
+    registered, and a block cannot be split between K-FAC and another
+    optimizer.
     """
+    variables = list(model.trainable_variables if variables is None else variables)
     blocks = list(layer_collection.blocks) if layer_collection else []
+    trainable = {_key(v) for v in variables}
+    _check_not_split(blocks, trainable)
+    blocks = [b for b in blocks if any(_key(v) in trainable for v in b.variables)]
     registered_by = {_key(v): block.name for block in blocks for v in block.variables}
-    trainable = {_key(v) for v in model.trainable_variables}
     walk = list(_walk(model))
     for layer, _, _ in walk:
         block = _block_for(layer, _approx_for(layer, fisher_approx)) if layer.trainable else None
-        if block is None:
+        if block is None or not any(_key(v) in trainable for v in block.variables):
             continue
+        _check_not_split([block], trainable)
         keys = {_key(v) for v in block.variables}
         if keys != {_key(v) for v in layer.trainable_variables if _key(v) in trainable}:
             continue  # variables beyond the block's: left to their owners below
@@ -276,7 +303,7 @@ def collect_blocks(
         registered_by.update((key, block.name) for key in keys)
     owners = _innermost_owners(walk)
     left: dict[int, list] = {}
-    for variable in model.trainable_variables:
+    for variable in variables:
         key = _key(variable)
         if key not in registered_by and key in owners:
             left.setdefault(id(owners[key][0]), []).append(variable)
@@ -293,7 +320,7 @@ def collect_blocks(
             own = left[id(layer)]
             blocks.append(GenericDiagonalBlock(layer.name, own))
             registered_by.update((_key(v), layer.name) for v in own)
-    missing = [v for v in model.trainable_variables if _key(v) not in registered_by]
+    missing = [v for v in variables if _key(v) not in registered_by]
     if missing:
         raise UnsupportedLayerError(
             "These trainable variables belong to no layer K-FAC can see: "

@@ -127,30 +127,36 @@ def kfac_train_step(model, data):
     the forward pass, the curvature and the update, and does its own work
     around it (see `install`).
     """
-    kfac = model.optimizer
-    if getattr(getattr(kfac, "inner_optimizer", None), "is_kfac", False):
+    optimizer = model.optimizer
+    if getattr(getattr(optimizer, "inner_optimizer", None), "is_kfac", False):
         raise ValueError(
             "Kfac was wrapped in a LossScaleOptimizer (the mixed_float16 policy does this "
             "at compile): K-FAC does not support loss scaling yet. Use the float32 or the "
             "mixed_bfloat16 policy; factors and inverses stay float32 under both."
         )
-    if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
+    kfac = kfac_of(optimizer)
+    if kfac is None or kfac.model is not model:
         # Keras' own step: `type(model).train_step` may be a user step that
         # called this hook.
         return keras.Model.train_step(model, data)
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    if not kfac.built:
+    if not optimizer.built:
         # A model that builds late (subclassed, Sequential without an Input,
         # model.build(shape)) has no variables yet: create them first, so
-        # that registration sees its layers.
+        # that registration sees its layers. A MultiOptimizer (first built
+        # here without a strategy) gives K-FAC its share.
         registration.build_from_batch(model, x)
-        kfac.build(model.trainable_variables)
+        optimizer.build(model.trainable_variables)
     curvature = kfac.curvature
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
-    step = tf.identity(kfac.iterations)  # this step's index, read before the update
+    # This update's index, read before the update (with gradient accumulation,
+    # all k micro-batches of an update share it).
+    step = tf.identity(kfac.iterations)
     replica_id = curvature.context.replica_id()
-    seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
+    # Each call (micro-batch) draws its own samples.
+    calls = kfac._iterations  # noqa: SLF001
+    seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(calls, tf.int64)])
 
     # The adaptive mode's extra forward passes start from this state, so that
     # they draw the random numbers (dropout masks) this step's loss was taken with.
@@ -213,7 +219,8 @@ def kfac_train_step(model, data):
         # A sum over a vector of losses (reduction=None), as Keras' gradient is.
         "loss": tf.reduce_sum(keras_loss_module.unscale_loss_for_distribution(loss_value)),
     }
-    kfac.apply_gradients(zip(gradients, trainable_weights))
+    # A MultiOptimizer hands K-FAC its share of the gradients.
+    optimizer.apply_gradients(zip(gradients, trainable_weights))
     if kfac.adapt_damping:
         tf.cond(
             tf.equal((step + 1) % kfac.damping_adaptation_interval, 0),
@@ -264,9 +271,26 @@ def _adapt_damping(model, kfac, x, y, sample_weight, start_state):
     return tf.no_op()
 
 
+def kfac_of(optimizer):
+    """The Kfac that trains (part of) a model: its optimizer, or the one in its MultiOptimizer."""
+    if getattr(optimizer, "is_kfac", False):
+        return optimizer
+    if not isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        return None
+    members = [o for o in optimizer.optimizers if getattr(o, "is_kfac", False)]
+    if len(members) > 1:
+        raise ValueError(
+            f"The MultiOptimizer holds {len(members)} Kfac optimizers; one Kfac trains "
+            "all of a model's K-FAC layers (one curvature estimate, one placement): map "
+            "every layer K-FAC should train to the same Kfac, with per-layer "
+            "fisher_approx for different approximations."
+        )
+    return members[0] if members else None
+
+
 def _bound_kfac(model: keras.Model):
-    kfac = model.optimizer
-    if getattr(kfac, "is_kfac", False) and kfac.model is model and kfac.built:
+    kfac = kfac_of(model.optimizer)
+    if kfac is not None and kfac.model is model and kfac.built:
         return kfac
     return None
 

@@ -166,7 +166,7 @@ def test_momentum_accumulates_velocity():
         (dict(clipnorm=1.0), "norm_constraint"),
         (dict(global_clipnorm=1.0), "norm_constraint"),
         (dict(use_ema=True), "use_ema"),
-        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+        (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps must be >= 2"),
     ],
 )
 def test_invalid_arguments_raise_naming_the_argument(overrides, fragment):

@@ -94,12 +94,19 @@ class CrossReplicaContext(abc.ABC):
         self._count(kind, None, sent)
         return self._broadcast(buffer, is_source)
 
-    def all_reduce_gradients(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def all_reduce_gradients(
+        self, grads: Sequence[tf.Tensor], conditional: bool = False
+    ) -> list[tf.Tensor]:
         """The step's one gradient all-reduce (sum), as Keras' optimizer does it.
 
         It stays on the strategy's own path (the same collective Keras would
-        issue); routing it here only makes it visible to the counters.
+        issue); routing it here only makes it visible to the counters. Inside
+        a `tf.cond` (`conditional`: gradient accumulation updates on every
+        k-th call only) that path's `merge_call` is refused, so the context's
+        own collective carries the gradients, packed into one buffer.
         """
+        if conditional:
+            return self.all_reduce_sum(grads, GRADIENTS)
         self._count(GRADIENTS, None, sum(_nbytes(g) for g in grads))
         return tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, list(grads), options=self._gradient_options()
