@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from kfac_dist import adaptive, capture, registration
+from kfac_dist import adaptive, capture, loss_scaling, registration
 from kfac_dist.adaptive import REGULAR
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
@@ -127,30 +127,27 @@ def kfac_train_step(model, data):
     the forward pass, the curvature and the update, and does its own work
     around it (see `install`).
     """
-    kfac = model.optimizer
-    if getattr(getattr(kfac, "inner_optimizer", None), "is_kfac", False):
-        raise ValueError(
-            "Kfac was wrapped in a LossScaleOptimizer (the mixed_float16 policy does this "
-            "at compile): K-FAC does not support loss scaling yet. Use the float32 or the "
-            "mixed_bfloat16 policy; factors and inverses stay float32 under both."
-        )
+    optimizer = model.optimizer  # Kfac, or the LossScaleOptimizer mixed_float16 wraps it in
+    kfac = loss_scaling.inner_optimizer(optimizer)
     if not getattr(kfac, "is_kfac", False) or kfac.model is not model:
         # Keras' own step: `type(model).train_step` may be a user step that
         # called this hook.
         return keras.Model.train_step(model, data)
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    if not kfac.built:
+    if not optimizer.built:
         # A model that builds late (subclassed, Sequential without an Input,
         # model.build(shape)) has no variables yet: create them first, so
         # that registration sees its layers.
         registration.build_from_batch(model, x)
-        kfac.build(model.trainable_variables)
+        optimizer.build(model.trainable_variables)
     curvature = kfac.curvature
     batch_size = tf.shape(next(t for t in _flatten(x) if t is not None))[0]
     kfac.check_batch_size(batch_size)
     step = tf.identity(kfac.iterations)  # this step's index, read before the update
     replica_id = curvature.context.replica_id()
     seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(step, tf.int64)])
+    # Under mixed_float16 the loss is scaled, the pseudo-loss is not (see loss_scaling).
+    scale = loss_scaling.loss_scale(optimizer)
 
     # The adaptive mode's extra forward passes start from this state, so that
     # they draw the random numbers (dropout masks) this step's loss was taken with.
@@ -166,11 +163,14 @@ def kfac_train_step(model, data):
             sample_weight=batch_size,
         )
         loss_value = loss
-        loss = kfac.scale_loss(loss)
+        if scale is not None:
+            loss = loss * tf.cast(scale, loss.dtype)
         pseudo, effective_weights = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
 
     trainable_weights = model.trainable_weights
     gradients = tape.gradient(loss, trainable_weights)
+    if scale is not None:
+        gradients = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
 
     def update_statistics():
         # Gradients are taken at each layer block's recorded pre-activations,
@@ -213,10 +213,17 @@ def kfac_train_step(model, data):
         # A sum over a vector of losses (reduction=None), as Keras' gradient is.
         "loss": tf.reduce_sum(keras_loss_module.unscale_loss_for_distribution(loss_value)),
     }
+    kfac._replica_step.loss_scaled = scale is not None  # noqa: SLF001
     kfac.apply_gradients(zip(gradients, trainable_weights))
+    if scale is not None:
+        loss_scaling.finish_step(optimizer, kfac.step_was_finite())
     if kfac.adapt_damping:
+        adapt_now = tf.equal((step + 1) % kfac.damping_adaptation_interval, 0)
+        if scale is not None:
+            # A step the loss scale rejects changed nothing, nor does it change the damping.
+            adapt_now = tf.logical_and(adapt_now, kfac.step_was_finite())
         tf.cond(
-            tf.equal((step + 1) % kfac.damping_adaptation_interval, 0),
+            adapt_now,
             lambda: _adapt_damping(model, kfac, x, y, sample_weight, start_state),
             tf.no_op,
         )
@@ -265,7 +272,7 @@ def _adapt_damping(model, kfac, x, y, sample_weight, start_state):
 
 
 def _bound_kfac(model: keras.Model):
-    kfac = model.optimizer
+    kfac = loss_scaling.inner_optimizer(model.optimizer)
     if getattr(kfac, "is_kfac", False) and kfac.model is model and kfac.built:
         return kfac
     return None
