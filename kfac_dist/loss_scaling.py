@@ -49,24 +49,11 @@ def finish_step(optimizer: keras.optimizers.LossScaleOptimizer, finite: tf.Tenso
     is taken back, and K-FAC's schedules (statistics, inverses, the sampling
     seed) and the learning-rate schedule do not advance.
     """
-
-    def grow():
-        optimizer.step_counter.assign(0)
-        optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 2.0)
-        return tf.no_op()
-
-    def count():
-        optimizer.step_counter.assign_add(1)
-        return tf.no_op()
-
-    def finite_step():
-        is_due = tf.equal(optimizer.step_counter, optimizer.dynamic_growth_steps - 1)
-        return tf.cond(is_due, grow, count)
-
-    def rejected_step():
-        optimizer.step_counter.assign(0)
-        optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)
-        optimizer.inner_optimizer.iterations.assign_sub(1)
-        return tf.no_op()
-
-    tf.cond(finite, finite_step, rejected_step)
+    counter = tf.convert_to_tensor(optimizer.step_counter)
+    grow = tf.logical_and(finite, tf.equal(counter, optimizer.dynamic_growth_steps - 1))
+    count = tf.logical_and(finite, tf.logical_not(grow))
+    optimizer.step_counter.assign(tf.where(count, counter + 1, tf.zeros_like(counter)))
+    scale = optimizer.dynamic_scale
+    scale.assign(scale * tf.where(grow, 2.0, tf.where(finite, 1.0, 0.5)))
+    iterations = optimizer.inner_optimizer.iterations
+    iterations.assign_sub(tf.cast(tf.logical_not(finite), iterations.dtype))

@@ -1,0 +1,216 @@
+"""K-FAC under mixed_float16: Keras' LossScaleOptimizer around Kfac, float32 curvature,
+and one skip decision that every replica shares."""
+
+import contextlib
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import kfac_dist as kfac
+from tests.collectives import count_collectives
+
+BATCH = 16
+STEPS = 4
+INVERT_EVERY = 2
+RNG = np.random.default_rng(5)
+X = RNG.normal(size=(STEPS * BATCH, 5)).astype("float32")
+Y = RNG.integers(0, 3, size=STEPS * BATCH)
+# Keras' LossScaleOptimizer's state, which a rejected step moves, and K-FAC's skip counter.
+LOSS_SCALE_STATE = ("dynamic_scale", "step_counter", "skipped_updates")
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def mirrored() -> tf.distribute.Strategy:
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def build(policy: str, strategy=None, initial_scale=None, loss_weight=1.0, **loss_scale_args):
+    """A small tanh/softmax MLP with exact-Fisher Kfac, compiled under `policy`."""
+    with dtype_policy(policy), (strategy or tf.distribute.get_strategy()).scope():
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        opt = kfac.Kfac(
+            learning_rate=0.2,
+            # Scaled with the loss, so that the update does not depend on it.
+            damping=0.0625 * loss_weight,
+            model=model,
+            estimation_mode="exact",
+            invert_every=INVERT_EVERY,
+            seed=3,
+        )
+        optimizer = opt
+        if initial_scale is not None:
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                opt, initial_scale=initial_scale, **loss_scale_args
+            )
+        model.compile(
+            optimizer=optimizer, loss="sparse_categorical_crossentropy", loss_weights=loss_weight
+        )
+    return model, opt
+
+
+def state(model) -> dict[str, list[np.ndarray]]:
+    """Every weight and optimizer variable (the wrapper's and Kfac's), replica by replica."""
+    local = model.distribute_strategy.experimental_local_results
+    variables = model.trainable_variables + model.optimizer.variables
+    return {v.path: [np.array(t) for t in local(v.value)] for v in variables}
+
+
+def changed(before, after) -> list[str]:
+    return [
+        path
+        for path in before
+        if any(not np.array_equal(b, a, equal_nan=True) for b, a in zip(before[path], after[path]))
+    ]
+
+
+def curvature(opt) -> list[np.ndarray]:
+    """The factors every replica agrees on (synced first) and the inverses."""
+    opt.sync_factors()
+    return [np.array(f) for f in opt.curvature.factors()] + [
+        np.array(v) for payload in opt.curvature.payloads for v in payload
+    ]
+
+
+def assert_close_to_float16_precision(got, want):
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=4e-3 * np.abs(w).max())
+
+
+@functools.cache
+def trained(policy: str, replicas: int = 1):
+    model, opt = build(policy, mirrored() if replicas == 2 else None)
+    with dtype_policy(policy):
+        model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    return model, opt
+
+
+def test_mixed_float16_trains_like_float32_to_float16_precision():
+    reference, reference_opt = trained("float32")
+    model, opt = trained("mixed_float16")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer is opt
+    assert model.layers[0].compute_dtype == "float16"
+    assert all(v.dtype == "float32" for v in opt.curvature.factor_sums)
+    assert all(v.dtype == "float32" for p in opt.curvature.payloads for v in p)
+    # No step was rejected; two inverse updates ran (steps 0 and 2).
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**15
+    assert int(opt.iterations.numpy()) == STEPS
+    assert int(opt.curvature.inversions.numpy()) == 2 * 2 * 2
+    assert_close_to_float16_precision(model.get_weights(), reference.get_weights())
+    assert_close_to_float16_precision(curvature(opt), curvature(reference_opt))
+
+
+def test_a_large_loss_scale_leaves_the_curvature_alone():
+    # The state the dynamic scale grows into on a small loss: the loss's own
+    # gradients fit float16 at s = 2**24, the curvature's backward passes
+    # would not if they were scaled too (every step would be rejected).
+    reference, reference_opt = build("float32", loss_weight=1e-4)
+    model, opt = build("mixed_float16", initial_scale=2.0**24, loss_weight=1e-4)
+    reference.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    with dtype_policy("mixed_float16"):
+        history = model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    assert history.history["nonfinite_skips"] == [0.0]
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**24
+    assert int(opt.iterations.numpy()) == STEPS
+    assert_close_to_float16_precision(model.get_weights(), reference.get_weights())
+    assert_close_to_float16_precision(curvature(opt), curvature(reference_opt))
+
+
+def test_a_rejected_step_changes_nothing_and_training_goes_on_as_if_it_never_was():
+    batches = [(X[i * BATCH : (i + 1) * BATCH], Y[i * BATCH : (i + 1) * BATCH]) for i in range(4)]
+    reference, _ = build("mixed_float16")
+    model, opt = build("mixed_float16")
+    with dtype_policy("mixed_float16"):
+        for x, y in (batches[0], batches[1], batches[3]):
+            reference.train_on_batch(x, y)
+        for x, y in batches[:2]:
+            model.train_on_batch(x, y)
+        before = state(model)
+        # Step 2 is due to update the inverses. A scale this large overflows float16.
+        model.optimizer.dynamic_scale.assign(2.0**40)
+        logs = model.train_on_batch(*batches[2], return_dict=True)
+        after = state(model)
+        assert logs["nonfinite_skips"] == 1.0
+        assert sorted(changed(before, after)) == sorted(
+            path for path in before if path.endswith(LOSS_SCALE_STATE)
+        )
+        assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**39
+        assert int(model.optimizer.step_counter.numpy()) == 0
+        assert int(opt.iterations.numpy()) == 2
+        # The next step is step 2 again: it updates the inverses, and samples
+        # and schedules as the reference's step 2 did.
+        model.optimizer.dynamic_scale.assign(2.0**15)
+        model.train_on_batch(*batches[3])
+    assert int(opt.iterations.numpy()) == 3
+    reference_opt = reference.optimizer.inner_optimizer
+    assert int(opt.curvature.inversions.numpy()) == int(reference_opt.curvature.inversions.numpy())
+    for got, want in zip(
+        model.get_weights() + curvature(opt), reference.get_weights() + curvature(reference_opt)
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_loss_scale_grows_after_its_period_as_keras_does():
+    model, opt = build("mixed_float16", initial_scale=2.0**10, dynamic_growth_steps=3)
+    with dtype_policy("mixed_float16"):
+        model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    # Doubled after 3 finite steps, then one more counted.
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**11
+    assert int(model.optimizer.step_counter.numpy()) == 1
+    assert int(opt.iterations.numpy()) == STEPS
+
+
+def test_two_replicas_train_like_one_under_mixed_float16():
+    reference, reference_opt = trained("mixed_float16")
+    model, opt = trained("mixed_float16", replicas=2)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**15
+    assert int(opt.iterations.numpy()) == STEPS
+    assert_close_to_float16_precision(model.get_weights(), reference.get_weights())
+    assert_close_to_float16_precision(curvature(opt), curvature(reference_opt))
+
+
+def test_an_overflow_on_one_replica_rejects_the_step_on_every_replica():
+    model, opt = build("mixed_float16", mirrored())
+    bad = X[2 * BATCH : 3 * BATCH].copy()
+    bad[3, 1] = 1e6  # past float16's range, in replica 0's half of the batch
+    with dtype_policy("mixed_float16"):
+        model.fit(X[: 2 * BATCH], Y[: 2 * BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+        before = state(model)
+        # Step 2 is due to update the inverses (a factor sync and a sharing).
+        history = model.fit(bad, Y[:BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+        after = state(model)
+        assert history.history["nonfinite_skips"] == [1.0]
+        assert sorted(changed(before, after)) == sorted(
+            path for path in before if path.endswith(LOSS_SCALE_STATE)
+        )
+        scale = model.optimizer.dynamic_scale.path
+        assert [float(s) for s in after[scale]] == [2.0**14] * 2
+        model.fit(X[: 2 * BATCH], Y[: 2 * BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+    assert int(opt.iterations.numpy()) == 4
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert changed(after, state(model))
+
+
+def test_mixed_float16_adds_no_collective():
+    float32, _ = trained("float32", replicas=2)
+    float16, _ = trained("mixed_float16", replicas=2)
+    assert count_collectives(float16.train_function) == count_collectives(float32.train_function)
