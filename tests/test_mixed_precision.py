@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import kfac_dist as kfac
+from kfac_dist.checkpointing import StepCheckpoint
 from tests.collectives import count_collectives
 
 BATCH = 16
@@ -214,3 +215,33 @@ def test_mixed_float16_adds_no_collective():
     float32, _ = trained("float32", replicas=2)
     float16, _ = trained("mixed_float16", replicas=2)
     assert count_collectives(float16.train_function) == count_collectives(float32.train_function)
+
+
+def test_a_saved_model_resumes_with_its_loss_scale(tmp_path):
+    model, _ = build("mixed_float16", initial_scale=2.0**10, dynamic_growth_steps=3)
+    with dtype_policy("mixed_float16"):
+        model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+        model.save(tmp_path / "m.keras")
+        loaded = kfac.keras.saving_utils.load_model(tmp_path / "m.keras")
+        assert isinstance(loaded.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert loaded.optimizer.inner_optimizer.model is loaded
+        assert loaded.optimizer.dynamic_growth_steps == 3
+        assert float(loaded.optimizer.dynamic_scale.numpy()) == 2.0**11
+        for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=a.path)
+        model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+        loaded.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(b, a)
+
+
+def test_step_checkpoint_syncs_the_factors_of_a_wrapped_kfac(tmp_path):
+    model, opt = build("mixed_float16", mirrored())
+    checkpoint = StepCheckpoint(model, tmp_path, every_steps=STEPS, verbose=0)
+    with dtype_policy("mixed_float16"):
+        # The last step (3) folds without a sync: the replicas' sums differ until the save.
+        model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[checkpoint])
+    local = opt.context.strategy.experimental_local_results
+    for variable in [*opt.curvature.factor_sums, opt.curvature.weight_sum]:
+        first, second = (np.asarray(v) for v in local(variable.value))
+        np.testing.assert_array_equal(second, first, err_msg=variable.path)
