@@ -37,7 +37,14 @@ def mirrored() -> tf.distribute.Strategy:
     )
 
 
-def build(policy: str, strategy=None, initial_scale=None, loss_weight=1.0, **loss_scale_args):
+def build(
+    policy: str,
+    strategy=None,
+    initial_scale=None,
+    loss_weight=1.0,
+    kfac_args=None,
+    **loss_scale_args,
+):
     """A small tanh/softmax MLP with exact-Fisher Kfac, compiled under `policy`."""
     with dtype_policy(policy), (strategy or tf.distribute.get_strategy()).scope():
         keras.utils.set_random_seed(7)
@@ -49,13 +56,13 @@ def build(policy: str, strategy=None, initial_scale=None, loss_weight=1.0, **los
             ]
         )
         opt = kfac.Kfac(
-            learning_rate=0.2,
             # Scaled with the loss, so that the update does not depend on it.
             damping=0.0625 * loss_weight,
             model=model,
             estimation_mode="exact",
             invert_every=INVERT_EVERY,
             seed=3,
+            **(kfac_args or dict(learning_rate=0.2)),
         )
         optimizer = opt
         if initial_scale is not None:
@@ -168,6 +175,22 @@ def test_a_rejected_step_changes_nothing_and_training_goes_on_as_if_it_never_was
         model.get_weights() + curvature(opt), reference.get_weights() + curvature(reference_opt)
     ):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_rejected_step_does_not_adapt_the_damping():
+    model, opt = build(
+        "mixed_float16", kfac_args=dict(adaptive=True, damping_adaptation_interval=1)
+    )
+    with dtype_policy("mixed_float16"):
+        model.fit(X[: 2 * BATCH], Y[: 2 * BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+        before = state(model)
+        model.optimizer.dynamic_scale.assign(2.0**40)
+        model.train_on_batch(X[:BATCH], Y[:BATCH])
+        after = state(model)
+    # The quadratic model's α, μ and ρ are logs of the rejected step's attempt.
+    assert sorted(changed(before, after)) == sorted(
+        path for path in before if path.endswith((*LOSS_SCALE_STATE, "qmodel_state"))
+    )
 
 
 def test_the_loss_scale_grows_after_its_period_as_keras_does():
