@@ -3,6 +3,9 @@ and one skip decision that every replica shares."""
 
 import contextlib
 import functools
+import json
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +14,11 @@ import tensorflow as tf
 import kfac_dist as kfac
 from kfac_dist.checkpointing import StepCheckpoint
 from tests.collectives import count_collectives
+from tests.multiworker import assert_all_succeeded, run_workers
+
+WORKER = Path(__file__).parent / "workers" / "mixed_float16_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import mixed_float16_worker as worker  # noqa: E402
 
 BATCH = 16
 STEPS = 4
@@ -268,3 +276,17 @@ def test_step_checkpoint_syncs_the_factors_of_a_wrapped_kfac(tmp_path):
     for variable in [*opt.curvature.factor_sums, opt.curvature.weight_sum]:
         first, second = (np.asarray(v) for v in local(variable.value))
         np.testing.assert_array_equal(second, first, err_msg=variable.path)
+
+
+def test_two_workers_reject_the_same_overflowing_step_and_train_like_one_process(tmp_path):
+    results = run_workers(WORKER, 2, ["--out", str(tmp_path)], timeout=300)
+    assert_all_succeeded(results)
+    reference, expected = worker.train(tf.distribute.get_strategy())
+    # One step of five rejected (the scale halved once), on both workers alike.
+    assert expected == {"loss_scale": 2.0**14, "iterations": 4, "nonfinite_skips": 1.0}
+    for index in range(2):
+        assert json.loads((tmp_path / f"worker-{index}.json").read_text()) == expected
+    weights = [list(np.load(tmp_path / f"worker-{i}.npz").values()) for i in range(2)]
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(second, first)
+    assert_close_to_float16_precision(weights[0], reference.get_weights())
