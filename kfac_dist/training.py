@@ -7,8 +7,10 @@ every recorded pre-activation, and each block's batch statistics; then
 `apply_gradients`, where the optimizer all-reduces the gradients once (with
 each replica's finiteness of its statistics), folds the statistics unless
 some replica saw a non-finite value, and on inverse-update steps syncs,
-inverts its own factors and shares them, before it preconditions. Returns
-Keras' metrics; K-FAC's own state joins them on the host."""
+inverts its own factors and shares them, before it preconditions. Under
+mixed_float16 the step also does the loss scaling of the `LossScaleOptimizer`
+wrapping Kfac, on that same decision (see `loss_scaling`). Returns Keras'
+metrics; K-FAC's own state joins them on the host."""
 
 from __future__ import annotations
 
