@@ -21,6 +21,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from kfac_dist import loss_scaling
+
 
 def _worker(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -108,7 +110,8 @@ class StepCheckpoint(keras.callbacks.Callback):
 
     def save(self) -> None:
         """Every worker calls this at the same step (the factor sync is a collective)."""
-        sync = getattr(self._model.optimizer, "sync_factors", None)
+        kfac = loss_scaling.inner_optimizer(self._model.optimizer)
+        sync = getattr(kfac, "sync_factors", None)
         if sync is not None:
             sync()
         step = int(self._model.optimizer.iterations.numpy())

@@ -687,6 +687,8 @@ class Kfac(keras.optimizers.Optimizer):
         `CrossReplicaContext.all_reduce_gradients`).
         """
         statistics, is_statistics_step, is_inverse_step = curvature_step
+        loss_scaled = getattr(self._replica_step, "loss_scaled", False)
+        self._replica_step.loss_scaled = False
         # This replica's non-finite statistics travel inside the one gradient
         # all-reduce: every replica then skips the same steps, with no extra
         # collective (a replica that skipped alone would skew the factors).
@@ -697,6 +699,11 @@ class Kfac(keras.optimizers.Optimizer):
             tf.equal(bad, 0),
         )
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+        self._replica_step.finite = finite
+        if loss_scaled:
+            # A step the loss scale rejects is no step (`loss_scaling.finish_step`):
+            # the inverse update due runs at the next step, which has this index.
+            is_inverse_step = tf.logical_and(is_inverse_step, finite)
         if self._coupled_weight_decay:
             decay = self._weight_decay_coeff
             grads = [g + tf.cast(decay, g.dtype) * v for g, v in zip(grads, trainable_variables)]
@@ -725,7 +732,7 @@ class Kfac(keras.optimizers.Optimizer):
                 clip = tf.constant(1.0, inner.dtype)
             # The whole step μv − lr·P∇ is scaled, momentum included.
             directions = [d * tf.cast(clip, d.dtype) for d in directions]
-            self._kl_clip.assign(clip)
+            self._kl_clip.assign(tf.where(finite, clip, self._kl_clip))
             scale = -tf.cast(learning_rate, inner.dtype)
             momentum = tf.cast(self._momentum, inner.dtype) * clip
         else:
@@ -774,6 +781,14 @@ class Kfac(keras.optimizers.Optimizer):
             velocity_gradient,
             velocity_curvature,
         )
+
+    def step_was_finite(self) -> tf.Tensor:
+        """Whether this replica's last update was applied (the same on every replica).
+
+        Decided after the gradient all-reduce: every replica's gradients and
+        statistics were finite.
+        """
+        return self._replica_step.finite
 
     def _take_curvature_step(self):
         """This replica's batch statistics, whether to fold them and whether to invert.

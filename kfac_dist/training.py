@@ -7,8 +7,10 @@ every recorded pre-activation, and each block's batch statistics; then
 `apply_gradients`, where the optimizer all-reduces the gradients once (with
 each replica's finiteness of its statistics), folds the statistics unless
 some replica saw a non-finite value, and on inverse-update steps syncs,
-inverts its own factors and shares them, before it preconditions. Returns
-Keras' metrics; K-FAC's own state joins them on the host."""
+inverts its own factors and shares them, before it preconditions. Under
+mixed_float16 the step also does the loss scaling of the `LossScaleOptimizer`
+wrapping Kfac, on that same decision (see `loss_scaling`). Returns Keras'
+metrics; K-FAC's own state joins them on the host."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from kfac_dist import adaptive, capture, registration
+from kfac_dist import adaptive, capture, loss_scaling, registration
 from kfac_dist.adaptive import REGULAR
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.losses import EXACT
@@ -127,14 +129,9 @@ def kfac_train_step(model, data):
     the forward pass, the curvature and the update, and does its own work
     around it (see `install`).
     """
+    # Kfac, a MultiOptimizer holding it, or the LossScaleOptimizer mixed_float16 wraps it in.
     optimizer = model.optimizer
-    if getattr(getattr(optimizer, "inner_optimizer", None), "is_kfac", False):
-        raise ValueError(
-            "Kfac was wrapped in a LossScaleOptimizer (the mixed_float16 policy does this "
-            "at compile): K-FAC does not support loss scaling yet. Use the float32 or the "
-            "mixed_bfloat16 policy; factors and inverses stay float32 under both."
-        )
-    kfac = kfac_of(optimizer)
+    kfac = kfac_of(loss_scaling.inner_optimizer(optimizer))
     if kfac is None or kfac.model is not model:
         # Keras' own step: `type(model).train_step` may be a user step that
         # called this hook.
@@ -157,6 +154,10 @@ def kfac_train_step(model, data):
     # Each call (micro-batch) draws its own samples.
     calls = kfac._iterations  # noqa: SLF001
     seed = tf.stack([tf.cast(kfac.seed, tf.int64), tf.cast(calls, tf.int64)])
+    # Under mixed_float16 the loss is scaled, the pseudo-loss is not (see loss_scaling).
+    scale = loss_scaling.loss_scale(optimizer)
+    if scale is not None:
+        _check_loss_scaling(optimizer, kfac)
 
     # The adaptive mode's extra forward passes start from this state, so that
     # they draw the random numbers (dropout masks) this step's loss was taken with.
@@ -172,11 +173,14 @@ def kfac_train_step(model, data):
             sample_weight=batch_size,
         )
         loss_value = loss
-        loss = kfac.scale_loss(loss)
+        if scale is not None:
+            loss = loss * tf.cast(scale, loss.dtype)
         pseudo, effective_weights = pseudo_losses(kfac, y_pred, y, sample_weight, seed, replica_id)
 
     trainable_weights = model.trainable_weights
     gradients = tape.gradient(loss, trainable_weights)
+    if scale is not None:
+        gradients = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
 
     def update_statistics():
         # Gradients are taken at each layer block's recorded pre-activations,
@@ -219,11 +223,21 @@ def kfac_train_step(model, data):
         # A sum over a vector of losses (reduction=None), as Keras' gradient is.
         "loss": tf.reduce_sum(keras_loss_module.unscale_loss_for_distribution(loss_value)),
     }
-    # A MultiOptimizer hands K-FAC its share of the gradients.
-    optimizer.apply_gradients(zip(gradients, trainable_weights))
+    kfac._replica_step.loss_scaled = scale is not None  # noqa: SLF001
+    if scale is None:
+        # A MultiOptimizer hands K-FAC its share of the gradients.
+        optimizer.apply_gradients(zip(gradients, trainable_weights))
+    else:
+        # The wrapper's own apply would decide on this replica's gradients alone.
+        kfac.apply_gradients(zip(gradients, trainable_weights))
+        loss_scaling.finish_step(optimizer, kfac.step_was_finite())
     if kfac.adapt_damping:
+        adapt_now = tf.equal((step + 1) % kfac.damping_adaptation_interval, 0)
+        if scale is not None:
+            # A step the loss scale rejects changed nothing, nor does it change the damping.
+            adapt_now = tf.logical_and(adapt_now, kfac.step_was_finite())
         tf.cond(
-            tf.equal((step + 1) % kfac.damping_adaptation_interval, 0),
+            adapt_now,
             lambda: _adapt_damping(model, kfac, x, y, sample_weight, start_state),
             tf.no_op,
         )
@@ -288,8 +302,24 @@ def kfac_of(optimizer):
     return members[0] if members else None
 
 
+def _check_loss_scaling(optimizer, kfac) -> None:
+    """mixed_float16's loss scaling with what it is not built for: a clear error."""
+    if not getattr(loss_scaling.inner_optimizer(optimizer), "is_kfac", False):
+        raise ValueError(
+            "mixed_float16 wrapped a MultiOptimizer holding Kfac in a LossScaleOptimizer: "
+            "K-FAC's loss scaling covers a Kfac that trains the whole model only. Use the "
+            "mixed_bfloat16 policy (no loss scaling), or let Kfac train every layer."
+        )
+    if kfac.gradient_accumulation_steps:
+        raise ValueError(
+            "mixed_float16 with Kfac(gradient_accumulation_steps=...) is not supported: a "
+            "rejected micro-batch would have to discard the whole accumulated update. Use "
+            "the mixed_bfloat16 policy (no loss scaling), or a larger batch per step."
+        )
+
+
 def _bound_kfac(model: keras.Model):
-    kfac = kfac_of(model.optimizer)
+    kfac = kfac_of(loss_scaling.inner_optimizer(model.optimizer))
     if kfac is not None and kfac.model is model and kfac.built:
         return kfac
     return None

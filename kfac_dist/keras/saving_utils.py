@@ -31,11 +31,17 @@ def load_model(filepath, custom_objects=None, compile: bool = True, safe_mode: b
         if not compile or not compile_config:
             return model
         optimizer_config = compile_config.pop("optimizer")
-        if optimizer_config.get("class_name") != "Kfac":
+        kfac_config = _kfac_config(optimizer_config)
+        if kfac_config is None:
             model.compile_from_config({**compile_config, "optimizer": optimizer_config})
             return model
         with model.distribute_strategy.scope():
-            optimizer = Kfac.from_config(optimizer_config["config"], custom_objects, model=model)
+            optimizer = Kfac.from_config(kfac_config, custom_objects, model=model)
+            if optimizer_config["class_name"] == "LossScaleOptimizer":
+                # mixed_float16: the loss scale and its counter are saved state too.
+                wrapper = dict(optimizer_config["config"])
+                del wrapper["inner_optimizer"]
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, **wrapper)
             rest = serialization_lib.deserialize_keras_object(compile_config, custom_objects)
             model.compile(optimizer=optimizer, **rest)
             optimizer.build(model.trainable_variables)
@@ -44,6 +50,15 @@ def load_model(filepath, custom_objects=None, compile: bool = True, safe_mode: b
         saved = store["optimizer"]["vars"]
         optimizer.load_own_variables({key: saved[key][()] for key in saved})
     return model
+
+
+def _kfac_config(optimizer_config: dict) -> dict | None:
+    """The saved Kfac's config, alone or inside a LossScaleOptimizer; None if no Kfac."""
+    if optimizer_config.get("class_name") == "LossScaleOptimizer":
+        optimizer_config = optimizer_config["config"]["inner_optimizer"]
+    if optimizer_config.get("class_name") != "Kfac":
+        return None
+    return optimizer_config["config"]
 
 
 __all__ = ["load_model"]
