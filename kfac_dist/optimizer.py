@@ -180,6 +180,12 @@ class Kfac(keras.optimizers.Optimizer):
         )
         adapt_damping = bool(adapt_damping or adaptive)
         qmodel = momentum_type != adaptive_lib.REGULAR
+        _require(
+            qmodel or not adapt_damping,
+            "adapt_damping=True compares the loss's change with the quadratic model's "
+            "prediction, which only quadratic-model momentum computes: pass "
+            "momentum_type='qmodel' or 'qmodel_fixedmu' (or adaptive=True), or fix the damping.",
+        )
         if qmodel:
             _require(
                 learning_rate is None,

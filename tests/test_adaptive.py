@@ -99,6 +99,8 @@ def test_damping_follows_the_levenberg_marquardt_rule_on_a_scripted_rho_sequence
         (dict(adaptive=True, momentum=0.5), "momentum must be left out"),
         (dict(adaptive=True, norm_constraint=0.01), "norm_constraint cannot be used"),
         (dict(momentum_type="nesterov", learning_rate=0.1), "momentum_type must be one of"),
+        # With regular momentum there is no predicted change: ρ would always be 0.
+        (dict(adapt_damping=True, learning_rate=0.1), "only quadratic-model momentum"),
     ],
 )
 def test_adaptive_argument_errors(args, fragment):
