@@ -28,6 +28,17 @@ setup(
         "keras>=3.15,<3.16",
         "numpy>=1.26",
     ],
+    # The commands a user runs (scripts/ holds the same entry points as files).
+    entry_points={
+        "console_scripts": [
+            "kfac-train=kfac_dist.jobs.train:main",
+            "kfac-train-tpu=kfac_dist.jobs.train_tpu:main",
+            "kfac-launch=kfac_dist.jobs.launch:main",
+            "kfac-main-job=kfac_dist.jobs.main_job:main",
+            "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
+            "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
+        ]
+    },
     extras_require={
         "examples": EXAMPLES,
         # The tests run the examples as users get them (tfds included).

@@ -1,4 +1,4 @@
-"""The TensorFlow and Keras range kfac_dist is tested on, checked at import.
+"""The TensorFlow and Keras range kfac_dist is tested on, checked when this is imported.
 
 The project relies on internals of both (the TF trainer's hooks, the
 collective launchers of tf.distribute), so other versions fail early and
@@ -31,3 +31,6 @@ def check() -> None:
             f"kfac_dist needs the TensorFlow backend of Keras; KERAS_BACKEND is "
             f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow."
         )
+
+
+check()

@@ -36,7 +36,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kfac_dist import launch
+from kfac_dist.heartbeat import heartbeat
 
 VERIFIED_KERAS = "3.15"
 _FIX_ATTRIBUTES = ("_maybe_symbolic_build", "_make_function")
@@ -137,7 +137,7 @@ def _as_vector_if_scalar(value: Any) -> Any:
 
 
 class Heartbeat(keras.callbacks.Callback):
-    """Tells `kfac_dist.launch` after every batch that this worker makes progress.
+    """Tells the launcher (`kfac_dist.jobs.launch`) after every batch that this worker progresses.
 
     The launcher stops a job whose worker neither prints nor beats for its
     `--stall-timeout`; a quiet run (`verbose=0`, one long epoch) beats here.
@@ -145,10 +145,10 @@ class Heartbeat(keras.callbacks.Callback):
     """
 
     def on_train_batch_end(self, batch, logs=None):
-        launch.heartbeat()
+        heartbeat()
 
     def on_test_batch_end(self, batch, logs=None):
-        launch.heartbeat()
+        heartbeat()
 
     def on_predict_batch_end(self, batch, logs=None):
-        launch.heartbeat()
+        heartbeat()

@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# First: checks TensorFlow's and Keras' versions before anything relies on their internals.
+from kfac_dist import _versions  # noqa: F401  # isort: skip
 from kfac_dist import accumulation, linalg, registration, strategies, training
 from kfac_dist import adaptive as adaptive_lib
 from kfac_dist import blocks as blocks_lib
@@ -16,6 +18,7 @@ from kfac_dist import curvature as curvature_lib
 from kfac_dist import losses as losses_lib
 from kfac_dist import placement as placement_lib
 from kfac_dist.multi_worker import check_steps_per_execution, enable_multi_worker_fit
+from kfac_dist.placement import report
 
 #: Name scope of the inverse update's `tf.cond`, so tools can find it in a graph.
 INVERSE_UPDATE_SCOPE = "kfac_inverse_update"
@@ -993,8 +996,6 @@ class Kfac(keras.optimizers.Optimizer):
         hands in to those two collectives. A table for logs, or with
         `as_dict=True` a JSON-ready dict.
         """
-        from kfac_dist.placement import report
-
         if self.curvature is None:
             raise ValueError(
                 "placement_report needs a built Kfac: the placement is made when the "

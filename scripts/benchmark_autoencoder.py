@@ -5,7 +5,7 @@
     python scripts/benchmark_autoencoder.py --adaptive         # adaptive K-FAC
     python scripts/benchmark_autoencoder.py --steps 300 --json results.json
 
-The logic lives in `kfac_dist.benchmarks`; see BENCHMARKS.md for results.
+The logic lives in `kfac_dist.jobs.benchmarks`; see BENCHMARKS.md for results.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from kfac_dist import benchmarks
+    from kfac_dist.jobs import benchmarks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="steps for both optimizers")
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--grid",
         action="store_true",
-        help="run K-FAC at each point of kfac_dist.benchmarks.KFAC_GRID "
+        help="run K-FAC at each point of kfac_dist.jobs.benchmarks.KFAC_GRID "
         "(learning_rate × damping × norm_constraint) and compare the best with Adam",
     )
     parser.add_argument("--learning-rate", type=float)
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--adaptive",
         action="store_true",
-        help="run adaptive K-FAC (kfac_dist.benchmarks.KFAC_ADAPTIVE: Levenberg-Marquardt "
+        help="run adaptive K-FAC (kfac_dist.jobs.benchmarks.KFAC_ADAPTIVE: Levenberg-Marquardt "
         "damping, quadratic-model momentum) instead of the fixed default point",
     )
     parser.add_argument(
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from kfac_dist import benchmarks
+    from kfac_dist.jobs import benchmarks
 
     args = parse_args(argv)
     point = dict(benchmarks.KFAC_ADAPTIVE if args.adaptive else benchmarks.KFAC_DEFAULT)

@@ -5,7 +5,7 @@
     python scripts/benchmark_placement.py --replicas 2 16 128
 
 Exits with 1 if "balanced" is not within 5% of the lower bound at every
-replica count. The logic lives in `kfac_dist.placement.tuner`.
+replica count. The logic lives in `kfac_dist.jobs.tuner`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TOLERANCE = 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from kfac_dist.placement import BENCHMARK_REPLICAS
+    from kfac_dist.jobs.tuner import BENCHMARK_REPLICAS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=list(BENCHMARK_REPLICAS))
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from kfac_dist.placement import tuner
+    from kfac_dist.jobs import tuner
 
     args = parse_args(argv)
     model = tuner.load_model("ResNet50")

@@ -1,6 +1,6 @@
-"""K-FAC against Adam with 2 replicas: see kfac_dist/replica_benchmark.py."""
+"""K-FAC against Adam with 2 replicas: see kfac_dist/jobs/replica_benchmark.py."""
 
-from kfac_dist.replica_benchmark import main
+from kfac_dist.jobs.replica_benchmark import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

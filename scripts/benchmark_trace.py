@@ -1,6 +1,6 @@
-"""First-fit trace time of K-FAC against Adam: see kfac_dist/trace_benchmark.py."""
+"""First-fit trace time of K-FAC against Adam: see kfac_dist/jobs/trace_benchmark.py."""
 
-from kfac_dist.trace_benchmark import main
+from kfac_dist.jobs.trace_benchmark import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,15 +1,15 @@
-"""Command-line entry point of the multi-worker launcher (see kfac_dist/launch.py).
+"""Command-line entry point of the multi-worker launcher (see kfac_dist/jobs/launch.py).
 
     python scripts/launch_local.py --num-workers 2 -- python train.py --flag
 
-It runs kfac_dist/launch.py as a file, not through the package, whose import
-loads TensorFlow: the launcher then starts at once, also on a host without
+Importing the launcher loads neither TensorFlow nor Keras (the package's
+names load on first use): it starts at once, also on a host without
 TensorFlow (the one that starts workers over ssh).
 """
 
-import runpy
-from pathlib import Path
+import sys
+
+from kfac_dist.jobs.launch import main
 
 if __name__ == "__main__":
-    launcher = Path(__file__).resolve().parents[1] / "kfac_dist" / "launch.py"
-    runpy.run_path(str(launcher), run_name="__main__")
+    sys.exit(main())

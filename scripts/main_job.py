@@ -1,4 +1,4 @@
-"""Command line of the main job (the logic is in kfac_dist/main_job.py).
+"""Command line of the main job (the logic is in kfac_dist/jobs/main_job.py).
 
     python scripts/main_job.py                # K-FAC, then Adam, on 2 local workers
     python scripts/main_job.py --help
@@ -13,7 +13,7 @@ import sys
 # Before TensorFlow is imported: this process' own informational logs, and the workers'.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from kfac_dist.main_job import main  # noqa: E402
+from kfac_dist.jobs.main_job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

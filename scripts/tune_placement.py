@@ -5,7 +5,7 @@
     python scripts/tune_placement.py ResNet50 --input-shape 160,160,3 --replicas 64 --json
     python scripts/tune_placement.py path/to/model.keras --replicas 2
 
-The logic lives in `kfac_dist.placement.tuner`.
+The logic lives in `kfac_dist.jobs.tuner`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from kfac_dist.placement import MeasuredCostModel, tuner
+    from kfac_dist.jobs import tuner
+    from kfac_dist.placement import MeasuredCostModel
 
     args = parse_args(argv)
     model = tuner.load_model(args.model, args.input_shape)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kfac_dist import launch
+from kfac_dist.jobs import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kfac_dist
-from kfac_dist.examples import cifar
+from kfac_dist.jobs.examples import cifar
 
 
 def test_small_resnet_has_the_documented_shapes_and_layer_kinds():

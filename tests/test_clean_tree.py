@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kfac_dist import main_job
+from kfac_dist.jobs import main_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = "# Benchmarks\n\nhand-written results that a plain run must not touch\n"

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from kfac_dist import benchmarks
-from kfac_dist.examples import autoencoder, convnet, data
+from kfac_dist.jobs import benchmarks
+from kfac_dist.jobs.examples import autoencoder, convnet, data
 
 
 # --- data ----------------------------------------------------------------------

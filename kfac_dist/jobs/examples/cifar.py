@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kfac_dist.examples import data
+from kfac_dist.jobs.examples import data
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)

@@ -9,11 +9,11 @@ left waiting in a collective for a peer that is gone), or on Ctrl-C. For a list
 of hosts it prints (or, with `--ssh`, runs) each host's command.
 
 Progress is any output line, or a touch of the file named by the worker's
-`KFAC_DIST_HEARTBEAT` environment variable (`heartbeat()` does it; Keras
+`KFAC_DIST_HEARTBEAT` environment variable (`kfac_dist.heartbeat.heartbeat()` does it; Keras
 training can call it once per batch with `kfac_dist.multi_worker.Heartbeat`).
 
-    python -m kfac_dist.launch --num-workers 2 -- python train.py --epochs 3
-    python -m kfac_dist.launch --hosts h1,h2 --port 2222 -- python train.py
+    python -m kfac_dist.jobs.launch --num-workers 2 -- python train.py --epochs 3
+    python -m kfac_dist.jobs.launch --hosts h1,h2 --port 2222 -- python train.py
 
 This module uses the standard library only: it never imports TensorFlow.
 """
@@ -36,10 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TextIO
 
+from kfac_dist.heartbeat import HEARTBEAT_ENV
+
 DEFAULT_PORT = 2222
 GRACE_PERIOD_S = 5.0
 STALL_TIMEOUT_S = 900.0
-HEARTBEAT_ENV = "KFAC_DIST_HEARTBEAT"
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_STALLED = 124  # as timeout(1) exits
@@ -85,14 +86,6 @@ def worker_env(
     env["TF_CONFIG"] = tf_config(cluster, index)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def heartbeat() -> None:
-    """Tells the launcher this worker makes progress (a no-op outside a launched job)."""
-    path = os.environ.get(HEARTBEAT_ENV)
-    if path:
-        with open(path, "a"):
-            os.utime(path)
 
 
 class StalledError(RuntimeError):
@@ -450,7 +443,7 @@ def run_ssh(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m kfac_dist.launch",
+        prog="python -m kfac_dist.jobs.launch",
         description="Run a command as a multi-worker TensorFlow job.",
     )
     where = parser.add_mutually_exclusive_group(required=True)

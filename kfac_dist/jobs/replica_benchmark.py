@@ -2,7 +2,7 @@
 
 Two settings, each measured back to back for both optimizers: MirroredStrategy
 over 2 logical CPUs in this process, and MultiWorkerMirroredStrategy with 2
-local worker processes (started with kfac_dist.launch; each writes its step
+local worker processes (started with kfac_dist.jobs.launch; each writes its step
 times to a JSON file). The autoencoder of DESIGN.md §7 with batch 500 on
 MNIST-5k. Also reported, from `Kfac.placement_report`: each replica's share
 of the inversion cost and the bytes it hands in, per placement policy.
@@ -31,7 +31,7 @@ def _train(strategy, optimizer_name: str, steps: int, placement: str = "round_ro
     import tensorflow as tf
 
     import kfac_dist as kfac
-    from kfac_dist.examples import autoencoder, data
+    from kfac_dist.jobs.examples import autoencoder, data
 
     images = data.load_mnist(verbose=False).images
     dataset = tf.data.Dataset.from_tensor_slices((images, images)).repeat().batch(500)
@@ -88,13 +88,13 @@ def mirrored(steps: int) -> dict:
 
 def multi_worker(steps: int) -> dict:
     """Both optimizers on 2 local workers (MultiWorkerMirroredStrategy), one launch each."""
-    from kfac_dist import launch
+    from kfac_dist.jobs import launch
 
     out = {}
     with tempfile.TemporaryDirectory() as directory:
         for name in ("adam", "kfac"):
             path = Path(directory) / f"{name}.json"
-            command = [sys.executable, "-m", "kfac_dist.replica_benchmark", "--worker", name]
+            command = [sys.executable, "-m", "kfac_dist.jobs.replica_benchmark", "--worker", name]
             command += ["--steps", str(steps), "--out", str(path)]
             code = launch.run_local(command, 2, on_line=lambda i, line: None)
             if code != 0:

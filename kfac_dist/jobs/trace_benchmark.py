@@ -57,7 +57,7 @@ def measure(layers: int, optimizer: str, timeout: float) -> float:
     """`first_fit_seconds` in a fresh Python process."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
-        [sys.executable, "-m", "kfac_dist.trace_benchmark", "--child", str(layers), optimizer],
+        [sys.executable, "-m", "kfac_dist.jobs.trace_benchmark", "--child", str(layers), optimizer],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(rows)
     print(section)
     if args.write:
-        from kfac_dist.placement import write_markdown_section
+        from kfac_dist.jobs.tuner import write_markdown_section
 
         write_markdown_section(args.write, section)
     return 0

@@ -1,15 +1,15 @@
 """The training command: an example model with K-FAC or Adam under any tf.distribute strategy.
 
-    python -m kfac_dist.train --example autoencoder --optimizer kfac --steps 200
+    python -m kfac_dist.jobs.train --example autoencoder --optimizer kfac --steps 200
     python scripts/launch_local.py --num-workers 2 -- \\
-        python -m kfac_dist.train --strategy multiworker --steps 200
-    srun python -m kfac_dist.train --strategy multiworker --cluster slurm --steps 200
-    python -m kfac_dist.train --strategy tpu --tpu local --steps 200
+        python -m kfac_dist.jobs.train --strategy multiworker --steps 200
+    srun python -m kfac_dist.jobs.train --strategy multiworker --cluster slurm --steps 200
+    python -m kfac_dist.jobs.train --strategy tpu --tpu local --steps 200
 
 One command for a laptop (`--strategy default`), the GPUs (or CPUs) of one
 machine (`mirrored`), a worker of a cluster (`multiworker`: its peers come
 from `TF_CONFIG` as Kubernetes and other systems set it, or from SLURM with
-`--cluster slurm`) and a TPU (`tpu`: connected by kfac_dist/tpu.py). The data
+`--cluster slurm`) and a TPU (`tpu`: connected by kfac_dist/jobs/tpu.py). The data
 is one `tf.data` pipeline of global batches; under multiworker each worker
 keeps its slice of every batch (DATA auto-sharding). With `--checkpoint-every
 K` the whole training state is saved every K steps and the same command,
@@ -38,11 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 import kfac_dist
-from kfac_dist import benchmarks, shutdown, tpu
 from kfac_dist.blocks import INVERSE_METHODS
 from kfac_dist.checkpointing import StepCheckpoint
-from kfac_dist.examples import autoencoder, convnet
-from kfac_dist.examples import data as data_lib
+from kfac_dist.jobs import benchmarks, shutdown, tpu
+from kfac_dist.jobs.examples import autoencoder, convnet
+from kfac_dist.jobs.examples import data as data_lib
 from kfac_dist.losses import ESTIMATION_MODES
 from kfac_dist.multi_worker import Heartbeat
 
@@ -60,7 +60,7 @@ STEP_CHECKPOINTS = "steps"  # --checkpoint-every's saves, inside --checkpoint-di
 SLURM_PORT_BASE = 8888
 EXIT_FAILURE = 1
 
-# K-FAC's defaults: the autoencoder benchmark's default point (kfac_dist/benchmarks.py).
+# K-FAC's defaults: the autoencoder benchmark's default point (kfac_dist/jobs/benchmarks.py).
 KFAC_DEFAULTS = {**benchmarks.KFAC_FIXED, **benchmarks.KFAC_DEFAULT}
 KFAC_FLAGS = (
     "damping",
@@ -143,9 +143,9 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser(
-    prog: str = "python -m kfac_dist.train", strategies: Sequence[str] = STRATEGIES
+    prog: str = "python -m kfac_dist.jobs.train", strategies: Sequence[str] = STRATEGIES
 ) -> argparse.ArgumentParser:
-    """The command line; kfac_dist/tpu.py reuses it with `strategies=("tpu",)`."""
+    """The command line; kfac_dist/jobs/tpu.py reuses it with `strategies=("tpu",)`."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train an MNIST example with K-FAC or Adam under a tf.distribute strategy.",
@@ -400,7 +400,7 @@ def slurm_cluster_resolver(
 
 # --- data and model ------------------------------------------------------------------
 def load_data(example: Example, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """The example's (inputs, targets) as arrays, from kfac_dist.examples.load_mnist."""
+    """The example's (inputs, targets) as arrays, from kfac_dist.jobs.examples.load_mnist."""
     mnist = data_lib.load_mnist(
         flatten=example.flatten, limit=args.limit, source=args.data_source, data_dir=args.data_dir
     )
@@ -690,7 +690,7 @@ def main(
     bad cluster, too little data) is one line on stderr and exit status 1.
 
     A multi-worker run that succeeded ends its process here, once every worker
-    is done, so that none logs errors about its peers' exit (kfac_dist.shutdown).
+    is done, so that none logs errors about its peers' exit (kfac_dist.jobs.shutdown).
     """
     parser = parser or build_parser()
     args = parse_args(argv, parser)

@@ -1,9 +1,9 @@
-"""Connect to a Cloud TPU and train on it: `python -m kfac_dist.tpu` (scripts/train_tpu.py).
+"""Connect to a Cloud TPU, for the TPU command (`python -m kfac_dist.jobs.train_tpu`).
 
-    python -m kfac_dist.tpu --tpu local --example autoencoder --steps 500      # on a TPU VM
-    python -m kfac_dist.tpu --tpu my-node --zone us-central1-b --project my-project ...
+    python -m kfac_dist.jobs.train_tpu --tpu local --example autoencoder --steps 500  # TPU VM
+    python -m kfac_dist.jobs.train_tpu --tpu my-node --zone us-central1-b --project my-project ...
 
-The command is kfac_dist/train.py's with `--strategy tpu`: `connect` finds
+The command is kfac_dist/jobs/train.py's with `--strategy tpu`: `connect` finds
 the TPU, and train.py builds and compiles the model inside
 `TPUStrategy.scope()` (with `steps_per_execution`, default
 `STEPS_PER_EXECUTION`) and trains it. Where no TPU can be reached, `connect`
@@ -23,7 +23,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import ModuleType
 from typing import TypeVar
 
@@ -183,15 +183,3 @@ def _reason(error: BaseException, silent: str = "no detail given") -> str:
     text = str(error).strip()
     sentence = text.splitlines()[0].split(". ")[0] if text else silent
     return f"{type(error).__name__}: {sentence}"[:200]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """kfac_dist/train.py's command with `--strategy tpu`."""
-    from kfac_dist import train  # train imports this module: import it only when run
-
-    parser = train.build_parser(prog="python -m kfac_dist.tpu", strategies=("tpu",))
-    return train.main(argv, parser)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

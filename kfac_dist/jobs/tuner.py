@@ -35,7 +35,7 @@ BENCHMARK_HEADING = "## Inverse placement on ResNet-50 shapes"
 def load_model(spec: str, input_shape: Sequence[int] | None = None):
     """A Keras model from an example name, a `keras.applications` name, or a `.keras` path.
 
-    Example names: `"autoencoder"`, `"convnet"` (`kfac_dist.examples`).
+    Example names: `"autoencoder"`, `"convnet"` (`kfac_dist.jobs.examples`).
     Applications (e.g. `"ResNet50"`) are built with `weights=None`, at
     `input_shape` when given. Saved models load without their optimizer.
     """
@@ -44,7 +44,7 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None):
     if spec in EXAMPLE_MODELS:
         if input_shape is not None:
             raise ValueError(f"input_shape applies to keras.applications models, not {spec!r}.")
-        from kfac_dist import examples
+        from kfac_dist.jobs import examples
 
         builders = {"autoencoder": examples.build_autoencoder, "convnet": examples.build_convnet}
         return builders[spec]()
