@@ -63,7 +63,7 @@ def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
 class BatchStatistics(NamedTuple):
     """One replica's batch statistics between the train step and the fold."""
 
-    statistics: list[tf.Tensor]  # means over the local batch, in factor order
+    statistics: list[tf.Tensor]  # means over the local batch, one stack per factor group
     weights: tf.Tensor  # [examples, sum of sample weights]
     finite: tf.Tensor  # whether every statistic is finite (local)
 
@@ -152,16 +152,17 @@ class Curvature:
         b = tf.cast(batch_size, curvature_dtype())
         weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
         has_examples = b > 0
-        statistics = [
-            tf.where(has_examples, tf.cast(s, b.dtype), tf.zeros_like(s, b.dtype))
-            for s in statistics
-        ]
-        return BatchStatistics(list(statistics), weights, _all_finite(statistics))
+        stacks = grouping.stacks([tf.cast(s, b.dtype) for s in statistics], self.factor_groups)
+        stacks = [tf.where(has_examples, s, tf.zeros_like(s)) for s in stacks]
+        return BatchStatistics(stacks, weights, _all_finite(stacks))
 
     def empty_statistics(self) -> BatchStatistics:
         """What a step without statistics hands to `fold` (never folded)."""
         dtype = curvature_dtype()
-        zeros = [tf.zeros(v.shape, dtype) for v in self.factor_sums]
+        zeros = [
+            tf.zeros([len(group), *self.factor_sums[group[0]].shape], dtype)
+            for group in self.factor_groups
+        ]
         return BatchStatistics(zeros, tf.zeros([2], dtype), tf.constant(True))
 
     def fold(self, batch: BatchStatistics, apply: tf.Tensor) -> None:
@@ -177,8 +178,7 @@ class Curvature:
         def fold():
             groups = self.factor_groups
             sums = grouping.stacks(self.factor_sums, groups)
-            statistics = grouping.stacks(batch.statistics, groups)
-            folded = [decay * s + ((1.0 - decay) * b) * f for s, f in zip(sums, statistics)]
+            folded = [decay * s + ((1.0 - decay) * b) * f for s, f in zip(sums, batch.statistics)]
             _assign(self.factor_sums, grouping.unstacked(folded, groups, len(self.factor_sums)))
             self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * batch.weights)
             return tf.no_op()
@@ -210,22 +210,14 @@ class Curvature:
                 for v, s in zip(summed[:-1], sums)
             ]
             weight_sum = summed[-1] * share
-        sums = [*grouping.unstacked(synced, groups, len(self.factor_sums)), weight_sum]
-        current = [*self.factor_sums, self.weight_sum]
-        good = [*self.good_sums, self.good_weight]
-
-        def keep():
-            for var, copy, value in zip(current, good, sums):
-                var.assign(value)
-                copy.assign(value)
-            return tf.no_op()
-
-        def restore():
-            for var, copy in zip(current, good):
-                var.assign(copy)
-            return tf.no_op()
-
-        tf.cond(finite, keep, restore)
+        # Non-finite: every replica falls back to the last good sums. One select
+        # per stack rather than a conditional over every variable.
+        good = grouping.stacks(self.good_sums, groups)
+        chosen = [tf.where(finite, v, g) for v, g in zip(synced, good)]
+        chosen = grouping.unstacked(chosen, groups, len(self.factor_sums))
+        chosen.append(tf.where(finite, weight_sum, self.good_weight.value))
+        _assign([*self.factor_sums, self.weight_sum], chosen)
+        _assign([*self.good_sums, self.good_weight], chosen)
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         return finite
 
@@ -519,10 +511,10 @@ class Curvature:
     ) -> list[list[tf.Tensor]]:
         """F̂⁻¹∇ for each block's gradients."""
         out = []
+        damping = tf.cast(damping, curvature_dtype())
         for (block, factor_slice), grads in zip(self._block_slices(), block_grads):
             payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
             cast = [tf.cast(g, curvature_dtype()) for g in grads]
-            damping = tf.cast(damping, curvature_dtype())
             result = block.precondition(cast, payloads, damping, self.inverse_method)
             out.append([tf.cast(r, g.dtype) for r, g in zip(result, grads)])
         return out

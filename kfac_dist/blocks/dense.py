@@ -81,10 +81,11 @@ class DenseBlock(Block):
         kernel = tf.reshape(grads[0], [-1, grads[0].shape[-1]])
         if not self.has_bias:
             return kernel
-        return tf.concat([kernel, grads[1][tf.newaxis]], axis=0)
+        return tf.concat([kernel, tf.reshape(grads[1], [1, -1])], axis=0)
 
     def split_matrix(self, matrix):
         kernel_shape = self.variables[0].shape
         if not self.has_bias:
             return [tf.reshape(matrix, kernel_shape)]
-        return [tf.reshape(matrix[:-1], kernel_shape), matrix[-1]]
+        kernel, bias = tf.split(matrix, [matrix.shape[0] - 1, 1])
+        return [tf.reshape(kernel, kernel_shape), tf.reshape(bias, [-1])]
