@@ -259,7 +259,12 @@ def rows(tensor: tf.Tensor) -> tf.Tensor:
 
 def with_ones(rows_: tf.Tensor) -> tf.Tensor:
     """Appends the constant input 1 that carries the bias."""
-    return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
+    return tf.pad(rows_, [[0, 0], [0, 1]], constant_values=1)
+
+
+def concat_rows(parts: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The rows of every record (one record, the common case, adds no op)."""
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
 
 def input_mask(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -293,7 +298,7 @@ def row_weights(records, example_weights, rows_of) -> tf.Tensor | None:
         if mask is not None:
             weights = weights * tf.reshape(tf.cast(mask, weights.dtype), [-1])
         parts.append(weights)
-    return tf.concat(parts, axis=0)
+    return concat_rows(parts)
 
 
 def _weights_per_row(weights: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
@@ -318,7 +323,9 @@ def kron_factors(
     C = 1 unless the Fisher is summed over output columns exactly).
     """
     b = tf.cast(batch_size, input_rows.dtype)
-    positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
+    positions = input_rows.shape[0]  # static when the batch is (no shape op)
+    if positions is None:
+        positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
     weighted = input_rows if weights is None else input_rows * weights[:, tf.newaxis]
     a = tf.matmul(input_rows, weighted, transpose_a=True) / b
     g = tf.matmul(output_rows, output_rows, transpose_a=True) / positions
