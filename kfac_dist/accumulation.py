@@ -25,8 +25,14 @@ from kfac_dist.curvature import BatchStatistics
 class StatisticSums:
     """Σᵢ bᵢ·Fᵢ and Σᵢ [bᵢ, Σwᵢ] over one update's micro-batches, per replica."""
 
-    def __init__(self, factor_sums, add_variable):
-        self.sums = [add_variable(v.shape, f"{v.name}_accumulated") for v in factor_sums]
+    def __init__(self, curvature, add_variable):
+        # One sum per group of equally shaped factors, as the statistics come.
+        self.sums = [
+            add_variable(
+                (len(group), *curvature.factor_sums[group[0]].shape), f"statistics_{i}_accumulated"
+            )
+            for i, group in enumerate(curvature.factor_groups)
+        ]
         self.weights = add_variable((2,), "weight_accumulated")
 
     def add(self, batch: BatchStatistics) -> BatchStatistics:

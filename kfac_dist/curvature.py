@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from kfac_dist import linalg
-from kfac_dist.blocks import CHOLESKY, KRON, Block
+from kfac_dist import grouping, linalg
+from kfac_dist.blocks import CHOLESKY, KRON, Block, factor_dampings, invert_factors
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.placement import (
     FlopCostModel,
@@ -62,7 +63,7 @@ def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
 class BatchStatistics(NamedTuple):
     """One replica's batch statistics between the train step and the fold."""
 
-    statistics: list[tf.Tensor]  # means over the local batch, in factor order
+    statistics: list[tf.Tensor]  # means over the local batch, one stack per factor group
     weights: tf.Tensor  # [examples, sum of sample weights]
     finite: tf.Tensor  # whether every statistic is finite (local)
 
@@ -88,6 +89,14 @@ class Curvature:
         self.factor_sync = factor_sync
         self.sharing_choice = sharing
         self.units = inversion_units(self.blocks)
+        factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
+        # Factors of one shape are folded, synced and inverted as one stack.
+        self.factor_groups = grouping.groups_of(factor_shapes)
+        self._kron_inputs = [
+            block.approx == KRON and index == 0
+            for block in self.blocks
+            for index in range(len(block.factor_names()))
+        ]
         self.plan: PlacementPlan = make_plan(
             self.units,
             context.num_replicas,
@@ -143,16 +152,17 @@ class Curvature:
         b = tf.cast(batch_size, curvature_dtype())
         weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
         has_examples = b > 0
-        statistics = [
-            tf.where(has_examples, tf.cast(s, b.dtype), tf.zeros_like(s, b.dtype))
-            for s in statistics
-        ]
-        return BatchStatistics(list(statistics), weights, _all_finite(statistics))
+        stacks = grouping.stacks([tf.cast(s, b.dtype) for s in statistics], self.factor_groups)
+        stacks = [tf.where(has_examples, s, tf.zeros_like(s)) for s in stacks]
+        return BatchStatistics(stacks, weights, _all_finite(stacks))
 
     def empty_statistics(self) -> BatchStatistics:
         """What a step without statistics hands to `fold` (never folded)."""
         dtype = curvature_dtype()
-        zeros = [tf.zeros(v.shape, dtype) for v in self.factor_sums]
+        zeros = [
+            tf.zeros([len(group), *self.factor_sums[group[0]].shape], dtype)
+            for group in self.factor_groups
+        ]
         return BatchStatistics(zeros, tf.zeros([2], dtype), tf.constant(True))
 
     def fold(self, batch: BatchStatistics, apply: tf.Tensor) -> None:
@@ -166,8 +176,10 @@ class Curvature:
         b = batch.weights[0]
 
         def fold():
-            for var, stat in zip(self.factor_sums, batch.statistics):
-                var.assign(decay * var + ((1.0 - decay) * b) * stat)
+            groups = self.factor_groups
+            sums = grouping.stacks(self.factor_sums, groups)
+            folded = [decay * s + ((1.0 - decay) * b) * f for s, f in zip(sums, batch.statistics)]
+            _assign(self.factor_sums, grouping.unstacked(folded, groups, len(self.factor_sums)))
             self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * batch.weights)
             return tf.no_op()
 
@@ -182,37 +194,30 @@ class Curvature:
         identically by every replica, which all fall back to the last good
         sums without another collective.
         """
+        groups = self.factor_groups
+        sums = grouping.stacks(self.factor_sums, groups)
         if self.context.num_replicas == 1:
             # Nothing to exchange: only keep (or fall back to) the last good sums.
-            finite = _all_finite([self.weight_sum, *self.factor_sums])
-            sums = [v.value for v in self.factor_sums] + [self.weight_sum.value]
+            finite = _all_finite([*sums, self.weight_sum])
+            synced, weight_sum = sums, self.weight_sum.value
         else:
-            packed = [
-                linalg.pack_symmetric(v) if v.shape.rank == 2 else tf.convert_to_tensor(v)
-                for v in self.factor_sums
-            ] + [tf.convert_to_tensor(self.weight_sum)]
-            summed = self.context.all_reduce_sum(packed, FACTOR_SYNC)
+            wire = [linalg.pack_symmetric(s) if s.shape.rank == 3 else s for s in sums]
+            summed = self.context.all_reduce_sum([*wire, self.weight_sum.value], FACTOR_SYNC)
             finite = _all_finite(summed)
             share = 1.0 / self.context.num_replicas
-            sums = [
-                (linalg.unpack_symmetric(v, var.shape[0]) if var.shape.rank == 2 else v) * share
-                for v, var in zip(summed[:-1], self.factor_sums)
-            ] + [summed[-1] * share]
-        current = [*self.factor_sums, self.weight_sum]
-        good = [*self.good_sums, self.good_weight]
-
-        def keep():
-            for var, copy, value in zip(current, good, sums):
-                var.assign(value)
-                copy.assign(value)
-            return tf.no_op()
-
-        def restore():
-            for var, copy in zip(current, good):
-                var.assign(copy)
-            return tf.no_op()
-
-        tf.cond(finite, keep, restore)
+            synced = [
+                (linalg.unpack_symmetric(v, s.shape[-1]) if s.shape.rank == 3 else v) * share
+                for v, s in zip(summed[:-1], sums)
+            ]
+            weight_sum = summed[-1] * share
+        # Non-finite: every replica falls back to the last good sums. One select
+        # per stack rather than a conditional over every variable.
+        good = grouping.stacks(self.good_sums, groups)
+        chosen = [tf.where(finite, v, g) for v, g in zip(synced, good)]
+        chosen = grouping.unstacked(chosen, groups, len(self.factor_sums))
+        chosen.append(tf.where(finite, weight_sum, self.good_weight.value))
+        _assign([*self.factor_sums, self.weight_sum], chosen)
+        _assign([*self.good_sums, self.good_weight], chosen)
         self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         return finite
 
@@ -226,14 +231,25 @@ class Curvature:
         examples, weights = tf.unstack(self.weight_sum.value)
         examples = tf.maximum(examples, 1e-30)
         mean_weight = tf.where(weights > 0, weights / examples, tf.ones_like(weights))
+        groups = self.factor_groups
         out = []
-        for block, factor_slice in self._block_slices():
-            for index, var in enumerate(self.factor_sums[factor_slice]):
-                factor = var.value / examples
-                if block.approx == KRON and index == 0:
-                    factor = factor / mean_weight
-                out.append(factor)
-        return out
+        for group, sums in zip(groups, grouping.stacks(self.factor_sums, groups)):
+            factors = sums / examples
+            inputs = [self._kron_inputs[p] for p in group]
+            if any(inputs):
+                mask = tf.reshape(tf.constant(inputs), [-1] + [1] * (factors.shape.rank - 1))
+                factors = tf.where(mask, factors / mean_weight, factors)
+            out.append(factors)
+        return grouping.unstacked(out, groups, len(self.factor_sums))
+
+    def _dampings(self, factors: Sequence[tf.Tensor], damping) -> tf.Tensor:
+        """Each factor's Cholesky damping (see `blocks.factor_dampings`), in a few ops."""
+        groups = self.factor_groups
+        means = tf.concat(
+            [linalg.mean_eigenvalues(s) for s in grouping.stacks(factors, groups)], axis=0
+        )
+        in_factor_order = np.argsort(np.concatenate(groups))
+        return factor_dampings(self.blocks, tf.gather(means, in_factor_order), damping)
 
     # --- inverses ---------------------------------------------------------------
     def update_inverses(self, damping) -> None:
@@ -249,52 +265,59 @@ class Curvature:
     def owned_payloads(self, factors, damping, replica) -> list[list[tf.Tensor]]:
         """Each unit's payload if this replica owns it (or all do), else zeros.
 
-        One `tf.switch_case` on `replica`, a run-time tensor (as on TPU), holds
-        every owner's inversions: one compiled step serves every replica, and
-        the graph has one branch per replica instead of a conditional per
-        factor, which kept the first trace superlinear in the factor count.
+        Under MirroredStrategy each replica traces its own step with its id
+        a constant: only its own inversions enter its graph. Where the id is
+        a run-time tensor (TPU, one compiled step for every replica), one
+        `tf.switch_case` holds every owner's inversions, one branch per
+        replica, instead of a conditional per factor.
         """
-        jobs = [
-            (block, index, factors[factor_slice])
-            for block, factor_slice in self._block_slices()
-            for index in range(factor_slice.stop - factor_slice.start)
-        ]
+        dampings = self._dampings(factors, damping) if self.inverse_method == CHOLESKY else None
         shared = self.shared_units
-        payloads: list[list[tf.Tensor] | None] = [None] * len(jobs)
-        for unit in sorted(set(range(len(jobs))) - set(shared)):
-            payloads[unit] = self._invert([jobs[unit]], damping)[0]
+        payloads: list[list[tf.Tensor] | None] = [None] * len(factors)
+        unshared = sorted(set(range(len(factors))) - set(shared))
+        for unit, payload in zip(unshared, self._invert(factors, dampings, unshared)):
+            payloads[unit] = payload
         if not shared:
             return payloads
 
         def owner_branch(owner: int):
             def branch():
                 own = [u for u in shared if self.plan.owners[u] == owner]
-                inverted = dict(zip(own, self._invert([jobs[u] for u in own], damping)))
+                inverted = dict(zip(own, self._invert(factors, dampings, own)))
+                zeros = {}
+                for u in shared:
+                    for v in self.payloads[u]:
+                        zeros.setdefault(tuple(v.shape), tf.zeros(v.shape, curvature_dtype()))
                 return [
                     inverted[u]
                     if u in inverted
-                    else [tf.zeros(v.shape, curvature_dtype()) for v in self.payloads[u]]
+                    else [zeros[tuple(v.shape)] for v in self.payloads[u]]
                     for u in shared
                 ]
 
             return branch
 
-        branches = [owner_branch(r) for r in range(self.context.num_replicas)]
-        for unit, payload in zip(shared, tf.switch_case(replica, branches)):
+        static_replica = tf.get_static_value(replica)
+        if static_replica is not None:
+            owned = owner_branch(int(static_replica))()
+        else:
+            branches = [owner_branch(r) for r in range(self.context.num_replicas)]
+            owned = tf.switch_case(replica, branches)
+        for unit, payload in zip(shared, owned):
             payloads[unit] = list(payload)
         return payloads
 
-    def _invert(self, jobs, damping) -> list[list[tf.Tensor]]:
-        """The payloads of `jobs` (block, factor index, block factors), counted."""
-        results, retries = [], []
-        for block, index, block_factors in jobs:
-            payload, tries = block.invert(index, block_factors, damping, self.inverse_method)
-            results.append(payload)
-            retries.append(tf.cast(tries, tf.int64))
-        if jobs:
-            self.inversions.assign_add(len(jobs))
-            self.inversion_retries.assign_add(tf.add_n(retries))
-        return results
+    def _invert(self, factors, dampings, units: list[int]) -> list[list[tf.Tensor]]:
+        """The payloads of `units` (factor indices), counted."""
+        if not units:
+            return []
+        unit_dampings = None if dampings is None else tf.gather(dampings, units)
+        payloads, retries = invert_factors(
+            [factors[u] for u in units], unit_dampings, self.inverse_method
+        )
+        self.inversions.assign_add(len(units))
+        self.inversion_retries.assign_add(tf.cast(tf.add_n(retries), tf.int64))
+        return payloads
 
     @property
     def shared_units(self) -> list[int]:
@@ -367,17 +390,9 @@ class Curvature:
             units = [u for u in self.shared_units if self.plan.owners[u] == owner]
             if not units:
                 continue
-            wires = [_to_wire(payloads[u]) for u in units]
-            flat = _flat([t for wire in wires for t in wire])
+            flat = self._to_wire(payloads, units)
             received = self.context.broadcast(flat, tf.equal(replica, owner), INVERSE_SHARE)
-            offset = 0
-            for u, wire in zip(units, wires):
-                parts = []
-                for t in wire:
-                    n = t.shape.num_elements()
-                    parts.append(tf.reshape(received[offset : offset + n], t.shape))
-                    offset += n
-                payloads[u] = _from_wire(iter(parts), payloads[u])
+            payloads = self._from_wire(received, units, payloads)
         return payloads
 
     def pack_for_sharing(self, payloads: list[list[tf.Tensor]], replica) -> tf.Tensor:
@@ -388,39 +403,78 @@ class Curvature:
         """
         shared = self.shared_units
         if self.sharing_method == "all_reduce":
-            return _flat([t for u in shared for t in _to_wire(payloads[u])])
+            return self._to_wire(payloads, shared)
         largest = max(self._owned_wire_size(r) for r in range(self.context.num_replicas))
 
         def packer(replica: int):
             own = [u for u in shared if self.plan.owners[u] == replica]
             padding = largest - self._owned_wire_size(replica)
-            return lambda: tf.pad(
-                _flat([t for u in own for t in _to_wire(payloads[u])]), [[0, padding]]
-            )
+            return lambda: tf.pad(self._to_wire(payloads, own), [[0, padding]])
 
+        static_replica = tf.get_static_value(replica)
+        if static_replica is not None:
+            return packer(int(static_replica))()
         branches = [packer(r) for r in range(self.context.num_replicas)]
         return tf.switch_case(replica, branches)
 
     def unpack_shared(self, payloads, received: tf.Tensor) -> list[list[tf.Tensor]]:
         """Payloads with every shared unit taken from the collective's result."""
-        payloads = list(payloads)
         shared = self.shared_units
         if self.sharing_method == "all_reduce":
-            segments = [(received, shared)]
-        else:
-            segments = [
-                (received[r], [u for u in shared if self.plan.owners[u] == r])
-                for r in range(self.context.num_replicas)
-            ]
-        for flat, units in segments:
-            offset = 0
-            for u in units:
-                parts = []
-                for t in _to_wire(payloads[u]):
-                    n = t.shape.num_elements()
-                    parts.append(tf.reshape(flat[offset : offset + n], t.shape))
-                    offset += n
-                payloads[u] = _from_wire(iter(parts), payloads[u])
+            return self._from_wire(received, shared, payloads)
+        for r in range(self.context.num_replicas):
+            own = [u for u in shared if self.plan.owners[u] == r]
+            payloads = self._from_wire(received[r], own, payloads)
+        return payloads
+
+    # --- the wire: payloads of equal shapes travel as one stack -------------------
+    def _wire_groups(self, units: Sequence[int]) -> list[list[int]]:
+        """`units` grouped by payload shapes, the order of the flat sharing buffer."""
+        keys = [tuple(tuple(v.shape) for v in self.payloads[u]) for u in units]
+        return [[units[i] for i in group] for group in grouping.groups_of(keys)]
+
+    def _wire_parts(self, group: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
+        """Each payload tensor's shape in `group`, and whether it travels as a triangle.
+
+        Symmetric inverses travel as triangles; eigenvectors and vectors as
+        they are.
+        """
+        like = self.payloads[group[0]]
+        symmetric = len(like) == 1 and like[0].shape.rank == 2
+        return [(tuple(v.shape), symmetric) for v in like]
+
+    def _to_wire(self, payloads, units: Sequence[int]) -> tf.Tensor:
+        """The payloads of `units` in one flat buffer, a few ops per payload shape."""
+        parts = []
+        for group in self._wire_groups(units):
+            for index, (_, symmetric) in enumerate(self._wire_parts(group)):
+                stack = tf.stack([payloads[u][index] for u in group])
+                parts.append(tf.reshape(linalg.pack_symmetric(stack) if symmetric else stack, [-1]))
+        return _flat(parts)
+
+    def _from_wire(self, flat: tf.Tensor, units: Sequence[int], payloads):
+        """`payloads` with `units` read from a flat buffer (its padding ignored)."""
+        payloads = list(payloads)
+        pieces = []
+        for group in self._wire_groups(units):
+            for shape, symmetric in self._wire_parts(group):
+                wire = (linalg.triangle_size(shape[0]),) if symmetric else shape
+                pieces.append((group, shape, symmetric, (len(group), *wire)))
+        sizes = [int(np.prod(stacked)) for *_, stacked in pieces]
+        if not pieces:
+            return payloads
+        if flat.shape[0] != sum(sizes):
+            flat = flat[: sum(sizes)]
+        parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+        received: dict[int, list[tf.Tensor]] = {}
+        for (group, shape, symmetric, stacked), part in zip(pieces, parts):
+            stack = tf.reshape(part, stacked)
+            if symmetric:
+                stack = linalg.unpack_symmetric(stack, shape[0])
+            for u, tensor in zip(group, tf.unstack(stack, num=len(group))):
+                received.setdefault(u, []).append(tensor)
+        for u, tensors in received.items():
+            payloads[u] = tensors
         return payloads
 
     def install(self, payloads: list[list[tf.Tensor]]) -> None:
@@ -429,14 +483,27 @@ class Curvature:
         An inversion with no well-conditioned retry is NaN (see
         `linalg.damped_inverse`); every replica sees the same shared payloads,
         so every replica keeps the same previous inverse and counts it.
+        Payloads of equal shapes are checked and written as one stack.
         """
-        failures = tf.constant(0, tf.int64)
-        for variables, payload in zip(self.payloads, payloads):
-            ok = _all_finite(payload)
-            failures += tf.cast(tf.logical_not(ok), tf.int64)
-            for var, value in zip(variables, payload):
-                var.assign(tf.where(ok, value, var))
-        self.inversion_failures.assign_add(failures)
+        failures = []
+        for group in self._wire_groups(range(len(self.payloads))):
+            new = [
+                tf.stack([payloads[u][i] for u in group]) for i in range(len(payloads[group[0]]))
+            ]
+            ok = tf.reduce_all(
+                [
+                    tf.reduce_all(tf.math.is_finite(t), axis=list(range(1, t.shape.rank)))
+                    for t in new
+                ],
+                axis=0,
+            )
+            failures.append(tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int64)))
+            for index, value in enumerate(new):
+                variables = [self.payloads[u][index] for u in group]
+                mask = tf.reshape(ok, [-1] + [1] * (value.shape.rank - 1))
+                kept = tf.where(mask, value, grouping.stacks(variables, [range(len(group))])[0])
+                _assign(variables, tf.unstack(kept, num=len(group)))
+        self.inversion_failures.assign_add(tf.add_n(failures))
 
     # --- preconditioning ----------------------------------------------------------
     def precondition(
@@ -444,10 +511,10 @@ class Curvature:
     ) -> list[list[tf.Tensor]]:
         """F̂⁻¹∇ for each block's gradients."""
         out = []
+        damping = tf.cast(damping, curvature_dtype())
         for (block, factor_slice), grads in zip(self._block_slices(), block_grads):
             payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
             cast = [tf.cast(g, curvature_dtype()) for g in grads]
-            damping = tf.cast(damping, curvature_dtype())
             result = block.precondition(cast, payloads, damping, self.inverse_method)
             out.append([tf.cast(r, g.dtype) for r, g in zip(result, grads)])
         return out
@@ -459,17 +526,9 @@ def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
-def _to_wire(payload: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    """Symmetric inverses travel as triangles; eigenvectors and vectors as they are."""
-    if len(payload) == 1 and payload[0].shape.rank == 2:
-        return [linalg.pack_symmetric(payload[0])]
-    return list(payload)
-
-
-def _from_wire(received, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    if len(like) == 1 and like[0].shape.rank == 2:
-        return [linalg.unpack_symmetric(next(received), like[0].shape[0])]
-    return [next(received) for _ in like]
+def _assign(variables: Sequence, values: Sequence[tf.Tensor]) -> None:
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def per_replica_variable(optimizer: keras.optimizers.Optimizer):

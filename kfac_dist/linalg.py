@@ -1,10 +1,13 @@
 """Small linear-algebra pieces of K-FAC: damping split, damped inverses, packing.
 
-Each function is pure and works on one factor at a time, so that the placement
-plan can hand any factor to any replica. Shapes are static (TPU/XLA friendly).
+Each function is pure. Inverses and eigendecompositions take a group of
+equally shaped factors, so that one batched op serves any set of factors the
+placement plan hands a replica. Shapes are static (TPU/XLA friendly).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -30,87 +33,129 @@ CONDITIONING_TOLERANCE = 10.0
 
 def mean_eigenvalue(factor: tf.Tensor) -> tf.Tensor:
     """tr(F)/dim(F) of a full (n, n) or diagonal (n,) factor."""
-    if factor.shape.rank == 1:
-        return tf.reduce_mean(factor)
-    return tf.linalg.trace(factor) / factor.shape[-1]
+    return mean_eigenvalues(factor[tf.newaxis])[0]
+
+
+def mean_eigenvalues(factors: tf.Tensor) -> tf.Tensor:
+    """tr(F)/dim(F) of each of a stack of full (k, n, n) or diagonal (k, n) factors."""
+    diagonals = factors if factors.shape.rank == 2 else tf.linalg.diag_part(factors)
+    return tf.reduce_mean(diagonals, axis=-1)
 
 
 def pi_adjustment(input_factor: tf.Tensor, output_factor: tf.Tensor) -> tf.Tensor:
-    """π = sqrt((tr A/dim A) / (tr G/dim G)) (Martens & Grosse 2015, §6.3).
+    """π = sqrt((tr A/dim A) / (tr G/dim G)) (Martens & Grosse 2015, §6.3)."""
+    return pi_of_mean_eigenvalues(mean_eigenvalue(input_factor), mean_eigenvalue(output_factor))
+
+
+def pi_of_mean_eigenvalues(input_mean: tf.Tensor, output_mean: tf.Tensor) -> tf.Tensor:
+    """π from tr A/dim A and tr G/dim G, elementwise (many blocks at once).
 
     Falls back to 1 when either trace is not positive (an all-zero factor, for
     instance before any statistics), which keeps the damping split finite.
     """
-    a = mean_eigenvalue(input_factor)
-    g = mean_eigenvalue(output_factor)
-    ok = tf.logical_and(a > 0, g > 0)
-    return tf.where(ok, tf.sqrt(tf.math.divide_no_nan(a, g)), tf.ones_like(a))
+    ok = tf.logical_and(input_mean > 0, output_mean > 0)
+    ratio = tf.math.divide_no_nan(input_mean, output_mean)
+    return tf.where(ok, tf.sqrt(ratio), tf.ones_like(input_mean))
 
 
 def factored_damping(
     input_factor: tf.Tensor, output_factor: tf.Tensor, damping: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Damping added to (A, G): (π√λ, √λ/π), so that their product keeps λ."""
-    pi = pi_adjustment(input_factor, output_factor)
-    root = tf.sqrt(tf.cast(damping, input_factor.dtype))
+    return split_damping(pi_adjustment(input_factor, output_factor), damping)
+
+
+def split_damping(pi: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(π√λ, √λ/π) for a π of one block or a vector of blocks' π."""
+    root = tf.sqrt(tf.cast(damping, pi.dtype))
     return pi * root, root / pi
 
 
-def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(F + damping·I)⁻¹ through Cholesky, retrying with more damping.
+def damped_inverse(factor: tf.Tensor, damping) -> tuple[tf.Tensor, tf.Tensor]:
+    """(F + damping·I)⁻¹ of one factor: see `damped_inverses`."""
+    inverses, retries = damped_inverses([factor], tf.reshape(tf.cast(damping, factor.dtype), [1]))
+    return inverses[0], retries[0]
 
-    Returns the inverse and the number of retries it took. A diagonal factor
-    (rank 1) is inverted elementwise. An attempt is accepted only when it is
+
+def damped_inverses(
+    factors: Sequence[tf.Tensor], dampings: tf.Tensor
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """(F_i + d_i·I)⁻¹ of equally shaped factors through Cholesky, retrying with more damping.
+
+    The factors share one batched Cholesky and one retry loop, so that the
+    graph grows with the number of factor sizes, not of factors; each factor
+    still retries on its own (only those not yet accepted get more damping).
+    `dampings` holds one damping per factor. Returns the inverses and each
+    one's number of retries. Diagonal factors
+    (rank 1) are inverted elementwise. An attempt is accepted only when it is
     finite and well-conditioned: max diag(M⁻¹)·max diag(M) is a lower bound
     of M's condition number, and a factor with an eigenvalue near −damping
     makes it of order 1/eps (its "inverse" is then rounding noise with huge
-    entries). If every retry fails the result is NaN, and the caller keeps
-    the previous inverse.
+    entries). A factor with no accepted retry is NaN, and the caller keeps
+    its previous inverse.
     """
-    damping = tf.cast(damping, factor.dtype)
-    if factor.shape.rank == 1:
-        return 1.0 / (factor + damping), tf.constant(0, tf.int32)
-    n = factor.shape[-1]
-    eye = tf.eye(n, dtype=factor.dtype)
-    symmetric = 0.5 * (factor + tf.transpose(factor))
-    max_condition = 1.0 / (CONDITIONING_TOLERANCE * np.finfo(factor.dtype.as_numpy_dtype).eps)
+    stacked = tf.stack(factors)
+    damping = tf.cast(dampings, stacked.dtype)
+    count = len(factors)
+    if stacked.shape.rank == 2:
+        inverses = 1.0 / (stacked + damping[:, tf.newaxis])
+        return tf.unstack(inverses, num=count), tf.zeros([count], tf.int32)
+    eye = tf.eye(stacked.shape[-1], batch_shape=[count], dtype=stacked.dtype)
+    symmetric = 0.5 * (stacked + tf.linalg.matrix_transpose(stacked))
+    max_condition = 1.0 / (CONDITIONING_TOLERANCE * np.finfo(stacked.dtype.as_numpy_dtype).eps)
 
     def attempt(extra: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        damped = symmetric + extra * eye
+        damped = symmetric + extra[:, tf.newaxis, tf.newaxis] * eye
         inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), eye)
-        condition_bound = tf.reduce_max(tf.linalg.diag_part(inverse)) * tf.reduce_max(
-            tf.linalg.diag_part(damped)
+        condition_bound = tf.reduce_max(tf.linalg.diag_part(inverse), axis=-1) * tf.reduce_max(
+            tf.linalg.diag_part(damped), axis=-1
         )
         accepted = tf.logical_and(
-            tf.reduce_all(tf.math.is_finite(inverse)), condition_bound <= max_condition
+            tf.reduce_all(tf.math.is_finite(inverse), axis=[-2, -1]),
+            condition_bound <= max_condition,
         )
         return inverse, accepted
 
-    def not_done(tries, extra, inverse, accepted):
-        return tf.logical_and(tries < DAMPING_RETRIES, tf.logical_not(accepted))
+    def not_done(retries, extra, inverse, accepted):
+        # Every factor still pending has retried as often as the loop ran.
+        return tf.reduce_any(tf.logical_and(retries < DAMPING_RETRIES, tf.logical_not(accepted)))
 
-    def retry(tries, extra, inverse, accepted):
-        extra = extra * DAMPING_RETRY_GROWTH
-        return (tries + 1, extra, *attempt(extra))
+    def retry(retries, extra, inverse, accepted):
+        pending = tf.logical_not(accepted)
+        extra = tf.where(pending, extra * DAMPING_RETRY_GROWTH, extra)
+        attempted, attempt_accepted = attempt(extra)
+        inverse = tf.where(pending[:, tf.newaxis, tf.newaxis], attempted, inverse)
+        accepted = tf.where(pending, attempt_accepted, accepted)
+        return retries + tf.cast(pending, tf.int32), extra, inverse, accepted
 
-    tries, _, inverse, accepted = tf.while_loop(
-        not_done, retry, (tf.constant(0, tf.int32), damping, *attempt(damping))
+    retries, _, inverse, accepted = tf.while_loop(
+        not_done, retry, (tf.zeros([count], tf.int32), damping, *attempt(damping))
     )
-    failed = tf.fill(tf.shape(inverse), tf.constant(np.nan, factor.dtype))
-    return tf.where(accepted, inverse, failed), tries
+    failed = tf.fill(tf.shape(inverse), tf.constant(np.nan, stacked.dtype))
+    inverse = tf.where(accepted[:, tf.newaxis, tf.newaxis], inverse, failed)
+    return tf.unstack(inverse, num=count), retries
+
+
+def eigendecompositions(factors: Sequence[tf.Tensor]) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Eigenvalues (clipped at 0, the factors are PSD) and eigenvectors of equally shaped factors.
+
+    One batched `eigh` for the group. A diagonal factor is its own
+    eigendecomposition: its eigenvectors are the identity, which is never
+    materialised (returned as an empty (0, 0) tensor).
+    """
+    stacked = tf.stack(factors)
+    if stacked.shape.rank == 2:
+        empty = tf.zeros([0, 0], stacked.dtype)
+        return [(values, empty) for values in tf.unstack(tf.maximum(stacked, 0.0))]
+    symmetric = 0.5 * (stacked + tf.linalg.matrix_transpose(stacked))
+    values, vectors = tf.linalg.eigh(symmetric)
+    values = tf.maximum(values, 0.0)
+    return list(zip(tf.unstack(values), tf.unstack(vectors)))
 
 
 def eigendecomposition(factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Eigenvalues (clipped at 0, the factor is PSD) and eigenvectors of F.
-
-    A diagonal factor is its own eigendecomposition: its eigenvectors are the
-    identity, which is never materialised (returned as an empty (0, 0) tensor).
-    """
-    if factor.shape.rank == 1:
-        return tf.maximum(factor, 0.0), tf.zeros([0, 0], factor.dtype)
-    symmetric = 0.5 * (factor + tf.transpose(factor))
-    values, vectors = tf.linalg.eigh(symmetric)
-    return tf.maximum(values, 0.0), vectors
+    """Eigendecomposition of one factor: see `eigendecompositions`."""
+    return eigendecompositions([factor])[0]
 
 
 def kl_clip_factor(
@@ -157,13 +202,15 @@ def _triangle_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_symmetric(matrix: tf.Tensor) -> tf.Tensor:
-    """Upper triangle of a symmetric (n, n) matrix as a flat vector."""
+    """Upper triangle of symmetric (..., n, n) matrices as (..., n(n+1)/2) vectors."""
     n = matrix.shape[-1]
     flat_index, _ = _triangle_indices(n)
-    return tf.gather(tf.reshape(matrix, [-1]), flat_index)
+    flat = tf.reshape(matrix, [*matrix.shape[:-2], n * n])
+    return tf.gather(flat, flat_index, axis=-1)
 
 
 def unpack_symmetric(packed: tf.Tensor, n: int) -> tf.Tensor:
     """Inverse of `pack_symmetric`."""
     _, packed_of = _triangle_indices(n)
-    return tf.reshape(tf.gather(packed, packed_of), [n, n])
+    full = tf.gather(packed, packed_of, axis=-1)
+    return tf.reshape(full, [*packed.shape[:-1], n, n])

@@ -437,7 +437,7 @@ class Kfac(keras.optimizers.Optimizer):
         add = curvature_lib.per_replica_variable(self)
         self.curvature.build(add)
         self._statistic_sums = (
-            accumulation.StatisticSums(self.curvature.factor_sums, add)
+            accumulation.StatisticSums(self.curvature, add)
             if self.gradient_accumulation_steps
             else None
         )

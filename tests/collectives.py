@@ -1,4 +1,4 @@
-"""Test utility: the collectives in a traced Keras train function, counted in its graph.
+"""Test utility: collectives (and other ops) in a traced Keras train function's graph.
 
 Counts CollectiveReduce / CollectiveGather / CollectiveBcast* ops in the
 graph itself and every function it calls (tf.cond and tf.while bodies,
@@ -82,6 +82,19 @@ def _count(nodes, library) -> Collectives:
 
 def count_collectives(train_function) -> Collectives:
     """Collectives of the one traced graph of a Keras train function (after `fit`)."""
+    graph = _traced_graph(train_function)
+    library = {f.signature.name: f for f in graph.library.function}
+    return _count(graph.node, library)
+
+
+def count_ops(train_function, op_types: set[str]) -> int:
+    """Ops of these types in the traced graph and every function it holds (each once)."""
+    graph = _traced_graph(train_function)
+    functions = [graph.node, *(f.node_def for f in graph.library.function)]
+    return sum(node.op in op_types for nodes in functions for node in nodes)
+
+
+def _traced_graph(train_function):
     keras_function = getattr(train_function, "__wrapped__", train_function)
     traced = [
         cell.cell_contents
@@ -90,6 +103,4 @@ def count_collectives(train_function) -> Collectives:
     ]
     concrete = [c for f in traced for c in f._list_all_concrete_functions()]  # noqa: SLF001
     assert len(concrete) == 1, f"expected one traced train function, found {len(concrete)}"
-    graph = concrete[0].graph.as_graph_def()
-    library = {f.signature.name: f for f in graph.library.function}
-    return _count(graph.node, library)
+    return concrete[0].graph.as_graph_def()

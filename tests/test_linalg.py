@@ -217,3 +217,56 @@ def test_kl_clip_factor_with_momentum_bounds_the_whole_step():
     expected = min(1.0, np.sqrt(np.float64(np.float32(bound)) / (step @ fisher @ step)))
     assert expected < 1.0
     np.testing.assert_allclose(clip.numpy(), expected, rtol=1e-6)
+
+
+def test_pack_unpack_symmetric_work_on_a_stack_of_matrices():
+    stack = np.stack([_spd(4), 2.0 * _spd(4), _spd(4, 0.1)])
+    packed = linalg.pack_symmetric(tf.constant(stack)).numpy()
+    rows, cols = np.triu_indices(4)
+    np.testing.assert_array_equal(packed, stack[:, rows, cols])
+    np.testing.assert_array_equal(linalg.unpack_symmetric(tf.constant(packed), 4).numpy(), stack)
+
+
+def test_damped_inverses_of_a_group_retry_each_factor_on_its_own():
+    # One batched inversion: a PD factor accepted at once, one that needs
+    # more damping, and one no retry makes well-conditioned (NaN).
+    healthy = _spd(4).astype(np.float64)
+    rotation, _ = np.linalg.qr(RNG.normal(size=(4, 4)))
+    indefinite = rotation @ np.diag([1.0, 2.0, 0.5, -50.0]) @ rotation.T
+    hopeless = np.diag([1.0, 1.0, 1.0, -1e9])
+    dampings = np.array([0.25, 1e-3, 1e-3])
+    inverses, retries = linalg.damped_inverses(
+        [tf.constant(m) for m in (healthy, indefinite, hopeless)], tf.constant(dampings)
+    )
+    retries = retries.numpy()
+    # 1e-3·10^r must pass 50 (the first PD damping) and not by a whole retry.
+    used = 1e-3 * linalg.DAMPING_RETRY_GROWTH ** retries[1]
+    assert used > 50.0 > used / linalg.DAMPING_RETRY_GROWTH
+    np.testing.assert_array_equal(retries, [0, retries[1], linalg.DAMPING_RETRIES])
+    np.testing.assert_allclose(
+        inverses[0].numpy(), np.linalg.inv(healthy + 0.25 * np.eye(4)), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        inverses[1].numpy(), np.linalg.inv(indefinite + used * np.eye(4)), rtol=1e-8, atol=1e-12
+    )
+    assert np.all(np.isnan(inverses[2].numpy()))
+
+
+def test_damped_inverses_of_diagonal_factors_take_each_factor_damping():
+    diagonals = np.array([[0.0, 0.5, 2.0], [1.0, 3.0, 9.0]], dtype=np.float32)
+    inverses, retries = linalg.damped_inverses(
+        [tf.constant(d) for d in diagonals], tf.constant([0.25, 0.5])
+    )
+    np.testing.assert_allclose(inverses[0].numpy(), 1.0 / (diagonals[0] + 0.25), rtol=1e-6)
+    np.testing.assert_allclose(inverses[1].numpy(), 1.0 / (diagonals[1] + 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(retries.numpy(), [0, 0])
+
+
+def test_eigendecompositions_of_a_group_match_numpy():
+    factors = [_spd(3), _spd(3, 4.0)]
+    for (values, vectors), factor in zip(
+        linalg.eigendecompositions([tf.constant(f) for f in factors]), factors
+    ):
+        np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(factor), rtol=1e-4)
+        rebuilt = vectors.numpy() @ np.diag(values.numpy()) @ vectors.numpy().T
+        np.testing.assert_allclose(rebuilt, factor, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,8 @@ from kfac_dist.blocks.base import (
     KRON,
     Block,
     Record,
+    factor_dampings,
+    invert_factors,
 )
 from kfac_dist.blocks.conv import ConvBlock
 from kfac_dist.blocks.dense import DenseBlock
@@ -32,4 +34,6 @@ __all__ = [
     "GenericDiagonalBlock",
     "Record",
     "ScaleShiftBlock",
+    "factor_dampings",
+    "invert_factors",
 ]

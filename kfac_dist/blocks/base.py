@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend import get_keras_mask
 
-from kfac_dist import linalg
+from kfac_dist import grouping, linalg
 from kfac_dist.linalg import curvature_dtype
 
 KRON = "kron"
@@ -130,20 +130,12 @@ class Block:
     def invert(self, index: int, factors: Sequence[tf.Tensor], damping, method: str):
         """Payload of factor `index`: its damped inverse, or (eigenvalues, eigenvectors).
 
-        Cholesky: Kronecker factors get the factored Tikhonov damping
-        (π√λ on A, √λ/π on G); diagonal and full blocks get λ. Eigen: the
-        eigendecomposition only; the exact damping is applied when
-        preconditioning, so a new damping takes effect at once.
-        Returns (payload tensors, retries).
+        Returns (payload tensors, retries); see `invert_factors`.
         """
-        factor = factors[index]
-        if method == EIGEN:
-            values, vectors = linalg.eigendecomposition(factor)
-            return [values, vectors], tf.constant(0, tf.int32)
-        if self.approx == KRON:
-            damping = linalg.factored_damping(factors[0], factors[1], damping)[index]
-        inverse, retries = linalg.damped_inverse(factor, damping)
-        return [inverse], retries
+        means = tf.stack([linalg.mean_eigenvalue(f) for f in factors])
+        dampings = factor_dampings([self], means, damping)
+        payloads, retries = invert_factors([factors[index]], dampings[index : index + 1], method)
+        return payloads[0], retries[0]
 
     def payload_shapes(self, method: str) -> list[list[tuple[int, ...]]]:
         """Shapes of `invert`'s payload for each factor."""
@@ -182,6 +174,58 @@ class Block:
         return _split_flat(out, grads)
 
 
+def factor_dampings(blocks: Sequence[Block], mean_eigenvalues: tf.Tensor, damping) -> tf.Tensor:
+    """The damping added to each factor of `blocks` (in factor order) before a Cholesky inverse.
+
+    Kronecker factors get the factored Tikhonov damping (π√λ on A, √λ/π on
+    G, π from the factors' `mean_eigenvalues`); diagonal and full blocks get
+    λ. All blocks at once: a few ops whatever the number of blocks.
+    """
+    inputs, outputs, position = [], [], 0
+    for block in blocks:
+        if block.approx == KRON:
+            inputs.append(position)
+            outputs.append(position + 1)
+        position += len(block.factor_names())
+    plain = tf.cast(damping, mean_eigenvalues.dtype)
+    if not inputs:
+        return tf.fill([position], plain)
+    pi = linalg.pi_of_mean_eigenvalues(
+        tf.gather(mean_eigenvalues, inputs), tf.gather(mean_eigenvalues, outputs)
+    )
+    on_inputs, on_outputs = linalg.split_damping(pi, damping)
+    source = np.zeros(position, np.int32)  # 0: λ; then each A's, then each G's
+    source[inputs] = 1 + np.arange(len(inputs))
+    source[outputs] = 1 + len(inputs) + np.arange(len(outputs))
+    return tf.gather(tf.concat([plain[tf.newaxis], on_inputs, on_outputs], axis=0), source)
+
+
+def invert_factors(
+    factors: Sequence[tf.Tensor], dampings: tf.Tensor | None, method: str
+) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
+    """The payloads of many factors, and each one's retries (int32).
+
+    Cholesky: the inverse of each factor plus its damping (`dampings`, one
+    per factor, see `factor_dampings`). Eigen: the eigendecomposition only
+    (`dampings` unused, may be None);
+    the exact damping is applied when preconditioning, so a new damping
+    takes effect at once. Factors of equal shape share one batched op (and
+    one retry loop), while each factor keeps its own damping and retries.
+    """
+    payloads: list[list[tf.Tensor]] = [[] for _ in factors]
+    retries: list[tf.Tensor] = [tf.constant(0, tf.int32)] * len(factors)
+    for group in grouping.shape_groups(factors):
+        members = [factors[p] for p in group]
+        if method == EIGEN:
+            for p, (values, vectors) in zip(group, linalg.eigendecompositions(members)):
+                payloads[p] = [values, vectors]
+            continue
+        inverses, tries = linalg.damped_inverses(members, tf.gather(dampings, group))
+        for p, inverse, t in zip(group, inverses, tf.unstack(tries, num=len(group))):
+            payloads[p], retries[p] = [inverse], t
+    return payloads, retries
+
+
 def _apply_left(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
     """A⁻¹ M, where a diagonal A⁻¹ is stored as its diagonal."""
     if inverse.shape.rank == 1:
@@ -215,7 +259,12 @@ def rows(tensor: tf.Tensor) -> tf.Tensor:
 
 def with_ones(rows_: tf.Tensor) -> tf.Tensor:
     """Appends the constant input 1 that carries the bias."""
-    return tf.concat([rows_, tf.ones_like(rows_[:, :1])], axis=1)
+    return tf.pad(rows_, [[0, 0], [0, 1]], constant_values=1)
+
+
+def concat_rows(parts: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The rows of every record (one record, the common case, adds no op)."""
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
 
 def input_mask(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -249,7 +298,7 @@ def row_weights(records, example_weights, rows_of) -> tf.Tensor | None:
         if mask is not None:
             weights = weights * tf.reshape(tf.cast(mask, weights.dtype), [-1])
         parts.append(weights)
-    return tf.concat(parts, axis=0)
+    return concat_rows(parts)
 
 
 def _weights_per_row(weights: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
@@ -274,7 +323,9 @@ def kron_factors(
     C = 1 unless the Fisher is summed over output columns exactly).
     """
     b = tf.cast(batch_size, input_rows.dtype)
-    positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
+    positions = input_rows.shape[0]  # static when the batch is (no shape op)
+    if positions is None:
+        positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
     weighted = input_rows if weights is None else input_rows * weights[:, tf.newaxis]
     a = tf.matmul(input_rows, weighted, transpose_a=True) / b
     g = tf.matmul(output_rows, output_rows, transpose_a=True) / positions

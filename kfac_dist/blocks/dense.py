@@ -8,6 +8,7 @@ import tensorflow as tf
 from kfac_dist.blocks.base import (
     Block,
     Record,
+    concat_rows,
     input_mask,
     kron_factors,
     row_weights,
@@ -56,8 +57,8 @@ class DenseBlock(Block):
         return (fan_in, fan_in), int(kernel.shape[-1])
 
     def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
-        inputs = tf.concat([self.input_rows(r) for r in records], axis=0)
-        outputs = tf.concat([rows(tf.cast(g, curvature_dtype())) for g in output_grads], axis=0)
+        inputs = concat_rows([self.input_rows(r) for r in records])
+        outputs = concat_rows([rows(tf.cast(g, curvature_dtype())) for g in output_grads])
         weights = row_weights(records, example_weights, self.input_rows)
         return kron_factors(inputs, outputs, batch_size, weights)
 
@@ -81,10 +82,11 @@ class DenseBlock(Block):
         kernel = tf.reshape(grads[0], [-1, grads[0].shape[-1]])
         if not self.has_bias:
             return kernel
-        return tf.concat([kernel, grads[1][tf.newaxis]], axis=0)
+        return tf.concat([kernel, tf.reshape(grads[1], [1, -1])], axis=0)
 
     def split_matrix(self, matrix):
         kernel_shape = self.variables[0].shape
         if not self.has_bias:
             return [tf.reshape(matrix, kernel_shape)]
-        return [tf.reshape(matrix[:-1], kernel_shape), matrix[-1]]
+        kernel, bias = tf.split(matrix, [matrix.shape[0] - 1, 1])
+        return [tf.reshape(kernel, kernel_shape), tf.reshape(bias, [-1])]

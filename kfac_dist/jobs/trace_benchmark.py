@@ -3,7 +3,9 @@
 Each measurement runs in a fresh process (logical CPUs are set once per
 process, and a second fit would reuse the traced step): a stack of `layers`
 Dense(16, tanh) layers on 2 logical CPUs, one `fit` of one batch, timed from
-the call to its return. Adam and K-FAC run back to back for each depth, so
+the call to its return, in wall and in process CPU seconds (tracing and
+graph optimisation are single-threaded, so on a shared machine CPU time is
+the steadier figure). Adam and K-FAC run back to back for each depth, so
 their ratio is measured in one run on the same machine under the same load.
 """
 
@@ -17,11 +19,11 @@ import sys
 import time
 
 HEADING = "## Trace time: first fit under MirroredStrategy (2 logical CPUs)"
-DEFAULT_LAYERS = (10, 20, 40)
+DEFAULT_LAYERS = (10, 40, 80)
 
 
-def first_fit_seconds(layers: int, optimizer: str) -> float:
-    """Seconds of the first `fit` (one batch) of a `layers`-deep MLP, in this process."""
+def first_fit_seconds(layers: int, optimizer: str) -> tuple[float, float]:
+    """Wall and CPU seconds of the first `fit` (one batch) of a `layers`-deep MLP, here."""
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -48,12 +50,12 @@ def first_fit_seconds(layers: int, optimizer: str) -> float:
         else:
             opt = kfac_dist.Kfac(learning_rate=0.01, damping=0.1, model=model, loss="mse")
         model.compile(optimizer=opt, loss="mse")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def measure(layers: int, optimizer: str, timeout: float) -> float:
+def measure(layers: int, optimizer: str, timeout: float) -> tuple[float, float]:
     """`first_fit_seconds` in a fresh Python process."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
@@ -64,10 +66,14 @@ def measure(layers: int, optimizer: str, timeout: float) -> float:
         env=env,
         check=True,
     )
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), float(result["cpu_seconds"])
 
 
-def markdown(rows: list[tuple[int, float, float]]) -> str:
+Row = tuple[int, tuple[float, float], tuple[float, float]]  # layers, Adam, K-FAC (wall, CPU)
+
+
+def markdown(rows: list[Row]) -> str:
     lines = [
         HEADING,
         "",
@@ -75,12 +81,14 @@ def markdown(rows: list[tuple[int, float, float]]) -> str:
         "first step) of a stack of Dense(16, tanh) layers, each figure in a fresh process,",
         "Adam and K-FAC (round-robin placement, Cholesky) back to back.",
         "",
-        "| Dense layers | Adam (s) | K-FAC (s) | K-FAC / Adam | K-FAC s per layer |",
-        "|---:|---:|---:|---:|---:|",
+        "| Dense layers | Adam (s) | K-FAC (s) | K-FAC / Adam | Adam CPU (s) | K-FAC CPU (s) "
+        "| K-FAC / Adam (CPU) | K-FAC s per layer |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for layers, adam, kfac in rows:
+    for layers, (adam, adam_cpu), (kfac, kfac_cpu) in rows:
         lines.append(
-            f"| {layers} | {adam:.1f} | {kfac:.1f} | {kfac / adam:.2f} | {kfac / layers:.2f} |"
+            f"| {layers} | {adam:.1f} | {kfac:.1f} | {kfac / adam:.2f} | {adam_cpu:.1f} "
+            f"| {kfac_cpu:.1f} | {kfac_cpu / adam_cpu:.2f} | {kfac / layers:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         layers, optimizer = int(args.child[0]), args.child[1]
-        print(json.dumps({"seconds": first_fit_seconds(layers, optimizer)}))
+        seconds, cpu_seconds = first_fit_seconds(layers, optimizer)
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
         return 0
     if any(n < 1 for n in args.layers):
         parser.error(f"--layers must be >= 1, got {args.layers}")
@@ -103,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         adam = measure(layers, "adam", args.timeout)
         kfac = measure(layers, "kfac", args.timeout)
         rows.append((layers, adam, kfac))
-        print(f"{layers} layers: Adam {adam:.1f} s, K-FAC {kfac:.1f} s", flush=True)
+        print(
+            f"{layers} layers: Adam {adam[0]:.1f} s ({adam[1]:.1f} s CPU), "
+            f"K-FAC {kfac[0]:.1f} s ({kfac[1]:.1f} s CPU)",
+            flush=True,
+        )
     section = markdown(rows)
     print(section)
     if args.write:
