@@ -31,8 +31,8 @@ setup(
     # The commands a user runs (scripts/ holds the same entry points as files).
     entry_points={
         "console_scripts": [
-            "kfac-train=kfac_dist.jobs.train:main",
-            "kfac-train-tpu=kfac_dist.jobs.train_tpu:main",
+            "kfac-train=kfac_dist.jobs.commands:train",
+            "kfac-train-tpu=kfac_dist.jobs.commands:train_tpu",
             "kfac-launch=kfac_dist.jobs.launch:main",
             "kfac-main-job=kfac_dist.jobs.main_job:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",

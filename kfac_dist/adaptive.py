@@ -17,10 +17,12 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-REGULAR = "regular"
-QMODEL = "qmodel"
-QMODEL_FIXED_MU = "qmodel_fixedmu"
-MOMENTUM_TYPES = (REGULAR, QMODEL, QMODEL_FIXED_MU)
+from kfac_dist.options import (  # noqa: F401  (the momentum types, with the quadratic model)
+    MOMENTUM_TYPES,
+    QMODEL,
+    QMODEL_FIXED_MU,
+    REGULAR,
+)
 
 
 def solve_qmodel(

@@ -27,6 +27,7 @@ import tensorflow as tf
 from kfac_dist import grouping, linalg
 from kfac_dist.blocks import CHOLESKY, KRON, Block, factor_dampings, invert_factors
 from kfac_dist.linalg import curvature_dtype
+from kfac_dist.options import EVERY_UPDATE, FACTOR_SYNC_MODES, LAZY
 from kfac_dist.placement import (
     FlopCostModel,
     InversionUnit,
@@ -36,10 +37,6 @@ from kfac_dist.placement import (
     make_plan,
 )
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
-
-LAZY = "lazy"
-EVERY_UPDATE = "every_update"
-FACTOR_SYNC_MODES = (LAZY, EVERY_UPDATE)
 
 
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:

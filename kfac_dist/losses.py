@@ -23,6 +23,12 @@ from keras.src.backend.tensorflow.nn import _get_logits
 from keras.src.losses.loss import apply_mask
 
 from kfac_dist.linalg import curvature_dtype
+from kfac_dist.options import (  # noqa: F401  (the estimation modes, with the losses)
+    EMPIRICAL,
+    ESTIMATION_MODES,
+    EXACT,
+    SAMPLED,
+)
 
 MSE = "mean_squared_error"
 CATEGORICAL = "categorical_crossentropy"
@@ -30,10 +36,6 @@ SPARSE_CATEGORICAL = "sparse_categorical_crossentropy"
 BINARY = "binary_crossentropy"
 SUPPORTED_LOSSES = (SPARSE_CATEGORICAL, CATEGORICAL, BINARY, MSE)
 
-SAMPLED = "sampled"
-EMPIRICAL = "empirical"
-EXACT = "exact"
-ESTIMATION_MODES = (SAMPLED, EMPIRICAL, EXACT)
 
 _FUNCTIONS = {
     keras.losses.mean_squared_error: MSE,

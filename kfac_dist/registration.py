@@ -24,6 +24,7 @@ from kfac_dist.blocks import (
     GenericDiagonalBlock,
     ScaleShiftBlock,
 )
+from kfac_dist.options import UNSUPPORTED_LAYER_POLICIES  # noqa: F401  (what to do without a block)
 
 BLOCK_OF_LAYER: dict[type, type[Block]] = {
     keras.layers.Dense: DenseBlock,
@@ -34,7 +35,6 @@ BLOCK_OF_LAYER: dict[type, type[Block]] = {
     keras.layers.LayerNormalization: ScaleShiftBlock,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
-UNSUPPORTED_LAYER_POLICIES = ("error", "diagonal")
 
 
 class UnsupportedLayerError(ValueError):

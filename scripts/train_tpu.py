@@ -10,7 +10,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines bury the run's own
 
-from kfac_dist.jobs.train_tpu import main
+from kfac_dist.jobs.commands import train_tpu as main
 
 if __name__ == "__main__":
     sys.exit(main())

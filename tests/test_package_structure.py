@@ -106,9 +106,10 @@ def _loaded_after(code: str) -> set[str]:
 HEAVY = {"tensorflow", "keras"}
 
 
-def test_placement_heartbeat_and_launcher_import_without_tensorflow_or_keras():
+def test_the_pure_python_parts_import_without_tensorflow_or_keras():
     loaded = _loaded_after(
-        "import kfac_dist, kfac_dist.placement, kfac_dist.heartbeat, kfac_dist.jobs.launch"
+        "import kfac_dist, kfac_dist.placement, kfac_dist.heartbeat, kfac_dist.options\n"
+        "import kfac_dist.jobs.launch, kfac_dist.jobs.commands, kfac_dist.jobs.main_job"
     )
     assert not HEAVY & loaded
 
@@ -122,6 +123,9 @@ def test_the_optimizer_import_loads_tensorflow_and_checks_its_version():
     "script",
     [
         "launch_local.py",
+        "main_job.py",
+        "train.py",
+        "train_tpu.py",
         "benchmark_autoencoder.py",
         "benchmark_placement.py",
         "benchmark_replicas.py",

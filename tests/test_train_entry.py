@@ -393,3 +393,9 @@ def test_the_sbatch_template_trains_two_tasks_in_sync_under_a_one_host_srun(tmp_
     assert chief["weights_sha256"] == other["weights_sha256"]
     assert (run_dir / "checkpoint" / train.CHECKPOINT_NAME).exists()
     assert event_files(run_dir / "tensorboard")
+
+
+def test_the_light_flags_name_what_the_run_builds():
+    # train_flags parses without TensorFlow; its names must match the run's objects.
+    assert train.EXAMPLE_NAMES == tuple(train.EXAMPLES)
+    assert train.CROSS_DEVICE_OPS_NAMES == tuple(train.CROSS_DEVICE_OPS)

@@ -27,14 +27,15 @@ from keras.src.backend import get_keras_mask
 
 from kfac_dist import grouping, linalg
 from kfac_dist.linalg import curvature_dtype
-
-KRON = "kron"
-DIAGONAL = "diagonal"
-FULL = "full"
-APPROXIMATIONS = (KRON, DIAGONAL, FULL)
-CHOLESKY = "cholesky"
-EIGEN = "eigen"
-INVERSE_METHODS = (CHOLESKY, EIGEN)
+from kfac_dist.options import (  # noqa: F401  (the block kinds' vocabulary)
+    APPROXIMATIONS,
+    CHOLESKY,
+    DIAGONAL,
+    EIGEN,
+    FULL,
+    INVERSE_METHODS,
+    KRON,
+)
 
 
 @dataclasses.dataclass

@@ -20,9 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from kfac_dist.jobs import benchmarks
+from kfac_dist.options import PLACEMENT_POLICIES
+
 WARMUP_STEPS = 10
-POLICIES = ("round_robin", "balanced", "replicated")
-KFAC_ARGS = dict(learning_rate=1.0, damping=1.0, momentum=0.9, norm_constraint=0.01)
+POLICIES = PLACEMENT_POLICIES
+# The autoencoder's one preset (kfac_dist/jobs/benchmarks.py).
+KFAC_ARGS = {**benchmarks.KFAC_DEFAULT, "momentum": benchmarks.KFAC_FIXED["momentum"]}
 
 
 def _train(strategy, optimizer_name: str, steps: int, placement: str = "round_robin") -> dict:

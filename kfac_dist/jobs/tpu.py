@@ -6,7 +6,7 @@
 The command is kfac_dist/jobs/train.py's with `--strategy tpu`: `connect` finds
 the TPU, and train.py builds and compiles the model inside
 `TPUStrategy.scope()` (with `steps_per_execution`, default
-`STEPS_PER_EXECUTION`) and trains it. Where no TPU can be reached, `connect`
+`train_flags.TPU_STEPS_PER_EXECUTION`) and trains it. Where no TPU can be reached, `connect`
 raises `TpuUnavailableError` within `timeout_s` with one line naming the flags
 to check, and the command exits with status 1 instead of hanging.
 
@@ -29,9 +29,8 @@ from typing import TypeVar
 
 import tensorflow as tf
 
-LOCAL = "local"
-DEFAULT_TIMEOUT_S = 60.0
-STEPS_PER_EXECUTION = 32
+from kfac_dist.jobs.train_flags import TPU_LOCAL, TPU_TIMEOUT_S
+
 HEALTH_POLL_INTERVAL_S = 10.0
 _T = TypeVar("_T")
 _FLAGS_TO_CHECK = (
@@ -45,11 +44,11 @@ class TpuUnavailableError(RuntimeError):
 
 
 def connect(
-    tpu: str = LOCAL,
+    tpu: str = TPU_LOCAL,
     *,
     zone: str | None = None,
     project: str | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float = TPU_TIMEOUT_S,
 ) -> tf.distribute.TPUStrategy:
     """Resolves the TPU, connects to it, initializes it and returns its strategy.
 
@@ -115,7 +114,7 @@ def resolve(
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu=tpu, zone=zone, project=project
     )
-    if tpu != LOCAL:
+    if tpu != TPU_LOCAL:
         cluster_spec = resolver.cluster_spec()
         for address in cluster_spec.job_tasks(resolver.get_job_name()):
             check_reachable(address, timeout_s)
@@ -124,7 +123,7 @@ def resolve(
 
 def is_tpu_node(tpu: str) -> bool:
     """Whether `tpu` names a TPU node (looked up through the Cloud TPU API)."""
-    return tpu != LOCAL and not tpu.startswith("grpc://")
+    return tpu != TPU_LOCAL and not tpu.startswith("grpc://")
 
 
 def cloud_tpu_client() -> ModuleType | None:

@@ -1,22 +1,9 @@
-"""The TPU command: kfac_dist/jobs/train.py's command with `--strategy tpu`.
-
-Apart from kfac_dist/jobs/tpu.py (which finds and connects the TPU, and which
-the training command uses) so that the two import each other in one
-direction only.
-"""
-
-from __future__ import annotations
+"""`python -m kfac_dist.jobs.train_tpu`: the training command with `--strategy tpu`
+(kfac_dist/jobs/commands.py; kfac_dist/jobs/tpu.py finds and connects the TPU)."""
 
 import sys
-from collections.abc import Sequence
 
-from kfac_dist.jobs import train
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = train.build_parser(prog="python -m kfac_dist.jobs.train_tpu", strategies=("tpu",))
-    return train.main(argv, parser)
-
+from kfac_dist.jobs.commands import train_tpu as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from kfac_dist.options import PLACEMENT_POLICIES
 from kfac_dist.placement.cost import CostModel, FlopCostModel
 from kfac_dist.placement.plan import PlacementPlan, make_plan
 from kfac_dist.placement.report import (
@@ -25,7 +26,7 @@ from kfac_dist.placement.units import InversionUnit, check_method
 
 # The order is the preference between policies of equal max share: round-robin
 # needs no costs, so it plans the same on every machine.
-TUNED_POLICIES = ("round_robin", "balanced", "replicated")
+TUNED_POLICIES = PLACEMENT_POLICIES
 EXAMPLE_MODELS = ("autoencoder", "convnet")
 BENCHMARK_REPLICAS = (2, 4, 8, 64, 256)
 BENCHMARK_HEADING = "## Inverse placement on ResNet-50 shapes"
@@ -44,9 +45,9 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None):
     if spec in EXAMPLE_MODELS:
         if input_shape is not None:
             raise ValueError(f"input_shape applies to keras.applications models, not {spec!r}.")
-        from kfac_dist.jobs import examples
+        from kfac_dist.jobs.examples import autoencoder, convnet
 
-        builders = {"autoencoder": examples.build_autoencoder, "convnet": examples.build_convnet}
+        builders = {"autoencoder": autoencoder.build_autoencoder, "convnet": convnet.build_convnet}
         return builders[spec]()
     if spec.endswith(".keras") or os.path.exists(spec):
         if not os.path.isfile(spec):

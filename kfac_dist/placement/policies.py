@@ -8,6 +8,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
+from kfac_dist.options import BuiltinPlacement
+
 
 class PlacementPolicy(Protocol):
     """Assigns an owner replica to each unit from the units' costs.
@@ -95,7 +97,7 @@ class RoundRobin:
     replica and every G factor on an odd one; the rotation spreads both.
     """
 
-    name = "round_robin"
+    name = BuiltinPlacement.ROUND_ROBIN.value
 
     def assign(self, costs: Sequence[float], num_replicas: int) -> list[int | None]:
         check_request(costs, num_replicas, self.name)
@@ -111,7 +113,7 @@ class Balanced:
     most `4/3 - 1/(3N)` times the optimum (Graham, 1969).
     """
 
-    name = "balanced"
+    name = BuiltinPlacement.BALANCED.value
 
     def assign(self, costs: Sequence[float], num_replicas: int) -> list[int | None]:
         check_request(costs, num_replicas, self.name)
@@ -128,7 +130,7 @@ class Balanced:
 class Replicated:
     """Every replica computes every unit: no sharing, no communication."""
 
-    name = "replicated"
+    name = BuiltinPlacement.REPLICATED.value
 
     def assign(self, costs: Sequence[float], num_replicas: int) -> list[int | None]:
         check_request(costs, num_replicas, self.name)

@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 from collections.abc import Sequence
 
+from kfac_dist.options import SHARING_METHODS
 from kfac_dist.placement.plan import PlacementPlan
 from kfac_dist.placement.units import InversionUnit, check_method
 
@@ -25,7 +26,6 @@ def format_bytes(num_bytes: int) -> str:
 # The factor sync carries, after the factors, the moving sums of the examples
 # seen and of their sample weights.
 SYNC_WEIGHT_FLOATS = 2
-SHARING_METHODS = ("auto", "all_reduce", "all_gather", "broadcast")
 
 
 def factor_sync_bytes(

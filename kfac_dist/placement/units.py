@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-INVERSE_METHODS = ("cholesky", "eigen")
+from kfac_dist.options import INVERSE_METHODS
+
 UNIT_KINDS = ("matrix", "diagonal")
 
 
