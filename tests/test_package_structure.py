@@ -87,7 +87,7 @@ def test_no_import_cycle_anywhere_in_the_package():
 def test_the_graph_sees_what_it_should():
     # Guards the two tests above against a walk that finds nothing.
     assert "kfac_dist.curvature" in GRAPH["kfac_dist.optimizer"]
-    assert "kfac_dist.jobs.train" in GRAPH["kfac_dist.jobs.train_tpu"]
+    assert "kfac_dist.jobs.train" in GRAPH["kfac_dist.jobs.commands"]  # a deferred import
     assert len(MODULES) > 40
 
 
