@@ -613,7 +613,12 @@ class Kfac(keras.optimizers.Optimizer):
         trainable_variables = [
             v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
         ]
-        grads = [tf.convert_to_tensor(g) for g in grads]
+        # A sparse gradient (an Embedding's, unscaled by the loss scale) can lose
+        # its static shape when made dense; the variable's is the gradient's.
+        grads = [
+            tf.ensure_shape(tf.convert_to_tensor(g), v.shape)
+            for g, v in zip(grads, trainable_variables)
+        ]
         self._traced_update = True
         curvature_step = self._take_curvature_step()
         accumulators = []
