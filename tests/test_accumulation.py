@@ -1,5 +1,8 @@
 """gradient_accumulation_steps=k: k micro-batches of size b are one step on k·b (float64)."""
 
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -183,3 +186,20 @@ def test_accumulation_with_what_it_cannot_serve_fails_at_construction(args, frag
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match=fragment):
         kfac.Kfac(damping=0.1, model=model, loss="mse", **args)
+
+
+def test_two_workers_accumulate_like_one_process_on_the_union(tmp_path):
+    from tests.multiworker import assert_all_succeeded, run_workers
+
+    script = Path(__file__).parent / "workers" / "accumulation_worker.py"
+    sys.path.insert(0, str(script.parent))
+    import accumulation_worker as worker
+
+    results = run_workers(script, 2, ["--out", str(tmp_path)], timeout=300)
+    assert_all_succeeded(results)
+    reference = worker.build()
+    reference.fit(worker.dataset(worker.K * worker.MICRO_BATCH), epochs=1, shuffle=False, verbose=0)
+    for index in range(2):
+        weights = np.load(tmp_path / f"worker-{index}.npz")
+        for i, want in enumerate(reference.get_weights()):
+            np.testing.assert_allclose(weights[f"arr_{i}"], want, rtol=1e-4, atol=1e-6)
