@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kfac_dist as kfac
 
@@ -137,3 +138,19 @@ def test_two_kfacs_in_one_multi_optimizer_are_refused(float64):
     model.compile(optimizer=optimizer, loss=LOSS)
     with pytest.raises(ValueError, match="holds 2 Kfac optimizers"):
         model.fit(X, Y, batch_size=8, verbose=0)
+
+
+def test_two_replicas_train_a_multi_optimizer_like_one(float64):
+    def trained(strategy):
+        with strategy.scope():
+            model = text_model()
+            _, optimizer = multi_optimizer(model, ["hidden/.*"])
+            model.compile(optimizer=optimizer, loss=LOSS)
+        model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    mirrored = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    for got, want in zip(trained(mirrored), trained(tf.distribute.get_strategy())):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
