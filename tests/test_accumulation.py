@@ -17,16 +17,6 @@ MICRO_BATCH = 4
 UPDATES = 5
 
 
-@pytest.fixture
-def float64():
-    previous = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(previous[0])
-    keras.config.set_dtype_policy(previous[1])
-
-
 def data(nan_row: int | None = None):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(K * MICRO_BATCH * UPDATES, 4))

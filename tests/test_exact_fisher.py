@@ -17,16 +17,6 @@ import kfac_dist as kfac
 B, T, D_IN, HIDDEN, D_OUT = 4, 3, 3, 4, 3
 
 
-@pytest.fixture
-def float64():
-    previous = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(previous[0])
-    keras.config.set_dtype_policy(previous[1])
-
-
 def _logits(output: tf.Tensor) -> tf.Tensor:
     """What Keras' cross-entropies take as logits of a softmax/sigmoid output."""
     return getattr(output, "_keras_logits", output)

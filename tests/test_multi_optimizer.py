@@ -22,16 +22,6 @@ X = RNG.integers(0, 7, size=(40, 2))
 Y = RNG.integers(0, 3, size=40)
 
 
-@pytest.fixture
-def float64():
-    previous = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(previous[0])
-    keras.config.set_dtype_policy(previous[1])
-
-
 class Scale(keras.layers.Layer):
     """A layer K-FAC cannot register: left to the other optimizer."""
 
