@@ -10,7 +10,6 @@ from tests.test_accumulation import (
     assert_same_state,
     data,
     first_replica,
-    float64,  # noqa: F401 (a fixture)
     mirrored,
     state,
     train,
