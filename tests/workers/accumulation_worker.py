@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from kfac_fit_worker import mlp
 
 MICRO_BATCH = 8  # global: each worker's shard is 4
 STEPS = 6  # applied updates
@@ -33,14 +34,7 @@ def dataset(batch: int) -> tf.data.Dataset:
 def build(**kfac_args) -> keras.Model:
     import kfac_dist as kfac
 
-    keras.utils.set_random_seed(7)
-    model = keras.Sequential(
-        [
-            keras.Input((5,)),
-            keras.layers.Dense(6, activation="tanh"),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
-    )
+    model = mlp()
     optimizer = kfac.Kfac(
         learning_rate=0.2,
         damping=0.05,

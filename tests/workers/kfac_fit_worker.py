@@ -43,17 +43,22 @@ def dataset() -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(data()).batch(GLOBAL_BATCH).with_options(options)
 
 
-def build(placement: str, factor_sync: str) -> keras.Model:
-    import kfac_dist as kfac
-
+def mlp() -> keras.Model:
+    """The small tanh/softmax MLP the multi-worker workers train (seeded)."""
     keras.utils.set_random_seed(7)
-    model = keras.Sequential(
+    return keras.Sequential(
         [
             keras.Input((5,)),
             keras.layers.Dense(6, activation="tanh"),
             keras.layers.Dense(3, activation="softmax"),
         ]
     )
+
+
+def build(placement: str, factor_sync: str) -> keras.Model:
+    import kfac_dist as kfac
+
+    model = mlp()
     optimizer = kfac.Kfac(
         learning_rate=0.2,
         damping=0.05,
@@ -81,14 +86,7 @@ def adam_graph_collectives(strategy) -> dict[str, int]:
     import kfac_dist as kfac
 
     with strategy.scope():
-        keras.utils.set_random_seed(7)
-        model = keras.Sequential(
-            [
-                keras.Input((5,)),
-                keras.layers.Dense(6, activation="tanh"),
-                keras.layers.Dense(3, activation="softmax"),
-            ]
-        )
+        model = mlp()
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     kfac.enable_multi_worker_fit(model)
     model.fit(dataset(), epochs=1, shuffle=False, verbose=0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from kfac_fit_worker import mlp
 
 GLOBAL_BATCH = 16
 BATCHES = 5
@@ -40,14 +41,7 @@ def train(strategy: tf.distribute.Strategy) -> tuple[keras.Model, dict]:
     keras.config.set_dtype_policy("mixed_float16")
     try:
         with strategy.scope():
-            keras.utils.set_random_seed(7)
-            model = keras.Sequential(
-                [
-                    keras.Input((5,)),
-                    keras.layers.Dense(6, activation="tanh"),
-                    keras.layers.Dense(3, activation="softmax"),
-                ]
-            )
+            model = mlp()
             optimizer = kfac.Kfac(
                 learning_rate=0.2,
                 damping=0.0625,
