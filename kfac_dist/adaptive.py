@@ -12,11 +12,15 @@ damping compares the real change of the loss with the model's prediction,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
+from keras.src.losses import loss as keras_loss_module
 
+from kfac_dist import strategies
+from kfac_dist.losses import OutputLoss, align_targets, align_weights
 from kfac_dist.options import (  # noqa: F401  (the momentum types, with the quadratic model)
     MOMENTUM_TYPES,
     QMODEL,
@@ -78,7 +82,7 @@ def model_state(model) -> list[tf.Tensor]:
 
 
 @contextlib.contextmanager
-def measurement(model, start: Sequence[tf.Tensor] | None = None):
+def measurement(model: keras.Model, start: Sequence[tf.Tensor] | None = None) -> Iterator[None]:
     """A measurement pass: from the state `start` (if given), restored afterwards.
 
     Training-mode forward passes move BatchNormalization's moving moments and
@@ -136,3 +140,149 @@ def fisher_products(
 
 def flat_dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor], dtype) -> tf.Tensor:
     return tf.add_n([tf.reduce_sum(tf.cast(x, dtype) * tf.cast(y, dtype)) for x, y in zip(a, b)])
+
+
+def weight_decay_loss(
+    variables: Sequence[Any], weight_decay: tf.Tensor | None, dtype: tf.DType
+) -> tf.Tensor:
+    """½·wd·‖θ‖², the coupled weight decay's term of the objective (0 without one)."""
+    if weight_decay is None:
+        return tf.constant(0.0, dtype)
+    return 0.5 * tf.cast(weight_decay, dtype) * flat_dot(variables, variables, dtype)
+
+
+class QuadraticModel(NamedTuple):
+    """The quadratic model's step on one batch, identical on every replica."""
+
+    alpha: tf.Tensor
+    mu: tf.Tensor
+    change: tf.Tensor  # the change of the loss it predicts: ρ's denominator
+    loss_before: tf.Tensor  # the objective before the step, averaged over replicas
+
+
+def qmodel_coefficients(
+    model: keras.Model,
+    x: Any,
+    start_state: Sequence[tf.Tensor] | None,
+    sample_weights: Sequence[Any],
+    batch_size: tf.Tensor,
+    loss: tf.Tensor,
+    output_losses: Sequence[OutputLoss | None],
+    *,
+    variables: Sequence[Any],
+    gradients: Sequence[tf.Tensor],
+    directions: Sequence[tf.Tensor | None],
+    velocities: Sequence[tf.Tensor],
+    inner: tf.Tensor,
+    damping: Any,
+    weight_decay: Any,
+    fixed_momentum: Any,
+    include_damping: bool,
+    context: strategies.CrossReplicaContext,
+) -> QuadraticModel:
+    """(α, μ) minimising the quadratic model over v = α·Δ + μ·δ on this batch.
+
+    Δ are the preconditioned `directions`, δ the previous update
+    (`velocities`), `inner` = ⟨Δ, ∇⟩. The Fisher terms ΔᵀFΔ, ΔᵀFδ, δᵀFδ are
+    local (this replica's batch, forward passes from `start_state` so that
+    they draw the step's own dropout masks); one small all-reduce averages
+    them with `loss`. With `weight_decay` (coupled) the model is that of
+    L + ½·wd·‖θ‖²; `fixed_momentum` fixes μ.
+    """
+    dtype = inner.dtype
+    kept = [i for i, d in enumerate(directions) if d is not None]
+    delta = [directions[i] for i in kept]
+    previous = [velocities[i] for i in kept]
+    tangent_variables = [variables[i] for i in kept]
+    j_delta, etas = output_tangents(model, x, tangent_variables, delta, output_losses, start_state)
+    j_prev, _ = output_tangents(model, x, tangent_variables, previous, output_losses, start_state)
+    loss_before = tf.cast(loss, dtype) + weight_decay_loss(variables, weight_decay, dtype)
+    terms = tf.stack(
+        [
+            tf.cast(fisher_products(output_losses, etas, ja, jb, sample_weights, batch_size), dtype)
+            for ja, jb in ((j_delta, j_delta), (j_delta, j_prev), (j_prev, j_prev))
+        ]
+        + [loss_before]
+    )
+    terms = context.all_reduce_sum([terms], strategies.ADAPTIVE)[0] / context.num_replicas
+    decay = tf.cast(0.0 if weight_decay is None else weight_decay, dtype)
+    dd = flat_dot(delta, delta, dtype)
+    dp = flat_dot(delta, previous, dtype)
+    pp = flat_dot(previous, previous, dtype)
+    # M = [ΔᵀCΔ, ΔᵀCδ; δᵀCΔ, δᵀCδ] with C = F + wd·I (the objective's
+    # curvature), damped by λI for solving.
+    curvature = tf.stack(
+        [
+            tf.stack([terms[0] + decay * dd, terms[1] + decay * dp]),
+            tf.stack([terms[1] + decay * dp, terms[2] + decay * pp]),
+        ]
+    )
+    norms = tf.stack([tf.stack([dd, dp]), tf.stack([dp, pp])])
+    damped = curvature + tf.cast(damping, dtype) * norms
+    linear = tf.stack([inner, flat_dot([gradients[i] for i in kept], previous, dtype)])
+    alpha, mu = solve_qmodel(damped, linear, fixed_momentum)
+    change = quadratic_change(damped if include_damping else curvature, linear, alpha, mu)
+    return QuadraticModel(alpha, mu, change, terms[3])
+
+
+def reduction_ratio(
+    loss_after: tf.Tensor,
+    loss_before: tf.Tensor,
+    predicted_change: tf.Tensor,
+    *,
+    variables: Sequence[Any],
+    weight_decay: Any,
+    context: strategies.CrossReplicaContext,
+) -> tf.Tensor:
+    """ρ = (L(θ+v) − L(θ)) / q(v), with this replica's `loss_after` averaged over replicas.
+
+    `loss_before` is already averaged (`QuadraticModel.loss_before`); with
+    coupled `weight_decay`, ½·wd·‖θ‖² joins the loss after as it joined the
+    loss before. A zero predicted change gives ρ = 0.
+    """
+    dtype = predicted_change.dtype
+    after = tf.cast(loss_after, dtype) + weight_decay_loss(variables, weight_decay, dtype)
+    after = context.all_reduce_sum([tf.reshape(after, [1])], strategies.ADAPTIVE)[0][0]
+    after = after / context.num_replicas
+    return tf.math.divide_no_nan(after - tf.cast(loss_before, dtype), predicted_change)
+
+
+def compiled_loss(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    start_state: Sequence[tf.Tensor] | None = None,
+) -> tf.Tensor:
+    """The compiled loss of the current weights on (x, y), as a measurement.
+
+    The same quantity as the loss the step logs: Keras' per-output losses and
+    regularisation losses, with Keras' per-replica scaling undone, in the
+    loss's own dtype. The forward pass starts from `start_state` (the step's
+    random draws) and leaves no trace: no metric update, no moved
+    BatchNormalization moments, no advanced seed.
+    """
+    with measurement(model, start_state):
+        y_pred = model(x, training=True)
+        regularisation = [
+            model._aggregate_additional_loss(loss)  # noqa: SLF001
+            for loss in model.losses
+        ]
+    flat_pred = keras.tree.flatten(y_pred)
+    output_names = list(getattr(model, "output_names", None) or [])
+    flat_true = align_targets(y, y_pred, output_names)
+    flat_weights = align_weights(sample_weight, len(flat_pred), output_names)
+    values = list(regularisation)
+    for entry in model._compile_loss._flat_losses:  # noqa: SLF001
+        index = 0
+        if entry.path and isinstance(entry.path[0], int):
+            index = entry.path[0]
+        elif entry.path and isinstance(entry.path[0], str):
+            index = output_names.index(entry.path[0])
+        value = entry.loss(flat_true[index], flat_pred[index], flat_weights[index])
+        if entry.loss_weights is not None:
+            value = value * entry.loss_weights
+        values.append(value)
+    dtype = values[-1].dtype
+    total = tf.add_n([tf.reduce_sum(tf.cast(v, dtype)) for v in values])
+    return keras_loss_module.unscale_loss_for_distribution(total)

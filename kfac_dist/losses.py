@@ -14,6 +14,8 @@ columns of a square root of the Hessian (one backward pass per column).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -285,3 +287,109 @@ def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
         reduction=reduction,
         dtype=getattr(resolved, "dtype", None) or keras.config.floatx(),
     )
+
+
+# --- the model's outputs and their losses -------------------------------------------
+def resolve_output_losses(
+    model: keras.Model,
+    loss: Any,
+    loss_weights: Any,
+    manual: dict[Any, tuple[Any, float]],
+    num_outputs: int,
+) -> list[OutputLoss | None]:
+    """One `OutputLoss` (or None: no loss) per flat model output.
+
+    `loss` and `loss_weights` are Kfac's (None: what the model is compiled
+    with; given both, they must agree); `manual` holds a `LayerCollection`'s
+    registered losses by output index or name, which take precedence.
+    """
+    compiled = getattr(model, "_compile_loss", None)
+    compiled_loss = getattr(compiled, "_user_loss", None)
+    compiled_weights = getattr(compiled, "_user_loss_weights", None)
+    if loss is not None and compiled_loss is not None and not _same_loss(loss, compiled_loss):
+        raise ValueError(
+            f"Kfac(loss={loss!r}) differs from the loss the model was compiled "
+            f"with ({compiled_loss!r}); pass the same loss to both, or only to compile."
+        )
+    if (
+        loss_weights is not None
+        and compiled_weights is not None
+        and loss_weights != compiled_weights
+    ):
+        raise ValueError(
+            f"Kfac(loss_weights={loss_weights!r}) differs from compile's "
+            f"loss_weights={compiled_weights!r}; pass the same to both, or only to compile."
+        )
+    loss = loss if loss is not None else compiled_loss
+    weights = loss_weights if loss_weights is not None else compiled_weights
+    names = list(getattr(model, "output_names", None) or [])
+    out = []
+    for index in range(num_outputs):
+        name = names[index] if index < len(names) else None
+        if index in manual or name in manual:
+            entry, weight = manual.get(index, manual.get(name))
+        else:
+            entry = _pick(loss, index, name, num_outputs, "loss")
+            weight = _pick(weights, index, name, num_outputs, "loss_weights")
+        out.append(None if entry is None else output_loss(entry, weight))
+    if all(o is None for o in out):
+        raise ValueError("Kfac found no loss: pass loss= to Kfac or to model.compile.")
+    return out
+
+
+def _same_loss(a: Any, b: Any) -> bool:
+    def canonical(loss: Any) -> Any:
+        if isinstance(loss, (list, tuple)):
+            return [canonical(x) for x in loss]
+        if isinstance(loss, dict):
+            return {k: canonical(v) for k, v in loss.items()}
+        try:
+            return keras.losses.serialize(keras.losses.get(loss) if isinstance(loss, str) else loss)
+        except (ValueError, TypeError):
+            return repr(loss)
+
+    return a is b or canonical(a) == canonical(b) or _kind(a) == _kind(b)
+
+
+def _kind(loss: Any) -> Any:
+    try:
+        out = output_loss(loss)
+        return (out.kind, out.from_logits, out.label_smoothing)
+    except (ValueError, TypeError):
+        return object()
+
+
+def _pick(spec: Any, index: int, name: str | None, count: int, what: str) -> Any:
+    """The entry of a loss (or loss-weight) spec for one output."""
+    if spec is None or not isinstance(spec, (list, tuple, dict)):
+        return spec
+    if isinstance(spec, dict):
+        return spec.get(name)
+    if len(spec) != count:
+        raise ValueError(
+            f"{what} has {len(spec)} entries but the model has {count} outputs; "
+            "give one per output."
+        )
+    return spec[index]
+
+
+def align_targets(y_true: Any, y_pred: Any, output_names: Sequence[str]) -> list[Any]:
+    """y_true as a flat list matching the flat model outputs."""
+    flat_pred = keras.tree.flatten(y_pred)
+    if len(flat_pred) == 1:
+        flat_true = (
+            keras.tree.flatten(y_true) if isinstance(y_true, (list, tuple, dict)) else [y_true]
+        )
+        return flat_true[:1]
+    if isinstance(y_true, dict) and not isinstance(y_pred, dict):
+        return [y_true.get(name) for name in output_names]
+    return keras.tree.flatten(y_true)
+
+
+def align_weights(sample_weight: Any, count: int, output_names: Sequence[str]) -> list[Any]:
+    """The sample weights as a flat list, one entry (or None) per flat model output."""
+    if sample_weight is None or not isinstance(sample_weight, (list, tuple, dict)):
+        return [sample_weight] * count
+    if isinstance(sample_weight, dict):
+        return [sample_weight.get(name) for name in output_names]
+    return list(sample_weight)

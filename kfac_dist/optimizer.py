@@ -1,9 +1,17 @@
-"""`Kfac`: the K-FAC optimizer for Keras 3, under any tf.distribute strategy."""
+"""`Kfac`: the K-FAC optimizer for Keras 3, under any tf.distribute strategy.
+
+This file holds the public class: its arguments (validated by `KfacConfig`),
+the Keras hooks (`build`, the update, `get_config`) and its state. The step
+itself, phase by phase, is `step.py`; the curvature machinery is
+`curvature.py` and `blocks/`.
+"""
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -11,27 +19,15 @@ import tensorflow as tf
 
 # First: checks TensorFlow's and Keras' versions before anything relies on their internals.
 from kfac_dist import _versions  # noqa: F401  # isort: skip
-from kfac_dist import accumulation, linalg, registration, strategies, training
-from kfac_dist import adaptive as adaptive_lib
-from kfac_dist import blocks as blocks_lib
+from kfac_dist import accumulation, registration, strategies, training
 from kfac_dist import curvature as curvature_lib
 from kfac_dist import losses as losses_lib
-from kfac_dist import placement as placement_lib
+from kfac_dist import step as step_lib
+from kfac_dist.config import KfacConfig
 from kfac_dist.multi_worker import check_steps_per_execution, enable_multi_worker_fit
+from kfac_dist.options import QMODEL
 from kfac_dist.placement import report
 
-#: Name scope of the inverse update's `tf.cond`, so tools can find it in a graph.
-INVERSE_UPDATE_SCOPE = "kfac_inverse_update"
-
-MUTABLE = (
-    "learning_rate",
-    "damping",
-    "momentum",
-    "weight_decay_coeff",
-    "norm_constraint",
-    "batch_size",
-)
-DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 _REJECTED_ARGS = {
     "use_ema": "K-FAC keeps no EMA of the weights",
@@ -40,11 +36,32 @@ _REJECTED_ARGS = {
     "weight_decay": "use weight_decay_coeff (decoupled, added to the update)",
     "loss_scale_factor": "use the mixed-precision policy, which wraps the optimizer",
 }
+_KERAS_ONLY_CONFIG = (*_CLIP_ARGS, *_REJECTED_ARGS)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+@dataclasses.dataclass(frozen=True)
+class KfacState:
+    """K-FAC's own variables beyond the curvature's, by group (all per replica but momentum)."""
+
+    #: v of each trainable variable, by the optimizer's variable index.
+    velocities: list[keras.Variable]
+    #: F̂v of each trainable variable (only with the KL clip, else empty).
+    velocity_curvatures: list[keras.Variable]
+    #: The last step's KL clip factor (1 without a bound), for the logs.
+    kl_clip: keras.Variable
+    #: [α, μ, predicted change, ρ] of the quadratic model, for the logs.
+    qmodel_state: keras.Variable
+    #: Updates skipped for non-finite gradients or statistics.
+    skipped_updates: keras.Variable
+    #: Each block's variables, by the optimizer's variable index.
+    block_indices: list[list[int]]
+    #: The micro-batches' statistic sums (gradient accumulation only).
+    statistic_sums: accumulation.StatisticSums | None
+
+    @property
+    def registered(self) -> list[int]:
+        """The variable indices of every block, in block order."""
+        return [i for indices in self.block_indices for i in indices]
 
 
 @keras.saving.register_keras_serializable(package="kfac_dist")
@@ -122,39 +139,10 @@ class Kfac(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        *args,
-        learning_rate=None,
-        damping=None,
+        *args: Any,
         model: keras.Model | None = None,
-        loss=None,
-        loss_weights=None,
-        momentum: float | None = None,
-        momentum_type: str | None = None,
-        adaptive: bool = False,
-        adapt_damping: bool = False,
-        damping_adaptation_interval: int = 5,
-        damping_adaptation_decay: float = 0.95,
-        min_damping: float = 1e-8,
-        include_damping_in_quad_change: bool = False,
-        weight_decay_coeff: float | None = None,
-        norm_constraint: float | None = None,
-        batch_size: int | None = None,
-        cov_ema_decay: float = 0.95,
-        cov_update_every: int = 1,
-        invert_every: int = 10,
-        estimation_mode: str = losses_lib.SAMPLED,
-        fisher_approx=None,
-        inverse_method: str = blocks_lib.CHOLESKY,
-        layer_collection: registration.LayerCollection | None = None,
-        unsupported_layers: str = "error",
-        placement="round_robin",
-        factor_sync: str = curvature_lib.LAZY,
-        inverse_sharing: str = "auto",
-        seed: int | None = None,
-        collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
-        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
-        **kwargs,
+        **arguments: Any,
     ):
         if args:
             raise TypeError(
@@ -162,202 +150,55 @@ class Kfac(keras.optimizers.Optimizer):
                 "damping=0.01, model=model, loss=loss)."
             )
         for arg in _CLIP_ARGS:
-            if kwargs.get(arg) is not None:
+            if arguments.get(arg) is not None:
                 raise ValueError(
                     f"Kfac does not support {arg}: K-FAC bounds its update by the KL "
                     "divergence instead; use norm_constraint=C (KL clipping)."
                 )
-            kwargs.pop(arg, None)
+            arguments.pop(arg, None)
         for arg, why in _REJECTED_ARGS.items():
-            if arg in kwargs and kwargs[arg] not in (None, False):
+            if arg in arguments and arguments[arg] not in (None, False):
                 raise ValueError(f"Kfac does not support {arg}: {why}.")
-            kwargs.pop(arg, None)
-        if kwargs:
-            raise TypeError(f"Kfac got unexpected argument(s): {sorted(kwargs)}.")
-        _require(damping is not None, "Kfac needs damping=λ > 0 (e.g. damping=0.01).")
-        if momentum_type is None:
-            momentum_type = adaptive_lib.QMODEL if adaptive else adaptive_lib.REGULAR
-        _require(
-            momentum_type in adaptive_lib.MOMENTUM_TYPES,
-            f"momentum_type must be one of {adaptive_lib.MOMENTUM_TYPES}, got {momentum_type!r}.",
-        )
-        adapt_damping = bool(adapt_damping or adaptive)
-        qmodel = momentum_type != adaptive_lib.REGULAR
-        _require(
-            qmodel or not adapt_damping,
-            "adapt_damping=True compares the loss's change with the quadratic model's "
-            "prediction, which only quadratic-model momentum computes: pass "
-            "momentum_type='qmodel' or 'qmodel_fixedmu' (or adaptive=True), or fix the damping.",
-        )
-        if qmodel:
-            _require(
-                learning_rate is None,
-                f"learning_rate must be left out with momentum_type={momentum_type!r} "
-                "(adaptive=True): the quadratic model chooses the step size.",
-            )
-            _require(
-                norm_constraint is None,
-                "norm_constraint cannot be used with quadratic-model momentum "
-                "(adaptive=True): the quadratic model already sizes the step.",
-            )
-            _require(
-                momentum is None or momentum_type == adaptive_lib.QMODEL_FIXED_MU,
-                "momentum must be left out with momentum_type='qmodel' (adaptive=True): "
-                "the quadratic model chooses it; use 'qmodel_fixedmu' to fix it.",
-            )
-            learning_rate = 1.0  # unused: Keras' base optimizer needs a value
-        _require(learning_rate is not None, "Kfac needs learning_rate=... (e.g. 0.001).")
-        if momentum is None:
-            momentum = 0.9
-        _require(
-            int(damping_adaptation_interval) >= 1,
-            f"damping_adaptation_interval must be >= 1, got {damping_adaptation_interval}.",
-        )
-        _require(
-            0 < float(damping_adaptation_decay) < 1,
-            f"damping_adaptation_decay must be in (0, 1), got {damping_adaptation_decay}.",
-        )
-        _require(float(min_damping) >= 0, f"min_damping must be >= 0, got {min_damping}.")
-        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            learning_rate = float(learning_rate)
-            _require(
-                float(learning_rate) > 0,
-                f"learning_rate must be > 0, got {learning_rate}.",
-            )
-        _require(float(damping) > 0, f"damping must be > 0, got {damping}.")
-        _require(0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}.")
-        _require(
-            weight_decay_coeff is None or float(weight_decay_coeff) >= 0,
-            f"weight_decay_coeff must be >= 0, got {weight_decay_coeff}.",
-        )
-        _require(
-            norm_constraint is None or float(norm_constraint) > 0,
-            f"norm_constraint must be > 0, got {norm_constraint}.",
-        )
-        _require(
-            batch_size is None or int(batch_size) >= 1,
-            f"batch_size must be >= 1, got {batch_size}.",
-        )
-        _require(
-            0 <= float(cov_ema_decay) < 1,
-            f"cov_ema_decay must be in [0, 1), got {cov_ema_decay}.",
-        )
-        _require(
-            int(cov_update_every) >= 1,
-            f"cov_update_every must be >= 1, got {cov_update_every}.",
-        )
-        _require(int(invert_every) >= 1, f"invert_every must be >= 1, got {invert_every}.")
-        _require(
-            estimation_mode in losses_lib.ESTIMATION_MODES,
-            f"estimation_mode must be one of {losses_lib.ESTIMATION_MODES}, "
-            f"got {estimation_mode!r}.",
-        )
-        _require(
-            inverse_method in blocks_lib.INVERSE_METHODS,
-            f"inverse_method must be one of {blocks_lib.INVERSE_METHODS}, got {inverse_method!r}.",
-        )
-        _require(
-            unsupported_layers in registration.UNSUPPORTED_LAYER_POLICIES,
-            f"unsupported_layers must be one of {registration.UNSUPPORTED_LAYER_POLICIES}, "
-            f"got {unsupported_layers!r}.",
-        )
-        _require(
-            factor_sync in curvature_lib.FACTOR_SYNC_MODES,
-            f"factor_sync must be one of {curvature_lib.FACTOR_SYNC_MODES}, got {factor_sync!r}.",
-        )
-        _require(
-            inverse_sharing in placement_lib.SHARING_METHODS,
-            f"inverse_sharing must be one of {placement_lib.SHARING_METHODS}, "
-            f"got {inverse_sharing!r}.",
-        )
-        _require(
-            collective_timeout is None or float(collective_timeout) > 0,
-            f"collective_timeout must be > 0 seconds (or None: wait forever), "
-            f"got {collective_timeout}.",
-        )
-        _require(
-            gradient_accumulation_steps is None or int(gradient_accumulation_steps) >= 2,
-            f"gradient_accumulation_steps must be >= 2 (or None: off), "
-            f"got {gradient_accumulation_steps}.",
-        )
-        _require(
-            gradient_accumulation_steps is None or not (adapt_damping or qmodel),
-            "gradient_accumulation_steps cannot be used with adaptive=True, adapt_damping "
-            "or quadratic-model momentum: they measure the loss on the update's whole "
-            "batch, which accumulation spreads over several calls. Use a larger batch, "
-            "or regular momentum with fixed damping.",
-        )
+            arguments.pop(arg, None)
+        known = {f.name for f in dataclasses.fields(KfacConfig) if f.init}
+        unknown = sorted(set(arguments) - known)
+        if unknown:
+            raise TypeError(f"Kfac got unexpected argument(s): {unknown}.")
+        config = KfacConfig(**arguments)
         super().__init__(
-            learning_rate=learning_rate,
+            learning_rate=config.learning_rate,
             name=name,
-            gradient_accumulation_steps=gradient_accumulation_steps
-            and int(gradient_accumulation_steps),
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
-        self._mutable = tuple(
-            h
-            for h, value in zip(
-                MUTABLE,
-                (
-                    learning_rate,
-                    damping,
-                    momentum,
-                    weight_decay_coeff,
-                    norm_constraint,
-                    batch_size,
-                ),
-            )
-            if value is not None
-            and not (adapt_damping and h == "damping")
-            and not (qmodel and h in ("learning_rate", "momentum"))
-        )
-        self.momentum_type = momentum_type
-        self.adapt_damping = adapt_damping
-        self.damping_adaptation_interval = int(damping_adaptation_interval)
-        self.damping_adaptation_decay = float(damping_adaptation_decay)
-        self.min_damping = float(min_damping)
-        self.include_damping_in_quad_change = bool(include_damping_in_quad_change)
+        self.config = config
         with keras.name_scope(self.name, caller=self):
             # Per replica: adaptive damping is updated inside the step, identically
             # on every replica, with no implicit communication.
-            self._damping = self._hyper_variable("damping", damping, synchronization="on_read")
-            self._momentum = self._hyper_variable("momentum", momentum)
-            self._weight_decay_coeff = self._hyper_variable(
-                "weight_decay_coeff", weight_decay_coeff or 0.0
+            self._damping = self._hyper_variable(
+                "damping", config.damping, synchronization="on_read"
             )
-            self._norm_constraint = self._hyper_variable("norm_constraint", norm_constraint or 0.0)
-            self._batch_size = self._hyper_variable("batch_size", batch_size or 0, "int64")
-            if seed is None:
-                seed = np.random.randint(0, 2**31 - 1)
+            self._momentum = self._hyper_variable("momentum", config.momentum)
+            self._weight_decay_coeff = self._hyper_variable(
+                "weight_decay_coeff", config.weight_decay_coeff or 0.0
+            )
+            self._norm_constraint = self._hyper_variable(
+                "norm_constraint", config.norm_constraint or 0.0
+            )
+            self._batch_size = self._hyper_variable("batch_size", config.batch_size or 0, "int64")
+            seed = config.seed if config.seed is not None else np.random.randint(0, 2**31 - 1)
             # A variable: MultiWorkerMirrored broadcasts the chief's initial
             # value to every worker, and checkpoints save it.
             self._seed = self._hyper_variable("seed", int(seed), "int64")
-        self.loss = loss
-        self.loss_weights = loss_weights
-        self.cov_ema_decay = float(cov_ema_decay)
-        self.cov_update_every = int(cov_update_every)
-        self.invert_every = int(invert_every)
-        self.estimation_mode = estimation_mode
-        self.fisher_approx = fisher_approx
-        self.inverse_method = inverse_method
-        self.layer_collection = layer_collection
-        self.unsupported_layers = unsupported_layers
-        self.placement = placement
-        self.factor_sync = factor_sync
-        self.inverse_sharing = inverse_sharing
-        self.collective_timeout = None if collective_timeout is None else float(collective_timeout)
-        self._model_ref = None
-        # What one replica's step hands from the train step to the update: a
-        # replica thread's own (MirroredStrategy traces replicas in threads).
-        self._replica_step = threading.local()
-        self._output_losses = None
-        self.curvature = None
+        self._model_ref: weakref.ref | None = None
+        self._output_losses: list[losses_lib.OutputLoss | None] | None = None
+        self.curvature: curvature_lib.Curvature | None = None
         self._traced_update = False  # whether a traced step holds K-FAC's state
         if model is not None:
             self.bind(model)
 
     def _hyper_variable(
-        self, name: str, value, dtype: str = "float32", synchronization: str = "auto"
-    ):
+        self, name: str, value: Any, dtype: str = "float32", synchronization: str = "auto"
+    ) -> keras.Variable:
         variable = keras.Variable(
             value,
             synchronization=synchronization,
@@ -378,7 +219,7 @@ class Kfac(keras.optimizers.Optimizer):
         """Binds to `model`: its strategy, its train step, its layers."""
         self._model_ref = weakref.ref(model)
         self.context = strategies.resolve(
-            model.distribute_strategy, collective_timeout=self.collective_timeout
+            model.distribute_strategy, collective_timeout=self.config.collective_timeout
         )
         training.install(model)
         enable_multi_worker_fit(model)
@@ -389,16 +230,7 @@ class Kfac(keras.optimizers.Optimizer):
             with model.distribute_strategy.scope():
                 self.build(model.trainable_variables)
 
-    def _register(self, model, var_list):
-        return registration.collect_blocks(
-            model,
-            fisher_approx=self.fisher_approx,
-            unsupported_layers=self.unsupported_layers,
-            layer_collection=self.layer_collection,
-            variables=var_list,
-        )
-
-    def build(self, var_list):
+    def build(self, var_list: Sequence[keras.Variable]) -> None:
         """Registers the layers of `var_list` and creates K-FAC's state for them.
 
         `var_list` is all of the model's trainable variables, or K-FAC's share
@@ -424,40 +256,44 @@ class Kfac(keras.optimizers.Optimizer):
         self._check_share(model, var_list)
         self._first_state_variable = len(self._variables)
         super().build(var_list)
-        blocks = self._register(model, var_list)
+        config = self.config
+        blocks = registration.collect_blocks(
+            model,
+            fisher_approx=config.fisher_approx,
+            unsupported_layers=config.unsupported_layers,
+            layer_collection=config.layer_collection,
+            variables=var_list,
+        )
         self.curvature = curvature_lib.Curvature(
             blocks,
             self.context,
-            inverse_method=self.inverse_method,
-            placement=self.placement,
-            cov_ema_decay=self.cov_ema_decay,
-            factor_sync=self.factor_sync,
-            sharing=self.inverse_sharing,
+            inverse_method=config.inverse_method,
+            placement=config.placement,
+            cov_ema_decay=config.cov_ema_decay,
+            factor_sync=config.factor_sync,
+            sharing=config.inverse_sharing,
         )
         add = curvature_lib.per_replica_variable(self)
         self.curvature.build(add)
-        self._statistic_sums = (
-            accumulation.StatisticSums(self.curvature, add)
-            if self.gradient_accumulation_steps
-            else None
+        self.state = KfacState(
+            velocities=[self.add_variable_from_reference(v, "velocity") for v in var_list],
+            # F̂v for each velocity v: the KL clip of a momentum step needs ⟨v, F̂v⟩.
+            velocity_curvatures=[
+                self.add_variable_from_reference(v, "velocity_curvature") for v in var_list
+            ]
+            if config.clips_kl
+            else [],
+            kl_clip=add((), "kl_clip"),
+            qmodel_state=add((4,), "qmodel_state"),
+            skipped_updates=add((), "skipped_updates", "int64"),
+            block_indices=[[self._get_variable_index(v) for v in b.variables] for b in blocks],
+            statistic_sums=accumulation.StatisticSums(self.curvature, add)
+            if config.gradient_accumulation_steps
+            else None,
         )
-        self._kl_clip = add((), "kl_clip")
-        # [α, μ, predicted change, ρ] of the quadratic model, for the history.
-        self._qmodel_state = add((4,), "qmodel_state")
-        self._skipped_updates = add((), "skipped_updates", "int64")
-        self._velocities = [self.add_variable_from_reference(v, "velocity") for v in var_list]
-        # F̂v for each velocity v: the KL clip of a momentum step needs ⟨v, F̂v⟩.
-        self._velocity_curvatures = (
-            [self.add_variable_from_reference(v, "velocity_curvature") for v in var_list]
-            if self._clips_kl
-            else []
-        )
-        self._block_indices = [[self._get_variable_index(v) for v in b.variables] for b in blocks]
-        registered = {i for indices in self._block_indices for i in indices}
-        self._unregistered = [i for i in range(len(var_list)) if i not in registered]
         self.built = True
 
-    def _rebuild(self, var_list) -> None:
+    def _rebuild(self, var_list: Sequence[keras.Variable]) -> None:
         """Builds again on `var_list`, a MultiOptimizer's share of the variables.
 
         `bind` builds on all the variables of a built model, before a
@@ -475,116 +311,96 @@ class Kfac(keras.optimizers.Optimizer):
         self.built = False
         self.build(var_list)
 
-    def _check_share(self, model, var_list) -> None:
+    def _check_share(self, model: keras.Model, var_list: Sequence[keras.Variable]) -> None:
         """Given only some of the model's variables, the update rule must allow it."""
         mine = {id(v) for v in var_list}
         if all(id(v) in mine for v in model.trainable_variables):
             return
-        _require(
-            self.momentum_type == adaptive_lib.REGULAR and not self.adapt_damping,
-            "Kfac with adaptive=True, adapt_damping or quadratic-model momentum must train "
-            "all of the model's trainable variables: the quadratic model and ρ assume no "
-            "other optimizer moves the loss. In a MultiOptimizer, use regular momentum "
-            "with a fixed damping.",
-        )
+        if self.config.uses_qmodel or self.config.adapt_damping:
+            raise ValueError(
+                "Kfac with adaptive=True, adapt_damping or quadratic-model momentum must "
+                "train all of the model's trainable variables: the quadratic model and ρ "
+                "assume no other optimizer moves the loss. In a MultiOptimizer, use regular "
+                "momentum with a fixed damping."
+            )
 
-    # --- losses -------------------------------------------------------------------
     def output_losses(self, num_outputs: int) -> list[losses_lib.OutputLoss | None]:
         """One `OutputLoss` (or None: no loss) per flat model output."""
         if self._output_losses is None:
-            self._output_losses = self._resolve_losses(num_outputs)
+            collection = self.config.layer_collection
+            self._output_losses = losses_lib.resolve_output_losses(
+                self.model,
+                self.config.loss,
+                self.config.loss_weights,
+                collection.losses if collection else {},
+                num_outputs,
+            )
         return self._output_losses
 
-    def _resolve_losses(self, num_outputs):
-        model = self.model
-        compiled = getattr(model, "_compile_loss", None)
-        compiled_loss = getattr(compiled, "_user_loss", None)
-        compiled_weights = getattr(compiled, "_user_loss_weights", None)
-        if (
-            self.loss is not None
-            and compiled_loss is not None
-            and not _same_loss(self.loss, compiled_loss)
-        ):
-            raise ValueError(
-                f"Kfac(loss={self.loss!r}) differs from the loss the model was compiled "
-                f"with ({compiled_loss!r}); pass the same loss to both, or only to compile."
-            )
-        if (
-            self.loss_weights is not None
-            and compiled_weights is not None
-            and self.loss_weights != compiled_weights
-        ):
-            raise ValueError(
-                f"Kfac(loss_weights={self.loss_weights!r}) differs from compile's "
-                f"loss_weights={compiled_weights!r}; pass the same to both, or only to compile."
-            )
-        loss = self.loss if self.loss is not None else compiled_loss
-        weights = self.loss_weights if self.loss_weights is not None else compiled_weights
-        names = list(getattr(model, "output_names", None) or [])
-        manual = self.layer_collection.losses if self.layer_collection else {}
-        out = []
-        for index in range(num_outputs):
-            name = names[index] if index < len(names) else None
-            if index in manual or name in manual:
-                entry, weight = manual.get(index, manual.get(name))
-            else:
-                entry = _pick(loss, index, name, num_outputs, "loss")
-                weight = _pick(weights, index, name, num_outputs, "loss_weights")
-            out.append(None if entry is None else losses_lib.output_loss(entry, weight))
-        if all(o is None for o in out):
-            raise ValueError("Kfac found no loss: pass loss= to Kfac or to model.compile.")
-        return out
-
-    # --- hyperparameters ---------------------------------------------------------
+    # --- hyperparameters that can change during training ---------------------------
     @property
     def mutable_hyperparameters(self) -> tuple[str, ...]:
-        return self._mutable
+        return self.config.mutable
 
-    def __setattr__(self, name, value):
-        if name in MUTABLE[1:] and getattr(self, "_mutable", None) is not None:
-            self._set_hyperparameter(name, value)
-            return
-        super().__setattr__(name, value)
-
-    def _set_hyperparameter(self, name, value):
-        if name not in self._mutable:
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if name not in self.config.mutable:
             raise ValueError(
                 f"{name} cannot change during training: it was None when this Kfac was "
-                f"created. Mutable hyperparameters: {self._mutable}."
+                f"created. Mutable hyperparameters: {self.config.mutable}."
             )
         getattr(self, f"_{name}").assign(value)
 
     @property
-    def damping(self):
+    def damping(self) -> keras.Variable:
         return self._damping
 
-    @property
-    def seed(self):
-        """The sampled Fisher's seed (an int64 variable, the same on every worker)."""
-        return self._seed
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._set_hyperparameter("damping", value)
 
     @property
-    def momentum(self):
+    def momentum(self) -> keras.Variable:
         return self._momentum
 
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self._set_hyperparameter("momentum", value)
+
     @property
-    def weight_decay_coeff(self):
+    def weight_decay_coeff(self) -> keras.Variable:
         return self._weight_decay_coeff
 
-    @property
-    def norm_constraint(self):
-        return self._norm_constraint
+    @weight_decay_coeff.setter
+    def weight_decay_coeff(self, value: float) -> None:
+        self._set_hyperparameter("weight_decay_coeff", value)
 
     @property
-    def batch_size(self):
+    def norm_constraint(self) -> keras.Variable:
+        return self._norm_constraint
+
+    @norm_constraint.setter
+    def norm_constraint(self, value: float) -> None:
+        self._set_hyperparameter("norm_constraint", value)
+
+    @property
+    def batch_size(self) -> keras.Variable:
         return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._set_hyperparameter("batch_size", value)
+
+    @property
+    def seed(self) -> keras.Variable:
+        """The sampled Fisher's seed (an int64 variable, the same on every worker)."""
+        return self._seed
 
     def damping_value(self) -> tf.Tensor:
         return tf.convert_to_tensor(self._damping)
 
-    def check_batch_size(self, local_batch_size) -> None:
+    def check_batch_size(self, local_batch_size: tf.Tensor) -> None:
         """With batch_size given, the global batch must match it."""
-        if "batch_size" not in self._mutable:
+        if "batch_size" not in self.config.mutable:
             return
         global_batch = tf.cast(local_batch_size, tf.int64) * self.context.num_replicas
         tf.debugging.assert_equal(
@@ -594,379 +410,148 @@ class Kfac(keras.optimizers.Optimizer):
         )
 
     # --- the update -----------------------------------------------------------------
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        """K-FAC's update on every call, or on every k-th with gradient accumulation.
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        """Keras' `apply`, called outside K-FAC's train step: folds and inverts nothing."""
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        self.apply_step(grads, trainable_variables, None)
 
-        Replaces Keras' own accumulation, which cannot serve (see accumulation.py).
+    def apply_step(
+        self,
+        grads: Sequence[Any],
+        trainable_variables: Sequence[Any],
+        inputs: step_lib.StepInputs | None,
+    ) -> step_lib.StepOutcome:
+        """Keras' `apply` (build, filter, update, constraints, count) with K-FAC's update.
+
+        `inputs` are what the train step hands over (`step.StepInputs`); the
+        update (`step.update`) returns whether it was applied.
         """
-        self._backend_update_step(grads, trainable_variables, self.learning_rate)
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        self._check_variables_are_known(trainable_variables)
+        outcome = step_lib.StepOutcome(finite=tf.constant(True))
+        with keras.name_scope(self.name, caller=self):
+            grads, trainable_variables = self._filter_empty_gradients(grads, trainable_variables)
+            grads, trainable_variables = self._overwrite_variables_directly_with_gradients(
+                grads, trainable_variables
+            )
+            if grads:
+                self._traced_update = True
+                variables = [
+                    v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
+                ]
+                outcome = step_lib.update(self, grads, variables, self.learning_rate, inputs)
+                for variable in trainable_variables:
+                    if variable.constraint is not None:
+                        variable.assign(variable.constraint(variable))
+        self._iterations.assign_add(1)
+        return outcome
 
-    def _get_current_learning_rate(self):
+    def _get_current_learning_rate(self) -> Any:
         # A schedule counts applied updates (`iterations`), as the inverse
         # schedule does; Keras' base counts accumulated micro-batches.
         if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             return self._learning_rate(self.iterations)
         return super()._get_current_learning_rate()
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """All-reduce once, precondition in replica context, then Keras' per-variable update."""
-        trainable_variables = [
-            v.value if isinstance(v, keras.Variable) else v for v in trainable_variables
-        ]
-        # A sparse gradient (an Embedding's, unscaled by the loss scale) can lose
-        # its static shape when made dense; the variable's is the gradient's.
-        grads = [
-            tf.ensure_shape(tf.convert_to_tensor(g), v.shape)
-            for g, v in zip(grads, trainable_variables)
-        ]
-        self._traced_update = True
-        curvature_step = self._take_curvature_step()
-        accumulators = []
-        if self.gradient_accumulation_steps:
-            directions, coefficients, curvature_gradients, accumulators = (
-                self._accumulated_directions(
-                    grads, trainable_variables, learning_rate, curvature_step
-                )
-            )
-        else:
-            directions, coefficients, curvature_gradients = self._directions(
-                grads, trainable_variables, learning_rate, curvature_step
-            )
-        registered = [i for indices in self._block_indices for i in indices]
+    def variable_indices(self, variables: Sequence[Any]) -> list[int]:
+        """The optimizer's index of each variable (that of its velocity, its accumulator)."""
+        return [self._get_variable_index(v) for v in variables]
+
+    def gradient_accumulators(self, variables: Sequence[Any]) -> list[keras.Variable]:
+        """Keras' gradient accumulator of each variable (gradient accumulation only)."""
+        return [self._accumulated_gradients[i] for i in self.variable_indices(variables)]
+
+    def update_variables(
+        self,
+        directions: Sequence[tf.Tensor],
+        variables: Sequence[tf.Variable],
+        coefficients: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
+        accumulators: Sequence[tuple[tf.Tensor, keras.Variable]],
+        curvature_gradients: Sequence[tf.Tensor],
+    ) -> None:
+        """The update rule on every variable (and F̂v, the accumulators), in one `merge_call`.
+
+        `coefficients` = (s, μ, finite) of v = μv + s·(d + wd·θ).
+        """
         curvature_updates = [
-            (gradient, self._velocity_curvatures[i].value)
-            for i, gradient in zip(registered, curvature_gradients)
+            (gradient, self.state.velocity_curvatures[i].value)
+            for i, gradient in zip(self.state.registered, curvature_gradients)
         ]
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_kfac_update,
+            self._distributed_update,
             self._distribution_strategy,
-            list(zip(directions, trainable_variables)),
+            list(zip(directions, variables)),
             coefficients,
             accumulators,
             curvature_updates,
         )
 
-    def _accumulated_directions(self, grads, trainable_variables, learning_rate, curvature_step):
-        """Adds this micro-batch to the sums; on the k-th call, the update of their means.
-
-        Also returns each gradient accumulator's next value (zero after an
-        update), for the update's `merge_call` to write.
-        """
-        steps = self.gradient_accumulation_steps
-        accumulators = [
-            self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables
-        ]
-        sums = [tf.convert_to_tensor(a) + g for a, g in zip(accumulators, grads)]
-        statistics, is_statistics_step, is_inverse_step = curvature_step
-        statistics = self._statistic_sums.add(statistics)
-        is_update_step = tf.equal((self._iterations + 1) % steps, 0)
-
-        def update():
-            means = [total / tf.cast(steps, total.dtype) for total in sums]
-            directions, (scale, momentum, finite), curvature_gradients = self._directions(
-                means,
-                trainable_variables,
-                learning_rate,
-                (statistics, is_statistics_step, is_inverse_step),
-                conditional=True,
-            )
-            self._statistic_sums.reset()
-            return directions, scale, momentum, finite, curvature_gradients
-
-        def accumulate():
-            zero = tf.constant(0.0, linalg.curvature_dtype())
-            no_curvature = [tf.zeros_like(grads[i]) for i in registered] if self._clips_kl else []
-            return [tf.zeros_like(g) for g in grads], zero, zero, tf.constant(False), no_curvature
-
-        by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
-        registered = [by_index[i] for indices in self._block_indices for i in indices]
-        directions, scale, momentum, finite, curvature_gradients = tf.cond(
-            is_update_step, update, accumulate
-        )
-        next_sums = [tf.where(is_update_step, tf.zeros_like(t), t) for t in sums]
-        return (
-            directions,
-            (scale, momentum, finite),
-            curvature_gradients,
-            list(zip(next_sums, accumulators)),
-        )
-
-    def _directions(
-        self, grads, trainable_variables, learning_rate, curvature_step, conditional=False
-    ):
-        """The all-reduced, preconditioned (and clipped) directions and the update's coefficients.
-
-        Folds the statistics and, on schedule, updates the inverses first.
-        `conditional`: called inside a `tf.cond` (see
-        `CrossReplicaContext.all_reduce_gradients`).
-        """
-        statistics, is_statistics_step, is_inverse_step = curvature_step
-        loss_scaled = getattr(self._replica_step, "loss_scaled", False)
-        self._replica_step.loss_scaled = False
-        # This replica's non-finite statistics travel inside the one gradient
-        # all-reduce: every replica then skips the same steps, with no extra
-        # collective (a replica that skipped alone would skew the factors).
-        local_bad = tf.cast(tf.logical_not(statistics.finite), grads[0].dtype)
-        *grads, bad = self.context.all_reduce_gradients([*grads, local_bad], conditional)
-        finite = tf.logical_and(
-            tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]),
-            tf.equal(bad, 0),
-        )
-        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
-        self._replica_step.finite = finite
-        if loss_scaled:
-            # A step the loss scale rejects is no step (`loss_scaling.finish_step`):
-            # the inverse update due runs at the next step, which has this index.
-            is_inverse_step = tf.logical_and(is_inverse_step, finite)
-        if self._coupled_weight_decay:
-            decay = self._weight_decay_coeff
-            grads = [g + tf.cast(decay, g.dtype) * v for g, v in zip(grads, trainable_variables)]
-        curvature = self.curvature
-        curvature.fold(statistics, tf.logical_and(is_statistics_step, finite))
-
-        def update_inverses():
-            curvature.update_inverses(self.damping_value())
-            return tf.no_op()
-
-        with tf.name_scope(INVERSE_UPDATE_SCOPE):
-            tf.cond(is_inverse_step, update_inverses, tf.no_op)
-        by_index = {self._get_variable_index(v): i for i, v in enumerate(trainable_variables)}
-        block_grads = [[grads[by_index[i]] for i in indices] for indices in self._block_indices]
-        preconditioned = self.curvature.precondition(block_grads, self._damping)
-        directions = list(grads)
-        inner = tf.constant(0.0, linalg.curvature_dtype())
-        for indices, block_grad, block_pre in zip(self._block_indices, block_grads, preconditioned):
-            for i, g, p in zip(indices, block_grad, block_pre):
-                directions[by_index[i]] = tf.cast(p, g.dtype)
-                inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
-        if self.momentum_type == adaptive_lib.REGULAR:
-            if self._clips_kl:
-                clip = self._kl_clip_of_step(grads, by_index, inner, learning_rate)
-            else:
-                clip = tf.constant(1.0, inner.dtype)
-            # The whole step μv − lr·P∇ is scaled, momentum included.
-            directions = [d * tf.cast(clip, d.dtype) for d in directions]
-            self._kl_clip.assign(tf.where(finite, clip, self._kl_clip))
-            scale = -tf.cast(learning_rate, inner.dtype)
-            momentum = tf.cast(self._momentum, inner.dtype) * clip
-        else:
-            self._kl_clip.assign(tf.ones_like(self._kl_clip))
-            scale, momentum = self._qmodel_coefficients(
-                grads, directions, trainable_variables, by_index, inner
-            )
-        self._skipped_updates.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        # F̂·(clip·P∇) = clip·∇: F̂v follows the velocity with the gradients.
-        curvature_gradients = (
-            [
-                grads[by_index[i]] * tf.cast(clip, grads[by_index[i]].dtype)
-                for indices in self._block_indices
-                for i in indices
-            ]
-            if self._clips_kl
-            else []
-        )
-        return directions, (scale, momentum, finite), curvature_gradients
-
-    @property
-    def _clips_kl(self) -> bool:
-        return self.momentum_type == adaptive_lib.REGULAR and "norm_constraint" in self._mutable
-
-    def _kl_clip_of_step(self, grads, by_index, inner, learning_rate) -> tf.Tensor:
-        """The KL clip of this step, momentum included (`linalg.kl_clip_factor`).
-
-        Identical on every replica: ∇ is all-reduced, v and F̂v are shared
-        state. F̂v is exact while the inverses stay the same, an estimate from
-        the previous inverses for a few steps after each inverse update.
-        """
-        dtype = inner.dtype
-        registered = [i for indices in self._block_indices for i in indices]
-        velocities = [self._velocities[i] for i in registered]
-        velocity_gradient = adaptive_lib.flat_dot(
-            velocities, [grads[by_index[i]] for i in registered], dtype
-        )
-        velocity_curvature = adaptive_lib.flat_dot(
-            velocities, [self._velocity_curvatures[i] for i in registered], dtype
-        )
-        return linalg.kl_clip_factor(
-            inner,
-            learning_rate,
-            self._norm_constraint,
-            self._momentum,
-            velocity_gradient,
-            velocity_curvature,
-        )
-
-    def step_was_finite(self) -> tf.Tensor:
-        """Whether this replica's last update was applied (the same on every replica).
-
-        Decided after the gradient all-reduce: every replica's gradients and
-        statistics were finite.
-        """
-        return self._replica_step.finite
-
-    def _take_curvature_step(self):
-        """This replica's batch statistics, whether to fold them and whether to invert.
-
-        The train step hands them over; `apply_gradients` called outside it
-        folds nothing and inverts nothing.
-        """
-        handed = getattr(self._replica_step, "curvature", None)
-        self._replica_step.curvature = None
-        if handed is None:
-            return self.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
-        statistics, is_statistics_step, step = handed
-        return statistics, is_statistics_step, tf.equal(step % self.invert_every, 0)
-
-    def _distributed_kfac_update(
-        self, distribution, grads_and_vars, coefficients, accumulators, curvature_updates
-    ):
+    def _distributed_update(
+        self,
+        distribution: tf.distribute.Strategy,
+        directions_and_variables: Sequence[tuple[tf.Tensor, tf.Variable]],
+        coefficients: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
+        accumulators: Sequence[tuple[tf.Tensor, keras.Variable]],
+        curvature_updates: Sequence[tuple[tf.Tensor, tf.Variable]],
+    ) -> None:
         # The coefficients travel as merge_call arguments, so each replica's
         # update reads its own copy (identical values, no cross-device reads).
-        for grad, var in grads_and_vars:
+        for direction, variable in directions_and_variables:
             distribution.extended.update(
-                var, self._kfac_update, args=(grad, coefficients), group=False
+                variable, self._update_variable, args=(direction, coefficients), group=False
             )
-        for grad, velocity_curvature in curvature_updates:
+        for gradient, velocity_curvature in curvature_updates:
             distribution.extended.update(
                 velocity_curvature,
-                self._velocity_curvature_update,
-                args=(grad, coefficients),
+                self._update_velocity_curvature,
+                args=(gradient, coefficients),
                 group=False,
             )
-
         # Each replica keeps its own sum of its micro-batches' gradients.
         for value, accumulator in accumulators:
             distribution.extended.update(accumulator.value, _assign, args=(value,), group=False)
 
-    def _velocity_curvature_update(self, velocity_curvature, gradient, coefficients):
-        """F̂v ← μ·F̂v + s·clip·∇, the velocity's update seen through F̂ (F̂P∇ = ∇)."""
-        scale, momentum, finite = coefficients
-        dtype = velocity_curvature.dtype
-        updated = tf.cast(momentum, dtype) * velocity_curvature + tf.cast(scale, dtype) * gradient
-        self.assign(velocity_curvature, tf.where(finite, updated, velocity_curvature))
-
-    def _kfac_update(self, variable, gradient, coefficients):
+    def _update_variable(
+        self,
+        variable: tf.Variable,
+        direction: tf.Tensor,
+        coefficients: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
+    ) -> None:
         """v = μv + s·(d + wd·θ); θ = θ + v; nothing moves on a non-finite step.
 
         s = −lr and μ = momentum ("regular"), or (s, μ) = (α, μ) of the
         quadratic model.
         """
         scale, momentum, finite = coefficients
-        velocity = self._velocities[self._get_variable_index(variable)]
+        velocity = self.state.velocities[self._get_variable_index(variable)]
         # Coupled weight decay is already in the gradient (quadratic-model modes).
-        decay = 0.0 if self._coupled_weight_decay else self._weight_decay_coeff
+        decay = 0.0 if self.config.coupled_weight_decay else self._weight_decay_coeff
         decay = tf.cast(decay, variable.dtype)
         scale = tf.cast(scale, variable.dtype)
         momentum = tf.cast(momentum, variable.dtype)
-        new_velocity = momentum * velocity + scale * (gradient + decay * variable)
+        new_velocity = momentum * velocity + scale * (direction + decay * variable)
         new_velocity = tf.where(finite, new_velocity, velocity)
         self.assign(velocity, new_velocity)
-        self.assign_add(
-            variable,
-            tf.where(finite, new_velocity, tf.zeros_like(new_velocity)),
-        )
+        self.assign_add(variable, tf.where(finite, new_velocity, tf.zeros_like(new_velocity)))
 
-    @property
-    def _coupled_weight_decay(self) -> bool:
-        return self.momentum_type != adaptive_lib.REGULAR and "weight_decay_coeff" in self._mutable
+    def _update_velocity_curvature(
+        self,
+        velocity_curvature: tf.Variable,
+        gradient: tf.Tensor,
+        coefficients: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
+    ) -> None:
+        """F̂v ← μ·F̂v + s·clip·∇, the velocity's update seen through F̂ (F̂P∇ = ∇)."""
+        scale, momentum, finite = coefficients
+        dtype = velocity_curvature.dtype
+        updated = tf.cast(momentum, dtype) * velocity_curvature + tf.cast(scale, dtype) * gradient
+        self.assign(velocity_curvature, tf.where(finite, updated, velocity_curvature))
 
-    def _weight_decay_loss(self, variables, dtype) -> tf.Tensor:
-        """½·wd·‖θ‖², the coupled weight decay's term of the objective (0 if none)."""
-        if not self._coupled_weight_decay:
-            return tf.constant(0.0, dtype)
-        decay = tf.cast(self._weight_decay_coeff, dtype)
-        return 0.5 * decay * adaptive_lib.flat_dot(variables, variables, dtype)
-
-    def _qmodel_coefficients(self, grads, directions, variables, by_index, inner):
-        """(α, μ) of the quadratic model on this batch, identical on every replica.
-
-        The Fisher terms are local (this replica's batch); one small
-        all-reduce averages them with the step's loss, which ρ needs later.
-        """
-        dtype = inner.dtype
-        batch = self._replica_step.inputs
-        kept = [i for i in range(len(variables)) if directions[i] is not None]
-        previous = [
-            tf.convert_to_tensor(self._velocities[self._get_variable_index(variables[i])])
-            for i in kept
-        ]
-        delta = [directions[i] for i in kept]
-        tangent_vars = [variables[i] for i in kept]
-        losses = self.output_losses(len(keras.tree.flatten(batch["y_pred"])))
-        # The forward passes start from the random state of the step's own pass:
-        # the same dropout masks as the loss they model (see training.py).
-        state = batch["state"]
-        j_delta, etas = adaptive_lib.output_tangents(
-            self.model, batch["x"], tangent_vars, delta, losses, state
-        )
-        j_prev, _ = adaptive_lib.output_tangents(
-            self.model, batch["x"], tangent_vars, previous, losses, state
-        )
-        weights = batch["sample_weights"]
-        b = batch["batch_size"]
-        loss_before = tf.cast(batch["loss"], dtype) + self._weight_decay_loss(variables, dtype)
-        terms = tf.stack(
-            [
-                tf.cast(adaptive_lib.fisher_products(losses, etas, ja, jb, weights, b), dtype)
-                for ja, jb in ((j_delta, j_delta), (j_delta, j_prev), (j_prev, j_prev))
-            ]
-            + [loss_before]
-        )
-        terms = (
-            self.context.all_reduce_sum([terms], strategies.ADAPTIVE)[0] / self.context.num_replicas
-        )
-        damping = tf.cast(self._damping, dtype)
-        decay = tf.cast(self._weight_decay_coeff if self._coupled_weight_decay else 0.0, dtype)
-        dd = adaptive_lib.flat_dot(delta, delta, dtype)
-        dp = adaptive_lib.flat_dot(delta, previous, dtype)
-        pp = adaptive_lib.flat_dot(previous, previous, dtype)
-        # M = [ΔᵀCΔ, ΔᵀCδ; δᵀCΔ, δᵀCδ] with C = F + wd·I (the objective's
-        # curvature), damped by λI for solving.
-        curvature = tf.stack(
-            [
-                tf.stack([terms[0] + decay * dd, terms[1] + decay * dp]),
-                tf.stack([terms[1] + decay * dp, terms[2] + decay * pp]),
-            ]
-        )
-        norms = tf.stack([tf.stack([dd, dp]), tf.stack([dp, pp])])
-        damped = curvature + damping * norms
-        grad_list = [grads[i] for i in kept]
-        linear = tf.stack([inner, adaptive_lib.flat_dot(grad_list, previous, dtype)])
-        fixed_mu = self._momentum if self.momentum_type == adaptive_lib.QMODEL_FIXED_MU else None
-        alpha, mu = adaptive_lib.solve_qmodel(damped, linear, fixed_mu)
-        model = damped if self.include_damping_in_quad_change else curvature
-        change = adaptive_lib.quadratic_change(model, linear, alpha, mu)
-        self._replica_step.loss = terms[3]
-        self._qmodel_state.assign(tf.stack([alpha, mu, change, self._qmodel_state[3]]))
-        return alpha, mu
-
-    def adapt_damping_after_step(self, loss_after) -> None:
-        """Levenberg–Marquardt rule on ρ, with the loss after the step on the same batch.
-
-        `loss_after` is this replica's compiled loss (Keras' per-replica
-        scaling undone, as the loss before the step); one small all-reduce
-        averages it. A NaN ρ (a non-finite loss) raises the damping.
-        """
-        dtype = self._qmodel_state.dtype
-        loss_after = tf.cast(loss_after, dtype) + self._weight_decay_loss(
-            self.model.trainable_variables, dtype
-        )
-        loss_after = (
-            self.context.all_reduce_sum([tf.reshape(loss_after, [1])], strategies.ADAPTIVE)[0][0]
-            / self.context.num_replicas
-        )
-        change = self._qmodel_state[2]
-        rho = tf.math.divide_no_nan(loss_after - tf.cast(self._replica_step.loss, dtype), change)
-        damping = adaptive_lib.adapt_damping(
-            tf.convert_to_tensor(self._damping),
-            tf.cast(rho, self._damping.dtype),
-            interval=self.damping_adaptation_interval,
-            decay=self.damping_adaptation_decay,
-            min_damping=self.min_damping,
-        )
-        self._damping.assign(damping)
-        self._qmodel_state.assign(tf.concat([self._qmodel_state[:3], [rho]], 0))
-
+    # --- logs -------------------------------------------------------------------------
     def step_logs(self) -> dict[str, float]:
         """K-FAC's own state for the `fit` history, `return_dict=True` and TensorBoard.
 
@@ -977,15 +562,18 @@ class Kfac(keras.optimizers.Optimizer):
         """
         local = self.context.strategy.experimental_local_results
 
-        def first(variable) -> np.ndarray:
+        def first(variable: keras.Variable) -> np.ndarray:
             return np.asarray(local(variable.value)[0])
 
-        logs = {"damping": float(first(self._damping)), "kl_clip": float(first(self._kl_clip))}
-        if self.momentum_type != adaptive_lib.REGULAR:
-            alpha, mu, change, rho = first(self._qmodel_state)
+        logs = {
+            "damping": float(first(self._damping)),
+            "kl_clip": float(first(self.state.kl_clip)),
+        }
+        if self.config.uses_qmodel:
+            alpha, mu, change, rho = first(self.state.qmodel_state)
             logs.update(qmodel_alpha=float(alpha), qmodel_mu=float(mu), qmodel_change=float(change))
             logs["rho"] = float(rho)
-        skips = first(self._skipped_updates) + first(self.curvature.skipped_statistics)
+        skips = first(self.state.skipped_updates) + first(self.curvature.skipped_statistics)
         logs["nonfinite_skips"] = float(skips)
         return logs
 
@@ -1064,7 +652,7 @@ class Kfac(keras.optimizers.Optimizer):
             )
         self._sync_function()
 
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: Any) -> None:
         """Saves this process' state as it is, with no collective.
 
         `model.save` is often called on the chief only, and a collective here
@@ -1084,55 +672,52 @@ class Kfac(keras.optimizers.Optimizer):
         super().save_own_variables(store)
 
     # --- serialization ---------------------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
+        """Keras' config plus every K-FAC argument, hyperparameters at their current values."""
         config = super().get_config()
-        for key in (
-            "weight_decay",
-            "clipnorm",
-            "clipvalue",
-            "global_clipnorm",
-            "use_ema",
-            "ema_momentum",
-            "ema_overwrite_frequency",
-            "loss_scale_factor",
-        ):
+        for key in _KERAS_ONLY_CONFIG:
             config.pop(key, None)
-        config.update(
-            {
-                "damping": float(self._damping.numpy()),
-                "loss": keras.losses.serialize(self.loss)
-                if self.loss is not None and not isinstance(self.loss, (str, list, dict))
-                else self.loss,
-                "loss_weights": self.loss_weights,
-                "momentum": float(self._momentum.numpy()),
-                "weight_decay_coeff": float(self._weight_decay_coeff.numpy())
-                if "weight_decay_coeff" in self._mutable
-                else None,
-                "norm_constraint": float(self._norm_constraint.numpy())
-                if "norm_constraint" in self._mutable
-                else None,
-                "batch_size": int(self._batch_size.numpy())
-                if "batch_size" in self._mutable
-                else None,
-                "include_damping_in_quad_change": self.include_damping_in_quad_change,
-                "cov_ema_decay": self.cov_ema_decay,
-                "cov_update_every": self.cov_update_every,
-                "invert_every": self.invert_every,
-                "estimation_mode": self.estimation_mode,
-                "fisher_approx": self.fisher_approx if _plain(self.fisher_approx) else None,
-                "inverse_method": self.inverse_method,
-                "unsupported_layers": self.unsupported_layers,
-                "placement": self.placement if isinstance(self.placement, str) else "round_robin",
-                "factor_sync": self.factor_sync,
-                "inverse_sharing": self.inverse_sharing,
-                "seed": int(self._seed.numpy()),
-                "collective_timeout": self.collective_timeout,
-            }
+        arguments = self.config.arguments()
+        mutable = self.config.mutable
+        loss = arguments["loss"]
+        arguments.update(
+            damping=float(self._damping.numpy()),
+            loss=keras.losses.serialize(loss)
+            if loss is not None and not isinstance(loss, (str, list, dict))
+            else loss,
+            momentum=float(self._momentum.numpy()),
+            weight_decay_coeff=float(self._weight_decay_coeff.numpy())
+            if "weight_decay_coeff" in mutable
+            else None,
+            norm_constraint=float(self._norm_constraint.numpy())
+            if "norm_constraint" in mutable
+            else None,
+            batch_size=int(self._batch_size.numpy()) if "batch_size" in mutable else None,
+            fisher_approx=arguments["fisher_approx"]
+            if _plain(arguments["fisher_approx"])
+            else None,
+            # A manual LayerCollection and a policy object are not serializable:
+            # pass them again to `from_config`'s caller.
+            layer_collection=None,
+            placement=arguments["placement"]
+            if isinstance(arguments["placement"], str)
+            else "round_robin",
+            seed=int(self._seed.numpy()),
         )
+        # Keras' own learning rate (a schedule serialized) is in `config`.
+        arguments.pop("learning_rate")
+        if self.config.uses_qmodel:
+            # The quadratic model chooses the step size (and, with "qmodel", the momentum).
+            config["learning_rate"] = None
+            if self.config.momentum_type == QMODEL:
+                arguments["momentum"] = None
+        config.update(arguments)
         return config
 
     @classmethod
-    def from_config(cls, config, custom_objects=None, model=None):
+    def from_config(
+        cls, config: dict[str, Any], custom_objects: Any = None, model: keras.Model | None = None
+    ) -> Kfac:
         config = dict(config)
         lr = config.get("learning_rate")
         if isinstance(lr, dict):
@@ -1144,7 +729,7 @@ class Kfac(keras.optimizers.Optimizer):
         return cls(model=model, **config)
 
 
-def _assign(variable, value):
+def _assign(variable: tf.Variable, value: tf.Tensor) -> None:
     variable.assign(value)
 
 
@@ -1154,45 +739,9 @@ def _spans_workers(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
-def _plain(value) -> bool:
+def _plain(value: Any) -> bool:
     return (
         value is None
         or isinstance(value, str)
         or (isinstance(value, dict) and all(isinstance(k, str) for k in value))
     )
-
-
-def _same_loss(a, b) -> bool:
-    def canonical(loss):
-        if isinstance(loss, (list, tuple)):
-            return [canonical(x) for x in loss]
-        if isinstance(loss, dict):
-            return {k: canonical(v) for k, v in loss.items()}
-        try:
-            return keras.losses.serialize(keras.losses.get(loss) if isinstance(loss, str) else loss)
-        except (ValueError, TypeError):
-            return repr(loss)
-
-    return a is b or canonical(a) == canonical(b) or _kind(a) == _kind(b)
-
-
-def _kind(loss):
-    try:
-        out = losses_lib.output_loss(loss)
-        return (out.kind, out.from_logits, out.label_smoothing)
-    except (ValueError, TypeError):
-        return object()
-
-
-def _pick(spec, index: int, name, count: int, what: str):
-    """The entry of a loss (or loss-weight) spec for one output."""
-    if spec is None or not isinstance(spec, (list, tuple, dict)):
-        return spec
-    if isinstance(spec, dict):
-        return spec.get(name)
-    if len(spec) != count:
-        raise ValueError(
-            f"{what} has {len(spec)} entries but the model has {count} outputs; "
-            "give one per output."
-        )
-    return spec[index]

@@ -15,7 +15,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from kfac_dist.optimizer import INVERSE_UPDATE_SCOPE
+from kfac_dist.step import INVERSE_UPDATE_SCOPE
 
 COLLECTIVE_OPS = frozenset(
     f"{name}{version}"

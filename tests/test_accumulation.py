@@ -74,10 +74,15 @@ def state(model, opt) -> dict[str, list[np.ndarray]]:
     examples = first_replica(opt, curvature.weight_sum)[0]
     return {
         "weights": model.get_weights(),
-        "velocities": [first_replica(opt, v) for v in opt._velocities + opt._velocity_curvatures],
+        "velocities": [
+            first_replica(opt, v) for v in opt.state.velocities + opt.state.velocity_curvatures
+        ],
         "factors": [first_replica(opt, v) / examples for v in curvature.factor_sums],
         "inverses": [first_replica(opt, v) for p in curvature.payloads for v in p],
-        "counters": [int(opt.iterations.numpy()), int(first_replica(opt, opt._skipped_updates))],
+        "counters": [
+            int(opt.iterations.numpy()),
+            int(first_replica(opt, opt.state.skipped_updates)),
+        ],
     }
 
 
@@ -104,7 +109,7 @@ def test_k_micro_batches_update_as_one_step_on_their_union(
     reference = train(tf.distribute.get_strategy(), K * MICRO_BATCH, x, y, **schedules)
     assert_same_state(state(model, opt), state(*reference))
     if clip:
-        assert first_replica(opt, opt._kl_clip) < 1.0
+        assert first_replica(opt, opt.state.kl_clip) < 1.0
     inversions = [first_replica(o, o.curvature.inversions) for o in (opt, reference[1])]
     assert inversions == [4 * -(-UPDATES // invert_every)] * 2  # 4 factors per inverse update
     # Keras' own counter counts calls; the accumulators are empty after an update.

@@ -114,7 +114,7 @@ def test_mutable_hyperparameters_exclude_what_adaptive_mode_controls():
     assert "learning_rate" not in opt.mutable_hyperparameters
     assert "momentum" not in opt.mutable_hyperparameters
     fixed = kfac.Kfac(momentum_type="qmodel_fixedmu", momentum=0.5, damping=1.0, model=tiny_model())
-    assert "damping" in fixed.mutable_hyperparameters and not fixed.adapt_damping
+    assert "damping" in fixed.mutable_hyperparameters and not fixed.config.adapt_damping
 
 
 STEPS, INTERVAL = 20, 5
@@ -195,9 +195,8 @@ def test_replicas_give_the_same_rho_damping_coefficients_and_weights_in_float64(
 def test_the_loss_after_the_step_keeps_float64_precision():
     model, *_ = adaptive_run(1, True)
     x, y = adaptive_data()
-    from kfac_dist import training
 
-    measure = tf.function(training.compiled_loss, autograph=False)
+    measure = tf.function(adaptive.compiled_loss, autograph=False)
     value = measure(model, tf.constant(x[:16]), tf.constant(y[:16]), None)
     assert value.dtype == tf.float64
 
@@ -214,7 +213,6 @@ def test_measurements_at_unchanged_weights_reproduce_the_loss_with_dropout():
     """ρ's numerator at a zero step: the loss after the (null) step, measured from
     the step's starting state, equals the loss of the step's own forward pass, so
     both losses and the GGN products see the same dropout masks."""
-    from kfac_dist import training
 
     keras.utils.set_random_seed(4)
     model = keras.Sequential(
@@ -235,11 +233,11 @@ def test_measurements_at_unchanged_weights_reproduce_the_loss_with_dropout():
         start = adaptive.model_state(model)
         y_pred = model(x, training=True)
         before = model.compute_loss(x, y, y_pred)
-        after = training.compiled_loss(model, x, y, None, start)
+        after = adaptive.compiled_loss(model, x, y, None, start)
         variables = model.trainable_variables
         zeros = [tf.zeros_like(v) for v in variables]
         _, etas = adaptive.output_tangents(model, x, variables, zeros, [output], start)
-        elsewhere = training.compiled_loss(model, x, y, None)  # a fresh draw
+        elsewhere = adaptive.compiled_loss(model, x, y, None)  # a fresh draw
         return before, after, etas[0], y_pred, elsewhere
 
     before, after, eta, y_pred, elsewhere = step()

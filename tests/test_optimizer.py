@@ -140,11 +140,11 @@ def test_momentum_accumulates_velocity():
     opt = exact_kfac(model, learning_rate=lr, damping=0.1, momentum=mu)
     model.compile(optimizer=opt, loss="mse")
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
-    v1 = opt._velocities[0].numpy().copy()
+    v1 = opt.state.velocities[0].numpy().copy()
     w1 = model.layers[0].kernel.numpy().copy()
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     w2 = model.layers[0].kernel.numpy()
-    v2 = opt._velocities[0].numpy()
+    v2 = opt.state.velocities[0].numpy()
     np.testing.assert_allclose(w2 - w1, v2, rtol=1e-5, atol=1e-8)
     # v2 = μ v1 − lr·P∇₂: the momentum part is exactly μ v1.
     assert not np.allclose(v2, mu * v1)

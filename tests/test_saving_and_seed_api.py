@@ -42,7 +42,7 @@ def test_saved_and_loaded_model_follows_the_same_trajectory_in_sampled_mode(tmp_
     original.fit(X, Y, batch_size=16, epochs=2, verbose=0, shuffle=False)
     original.save(tmp_path / "m.keras")
     loaded = kfac.keras.saving_utils.load_model(tmp_path / "m.keras")
-    assert loaded.optimizer.estimation_mode == "sampled"
+    assert loaded.optimizer.config.estimation_mode == "sampled"
     for a, b in zip(original.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     original.fit(X, Y, batch_size=16, epochs=3, verbose=0, shuffle=False)  # 12 more steps
