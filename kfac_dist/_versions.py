@@ -5,6 +5,8 @@ collective launchers of tf.distribute), so other versions fail early and
 clearly instead of training wrongly.
 """
 
+from __future__ import annotations
+
 import keras
 import tensorflow as tf
 

@@ -17,15 +17,18 @@ over each micro-batch of equal size).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import keras
 import tensorflow as tf
 
-from kfac_dist.curvature import BatchStatistics
+from kfac_dist.curvature import BatchStatistics, Curvature
 
 
 class StatisticSums:
     """Σᵢ bᵢ·Fᵢ and Σᵢ [bᵢ, Σwᵢ] over one update's micro-batches, per replica."""
 
-    def __init__(self, curvature, add_variable):
+    def __init__(self, curvature: Curvature, add_variable: Callable[..., keras.Variable]) -> None:
         # One sum per group of equally shaped factors, as the statistics come.
         self.sums = [
             add_variable(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from kfac_dist.blocks import Block, Record
 
@@ -19,7 +20,7 @@ from kfac_dist.blocks import Block, Record
 def recording(blocks: Sequence[Block]) -> Iterator[list[list[Record]]]:
     """Yields one list of `Record`s per block, filled by the forward pass."""
     records: list[list[Record]] = [[] for _ in blocks]
-    patched = []
+    patched: list[tuple[Any, bool, Callable[..., Any]]] = []
     for block, block_records in zip(blocks, records):
         layer = block.layer
         if layer is None:
@@ -27,7 +28,13 @@ def recording(blocks: Sequence[Block]) -> Iterator[list[list[Record]]]:
         original = layer.call
 
         @functools.wraps(original)
-        def call(*args, _block=block, _out=block_records, _original=original, **kwargs):
+        def call(
+            *args: Any,
+            _block: Block = block,
+            _out: list[Record] = block_records,
+            _original: Callable[..., Any] = original,
+            **kwargs: Any,
+        ) -> Any:
             outputs, record = _block.record(_original, *args, **kwargs)
             _out.append(record)
             return outputs

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -60,7 +61,7 @@ class StepCheckpoint(keras.callbacks.Callback):
         every_steps: int,
         max_to_keep: int = 2,
         verbose: int = 1,
-    ):
+    ) -> None:
         super().__init__()
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}.")
@@ -93,10 +94,10 @@ class StepCheckpoint(keras.callbacks.Callback):
         self._checkpoint.restore(latest).assert_existing_objects_matched()
         return int(optimizer.iterations.numpy())
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._saved_multiple = int(self._model.optimizer.iterations.numpy()) // self.every_steps
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         step = int(self._model.optimizer.iterations.numpy())
         if step // self.every_steps > self._saved_multiple:
             self.save()

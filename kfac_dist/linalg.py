@@ -71,7 +71,7 @@ def split_damping(pi: tf.Tensor, damping: tf.Tensor) -> tuple[tf.Tensor, tf.Tens
     return pi * root, root / pi
 
 
-def damped_inverse(factor: tf.Tensor, damping) -> tuple[tf.Tensor, tf.Tensor]:
+def damped_inverse(factor: tf.Tensor, damping: tf.Tensor | float) -> tuple[tf.Tensor, tf.Tensor]:
     """(F + damping·I)⁻¹ of one factor: see `damped_inverses`."""
     inverses, retries = damped_inverses([factor], tf.reshape(tf.cast(damping, factor.dtype), [1]))
     return inverses[0], retries[0]
@@ -116,11 +116,15 @@ def damped_inverses(
         )
         return inverse, accepted
 
-    def not_done(retries, extra, inverse, accepted):
+    def not_done(
+        retries: tf.Tensor, extra: tf.Tensor, inverse: tf.Tensor, accepted: tf.Tensor
+    ) -> tf.Tensor:
         # Every factor still pending has retried as often as the loop ran.
         return tf.reduce_any(tf.logical_and(retries < DAMPING_RETRIES, tf.logical_not(accepted)))
 
-    def retry(retries, extra, inverse, accepted):
+    def retry(
+        retries: tf.Tensor, extra: tf.Tensor, inverse: tf.Tensor, accepted: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         pending = tf.logical_not(accepted)
         extra = tf.where(pending, extra * DAMPING_RETRY_GROWTH, extra)
         attempted, attempt_accepted = attempt(extra)

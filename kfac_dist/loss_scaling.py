@@ -27,7 +27,9 @@ import keras
 import tensorflow as tf
 
 
-def inner_optimizer(optimizer: keras.optimizers.Optimizer | None):
+def inner_optimizer(
+    optimizer: keras.optimizers.Optimizer | None,
+) -> keras.optimizers.Optimizer | None:
     """The optimizer a `LossScaleOptimizer` wraps, or `optimizer` itself."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return optimizer.inner_optimizer

@@ -124,7 +124,7 @@ def _make_function(model: keras.Model, step_function: Callable[[Any], Any]) -> C
     check_steps_per_execution(model)
 
     @functools.wraps(step_function)
-    def step_with_vector_logs(data):
+    def step_with_vector_logs(data: Any) -> Any:
         return tf.nest.map_structure(_as_vector_if_scalar, step_function(data))
 
     return type(model)._make_function(model, step_with_vector_logs)
@@ -144,11 +144,11 @@ class Heartbeat(keras.callbacks.Callback):
     Outside a launched job it does nothing.
     """
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         heartbeat()
 
-    def on_test_batch_end(self, batch, logs=None):
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         heartbeat()
 
-    def on_predict_batch_end(self, batch, logs=None):
+    def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         heartbeat()

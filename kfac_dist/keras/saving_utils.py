@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
+from typing import Any
 
 import h5py
 import keras
@@ -20,7 +22,12 @@ from keras.src.saving import serialization_lib
 from kfac_dist.optimizer import Kfac
 
 
-def load_model(filepath, custom_objects=None, compile: bool = True, safe_mode: bool = True):
+def load_model(
+    filepath: str | os.PathLike[str],
+    custom_objects: dict[str, Any] | None = None,
+    compile: bool = True,
+    safe_mode: bool = True,
+) -> keras.Model:
     """Like `keras.models.load_model`, binding a saved Kfac to the loaded model."""
     model = keras.models.load_model(
         filepath, custom_objects=custom_objects, compile=False, safe_mode=safe_mode
@@ -52,7 +59,7 @@ def load_model(filepath, custom_objects=None, compile: bool = True, safe_mode: b
     return model
 
 
-def _kfac_config(optimizer_config: dict) -> dict | None:
+def _kfac_config(optimizer_config: dict[str, Any]) -> dict[str, Any] | None:
     """The saved Kfac's config, alone or inside a LossScaleOptimizer; None if no Kfac."""
     if optimizer_config.get("class_name") == "LossScaleOptimizer":
         optimizer_config = optimizer_config["config"]["inner_optimizer"]

@@ -88,7 +88,7 @@ class MeasuredCostModel:
         if kind == "diagonal":
             vector = tf.constant(rng.uniform(0.5, 1.5, n), dtype=self.dtype)
 
-            def invert():
+            def invert() -> tf.Tensor:
                 return tf.math.reciprocal(vector)
 
         else:
@@ -96,7 +96,7 @@ class MeasuredCostModel:
             matrix = tf.constant(x @ x.T / n + np.eye(n), dtype=self.dtype)
             identity = tf.eye(n, dtype=self.dtype)
 
-            def invert():
+            def invert() -> tf.Tensor:
                 if self.method == "eigen":
                     return tf.linalg.eigh(matrix)[1]
                 return tf.linalg.cholesky_solve(tf.linalg.cholesky(matrix), identity)

@@ -6,7 +6,7 @@ import heapq
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from kfac_dist.options import BuiltinPlacement
 
@@ -60,7 +60,7 @@ def check_owners(
         raise ValueError(
             f"Placement policy {name!r} returned {length} owners for {num_units} units."
         )
-    checked = []
+    checked: list[int | None] = []
     for i, owner in enumerate(owners):
         if owner is None:
             checked.append(None)
@@ -147,7 +147,7 @@ def resolve_policy(policy: str | PlacementPolicy) -> PlacementPolicy:
     # A class has an `assign` attribute too, but calling it unbound fails later.
     is_instance = not isinstance(policy, (str, type))
     if is_instance and callable(getattr(policy, "assign", None)):
-        return policy
+        return cast(PlacementPolicy, policy)
     hint = ""
     if isinstance(policy, type):
         hint = f" (got the class {policy.__name__}; pass an instance)"

@@ -1,10 +1,10 @@
 """The cross-replica context: every collective K-FAC issues, counted.
 
-K-FAC adds three kinds of communication to a step (DESIGN.md §3): the gradient
-all-reduce (Keras' own, routed here only to be counted), the packed factor
-sync and the sharing of inverses. Each context implements the collectives of
-one strategy family in replica context; this base class packs many tensors
-into one flat buffer and keeps per-replica counters of calls and bytes.
+K-FAC adds three kinds of communication to a step: the gradient all-reduce
+(Keras' own, routed here only to be counted), the packed factor sync and the
+sharing of inverses. Each context implements the collectives of one strategy
+family in replica context; this base class packs many tensors into one flat
+buffer and keeps per-replica counters of calls and bytes.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class CrossReplicaContext(abc.ABC):
     # --- reading the counters (outside replica context) --------------------
     def counts(self, replica: int = 0) -> dict[str, dict[str, int]]:
         """Calls and bytes per kind, as seen by one replica of this process."""
-        out = {}
+        out: dict[str, dict[str, int]] = {}
         for kind in KINDS:
             calls = self.strategy.experimental_local_results(self._calls[kind])
             nbytes = self.strategy.experimental_local_results(self._bytes[kind])

@@ -19,6 +19,7 @@ import collections
 import itertools
 import weakref
 import zlib
+from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.distribute import collective_util, cross_device_utils, device_util
@@ -66,14 +67,15 @@ class _StableKeyLauncher(cross_device_utils.CollectiveReplicaLauncher):
     equal shapes, so two functions can never pair mismatched collectives.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # One counter per traced function; a retrace gets a fresh graph.
-        self._ordinals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._ordinals: weakref.WeakKeyDictionary[func_graph.FuncGraph, collections.Counter[str]]
+        self._ordinals = weakref.WeakKeyDictionary()
         self._role = "collective"
         self._keys: dict[int, str] = {}
 
-    def _use_unique_instance_key(self):
+    def _use_unique_instance_key(self) -> bool:
         return False
 
     def key_for(self, role: str) -> int | None:
@@ -96,7 +98,7 @@ class _StableKeyLauncher(cross_device_utils.CollectiveReplicaLauncher):
         self._role = role
         return self
 
-    def _next_instance_key(self):
+    def _next_instance_key(self) -> int:
         key = self.key_for(self._role)
         if key is None:  # eager: TensorFlow's own counter, in call order
             return super()._next_instance_key()
@@ -156,13 +158,13 @@ class CollectiveContext(CrossReplicaContext):
         device = launcher._device  # noqa: SLF001
         timeout = self.timeout_seconds or 0
 
-        def send():
+        def send() -> tf.Tensor:
             with tf.device(device):
                 return collective_ops.broadcast_send_v2(
                     buffer, self.num_replicas, group_key, instance_key, timeout=timeout
                 )
 
-        def receive():
+        def receive() -> tf.Tensor:
             with tf.device(device):
                 return collective_ops.broadcast_recv_v2(
                     tf.shape(buffer),
