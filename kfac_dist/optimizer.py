@@ -64,6 +64,22 @@ class KfacState:
         return [i for indices in self.block_indices for i in indices]
 
 
+class _Hyperparameter:
+    """A hyperparameter kept in a variable: reads give the variable, writes assign it.
+
+    Only those given when the optimizer was made can change (`Kfac.mutable_hyperparameters`).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, kfac: Any, owner: type | None = None) -> Any:
+        return self if kfac is None else getattr(kfac, f"_{self.name}")
+
+    def __set__(self, kfac: Kfac, value: Any) -> None:
+        kfac._set_hyperparameter(self.name, value)  # noqa: SLF001
+
+
 @keras.saving.register_keras_serializable(package="kfac_dist")
 class Kfac(keras.optimizers.Optimizer):
     """K-FAC (Martens & Grosse 2015) as a Keras 3 optimizer.
@@ -350,45 +366,11 @@ class Kfac(keras.optimizers.Optimizer):
             )
         getattr(self, f"_{name}").assign(value)
 
-    @property
-    def damping(self) -> keras.Variable:
-        return self._damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        self._set_hyperparameter("damping", value)
-
-    @property
-    def momentum(self) -> keras.Variable:
-        return self._momentum
-
-    @momentum.setter
-    def momentum(self, value: float) -> None:
-        self._set_hyperparameter("momentum", value)
-
-    @property
-    def weight_decay_coeff(self) -> keras.Variable:
-        return self._weight_decay_coeff
-
-    @weight_decay_coeff.setter
-    def weight_decay_coeff(self, value: float) -> None:
-        self._set_hyperparameter("weight_decay_coeff", value)
-
-    @property
-    def norm_constraint(self) -> keras.Variable:
-        return self._norm_constraint
-
-    @norm_constraint.setter
-    def norm_constraint(self, value: float) -> None:
-        self._set_hyperparameter("norm_constraint", value)
-
-    @property
-    def batch_size(self) -> keras.Variable:
-        return self._batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self._set_hyperparameter("batch_size", value)
+    damping = _Hyperparameter()
+    momentum = _Hyperparameter()
+    weight_decay_coeff = _Hyperparameter()
+    norm_constraint = _Hyperparameter()
+    batch_size = _Hyperparameter()
 
     @property
     def seed(self) -> keras.Variable:
