@@ -76,7 +76,7 @@ def adapt_damping(
     return tf.maximum(damping, tf.constant(min_damping, damping.dtype))
 
 
-def model_state(model) -> list[tf.Tensor]:
+def model_state(model: keras.Model) -> list[tf.Tensor]:
     """A snapshot of the model's non-trainable state: random seeds, BN moments."""
     return [tf.identity(v.value) for v in model.non_trainable_variables]
 
@@ -101,7 +101,12 @@ def measurement(model: keras.Model, start: Sequence[tf.Tensor] | None = None) ->
 
 
 def output_tangents(
-    model, x, variables, tangents, output_losses, start=None
+    model: keras.Model,
+    x: Any,
+    variables: Sequence[Any],
+    tangents: Sequence[tf.Tensor],
+    output_losses: Sequence[OutputLoss | None],
+    start: Sequence[tf.Tensor] | None = None,
 ) -> tuple[list[tf.Tensor | None], list[tf.Tensor | None]]:
     """J v: the tangent of each output's natural parameters for a weight tangent v.
 
@@ -124,10 +129,16 @@ def output_tangents(
 
 
 def fisher_products(
-    output_losses, etas, tangents_a, tangents_b, sample_weights, batch_size
+    output_losses: Sequence[OutputLoss | None],
+    etas: Sequence[tf.Tensor | None],
+    tangents_a: Sequence[tf.Tensor | None],
+    tangents_b: Sequence[tf.Tensor | None],
+    sample_weights: Sequence[Any],
+    batch_size: tf.Tensor,
 ) -> tf.Tensor:
     """aᵀ F b = Σ_outputs (J a)ᵀ ∇²_η L (J b), L the local batch's compiled loss."""
-    total = tf.constant(0.0, tf.float64 if etas[0].dtype == tf.float64 else tf.float32)
+    dtypes = {eta.dtype for eta in etas if eta is not None}
+    total = tf.constant(0.0, tf.float64 if tf.float64 in dtypes else tf.float32)
     for loss, eta, ja, jb, weight in zip(
         output_losses, etas, tangents_a, tangents_b, sample_weights
     ):
@@ -138,7 +149,7 @@ def fisher_products(
     return total / tf.cast(batch_size, total.dtype)
 
 
-def flat_dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor], dtype) -> tf.Tensor:
+def flat_dot(a: Sequence[Any], b: Sequence[Any], dtype: Any) -> tf.Tensor:
     return tf.add_n([tf.reduce_sum(tf.cast(x, dtype) * tf.cast(y, dtype)) for x, y in zip(a, b)])
 
 

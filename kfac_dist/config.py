@@ -83,7 +83,8 @@ class KfacConfig:
     mutable: tuple[str, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
-        _require(self.damping is not None, "Kfac needs damping=λ > 0 (e.g. damping=0.01).")
+        if self.damping is None:
+            raise ValueError("Kfac needs damping=λ > 0 (e.g. damping=0.01).")
         momentum_type = self.momentum_type or (QMODEL if self.adaptive else REGULAR)
         _one_of("momentum_type", momentum_type, MOMENTUM_TYPES)
         adapt_damping = bool(self.adapt_damping or self.adaptive)
@@ -126,7 +127,8 @@ class KfacConfig:
             f"damping_adaptation_decay must be in (0, 1), got {self.damping_adaptation_decay}.",
         )
         _require(float(self.min_damping) >= 0, f"min_damping must be >= 0, got {self.min_damping}.")
-        _require(float(self.damping) > 0, f"damping must be > 0, got {self.damping}.")
+        damping = float(self.damping)
+        _require(damping > 0, f"damping must be > 0, got {self.damping}.")
         _require(0 <= float(momentum) < 1, f"momentum must be in [0, 1), got {momentum}.")
         _require(
             self.weight_decay_coeff is None or float(self.weight_decay_coeff) >= 0,
@@ -178,7 +180,7 @@ class KfacConfig:
             "momentum": float(momentum),
             "momentum_type": momentum_type,
             "adapt_damping": adapt_damping,
-            "damping": float(self.damping),
+            "damping": damping,
             "damping_adaptation_interval": int(self.damping_adaptation_interval),
             "damping_adaptation_decay": float(self.damping_adaptation_decay),
             "min_damping": float(self.min_damping),

@@ -105,7 +105,7 @@ class OutputLoss:
         return tf.nn.softmax(eta)
 
     # --- output-space vectors ---------------------------------------------
-    def effective_weights(self, y_pred: tf.Tensor, sample_weight) -> tf.Tensor | None:
+    def effective_weights(self, y_pred: tf.Tensor, sample_weight: Any) -> tf.Tensor | None:
         """The weights Keras gives each loss element: sample weights times the mask.
 
         A Keras mask on the prediction (`Embedding(mask_zero=True)`,
@@ -118,7 +118,7 @@ class OutputLoss:
             return sample_weight
         return apply_mask(sample_weight, mask, curvature_dtype(), self.reduction)
 
-    def element_scale(self, eta: tf.Tensor, sample_weight) -> tf.Tensor:
+    def element_scale(self, eta: tf.Tensor, sample_weight: Any) -> tf.Tensor:
         """c = b·∂L/∂ℓ-element per loss element (shape η minus last axis).
 
         Mean reductions: weight·w/T (L divides by the b·T elements of the
@@ -145,7 +145,9 @@ class OutputLoss:
             w = w[..., tf.newaxis]
         return scale * w
 
-    def vectors(self, eta, y_true, sample_weight, mode: str, seed) -> list[tf.Tensor]:
+    def vectors(
+        self, eta: tf.Tensor, y_true: Any, sample_weight: Any, mode: str, seed: tf.Tensor
+    ) -> list[tf.Tensor]:
         """The u columns for this output, each shaped like η (gradient-free).
 
         Exact mode: Σ_columns u uᵀ is the loss Hessian, which is block-diagonal
@@ -169,7 +171,9 @@ class OutputLoss:
             columns = [self._sampled_gradient(eta, mean, width, seed)]
         return [tf.stop_gradient(root * c) for c in columns]
 
-    def hessian_product(self, eta, a, b, sample_weight) -> tf.Tensor:
+    def hessian_product(
+        self, eta: tf.Tensor, a: tf.Tensor, b: tf.Tensor, sample_weight: Any
+    ) -> tf.Tensor:
         """Σ over loss elements of c·aᵀ H b: b × (a ∇²_η L b) for tangents a, b of η."""
         mean = self._mean(eta)
         width = eta.shape[-1]
@@ -183,7 +187,7 @@ class OutputLoss:
             per_element = tf.reduce_sum(mean * a * b, -1) - pa * pb
         return tf.reduce_sum(self.element_scale(eta, sample_weight) * per_element)
 
-    def _hessian_root_column(self, mean, k: int, width: int) -> tf.Tensor:
+    def _hessian_root_column(self, mean: tf.Tensor, k: int, width: int) -> tf.Tensor:
         unit = tf.one_hot(k, width, dtype=mean.dtype)
         if self.kind == MSE:
             return tf.broadcast_to(unit, tf.shape(mean)) * (2.0 / width) ** 0.5
@@ -193,7 +197,9 @@ class OutputLoss:
         # Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − ppᵀ, the softmax Hessian.
         return tf.sqrt(mean[..., k : k + 1]) * (unit - mean)
 
-    def _sampled_gradient(self, eta, mean, width: int, seed) -> tf.Tensor:
+    def _sampled_gradient(
+        self, eta: tf.Tensor, mean: tf.Tensor, width: int, seed: tf.Tensor
+    ) -> tf.Tensor:
         if self.kind == MSE:
             noise = tf.random.stateless_normal(tf.shape(eta), seed, dtype=eta.dtype)
             return noise * (2.0 / width) ** 0.5
@@ -208,7 +214,7 @@ class OutputLoss:
         onehot = tf.reshape(tf.one_hot(draw, width, dtype=mean.dtype), tf.shape(mean))
         return mean - onehot
 
-    def _label_gradient(self, mean, y_true, width: int) -> tf.Tensor:
+    def _label_gradient(self, mean: tf.Tensor, y_true: Any, width: int) -> tf.Tensor:
         if self.kind == SPARSE_CATEGORICAL:
             labels = tf.cast(y_true, tf.int32)
             if labels.shape.rank == mean.shape.rank:
@@ -248,7 +254,7 @@ def _position_indicators(eta: tf.Tensor) -> list[tf.Tensor]:
     return [tf.reshape(tf.one_hot(p, count, dtype=eta.dtype), shape) for p in range(count)]
 
 
-def output_loss(loss, weight: float | None = 1.0) -> OutputLoss:
+def output_loss(loss: Any, weight: float | None = 1.0) -> OutputLoss:
     """Resolves a string, a `keras.losses` object or function to an `OutputLoss`."""
     resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
     fn = getattr(resolved, "fn", resolved)
@@ -327,7 +333,7 @@ def resolve_output_losses(
     for index in range(num_outputs):
         name = names[index] if index < len(names) else None
         if index in manual or name in manual:
-            entry, weight = manual.get(index, manual.get(name))
+            entry, weight = manual[index] if index in manual else manual[name]
         else:
             entry = _pick(loss, index, name, num_outputs, "loss")
             weight = _pick(weights, index, name, num_outputs, "loss_weights")

@@ -152,6 +152,8 @@ class Kfac(keras.optimizers.Optimizer):
     """
 
     is_kfac = True
+    built: bool
+    state: KfacState
 
     def __init__(
         self,
@@ -207,7 +209,7 @@ class Kfac(keras.optimizers.Optimizer):
             self._seed = self._hyper_variable("seed", int(seed), "int64")
         self._model_ref: weakref.ref | None = None
         self._output_losses: list[losses_lib.OutputLoss | None] | None = None
-        self.curvature: curvature_lib.Curvature | None = None
+        self._curvature: curvature_lib.Curvature | None = None
         self._traced_update = False  # whether a traced step holds K-FAC's state
         if model is not None:
             self.bind(model)
@@ -226,10 +228,24 @@ class Kfac(keras.optimizers.Optimizer):
         self._track_variable(variable)
         return variable
 
+    @property
+    def curvature(self) -> curvature_lib.Curvature:
+        """The factors and inverses of every block (made when the optimizer is built)."""
+        if self._curvature is None:
+            raise ValueError(
+                "This Kfac is not built yet: it registers the model's layers when built, "
+                "at the first fit step or with optimizer.build(model.trainable_variables)."
+            )
+        return self._curvature
+
     # --- the model ------------------------------------------------------------
     @property
     def model(self) -> keras.Model | None:
         return self._model_ref() if self._model_ref is not None else None
+
+    def trains(self, model: keras.Model) -> bool:
+        """Whether this optimizer is bound to `model`."""
+        return self.model is model
 
     def bind(self, model: keras.Model) -> None:
         """Binds to `model`: its strategy, its train step, its layers."""
@@ -280,7 +296,7 @@ class Kfac(keras.optimizers.Optimizer):
             layer_collection=config.layer_collection,
             variables=var_list,
         )
-        self.curvature = curvature_lib.Curvature(
+        self._curvature = curvature_lib.Curvature(
             blocks,
             self.context,
             inverse_method=config.inverse_method,
@@ -290,7 +306,7 @@ class Kfac(keras.optimizers.Optimizer):
             sharing=config.inverse_sharing,
         )
         add = curvature_lib.per_replica_variable(self)
-        self.curvature.build(add)
+        self._curvature.build(add)
         self.state = KfacState(
             velocities=[self.add_variable_from_reference(v, "velocity") for v in var_list],
             # F̂v for each velocity v: the KL clip of a momentum step needs ⟨v, F̂v⟩.
@@ -303,7 +319,7 @@ class Kfac(keras.optimizers.Optimizer):
             qmodel_state=add((4,), "qmodel_state"),
             skipped_updates=add((), "skipped_updates", "int64"),
             block_indices=[[self._get_variable_index(v) for v in b.variables] for b in blocks],
-            statistic_sums=accumulation.StatisticSums(self.curvature, add)
+            statistic_sums=accumulation.StatisticSums(self._curvature, add)
             if config.gradient_accumulation_steps
             else None,
         )
@@ -323,7 +339,7 @@ class Kfac(keras.optimizers.Optimizer):
                 "MultiOptimizer before the first step (compile with it, then fit)."
             )
         del self._variables[self._first_state_variable :]
-        self._trainable_variables_indices = {}
+        self._trainable_variables_indices: dict[str, int] = {}
         self.built = False
         self.build(var_list)
 
@@ -563,56 +579,16 @@ class Kfac(keras.optimizers.Optimizer):
     def placement_report(self, as_dict: bool = False) -> str | dict:
         """Who inverts which factor, at what cost, and what each replica holds and moves.
 
-        One row per replica: the factors it inverts and shares, their cost
-        under the plan's cost model and its share of the total, and its K-FAC
-        memory — the persistent state (factor sums, their last-good copies,
-        inverse payloads) apart from the transient buffers of the factor sync
-        and of the inverse sharing. The footer gives the bytes each replica
-        hands in to those two collectives. A table for logs, or with
-        `as_dict=True` a JSON-ready dict.
+        A table for logs, or with `as_dict=True` a JSON-ready dict (see
+        `placement.report.curvature_report`).
         """
-        if self.curvature is None:
+        if self._curvature is None:
             raise ValueError(
                 "placement_report needs a built Kfac: the placement is made when the "
                 "optimizer is built, at the first fit step or with "
                 "optimizer.build(model.trainable_variables)."
             )
-        curvature = self.curvature
-        plan = curvature.plan
-        dtype = tf.as_dtype(curvature.weight_sum.dtype)
-        sync_bytes = report.factor_sync_bytes(
-            curvature.units, dtype.size, weight_floats=int(np.prod(curvature.weight_sum.shape))
-        )
-        sharing = curvature.sharing
-        # Every replica holds every factor and every (shared) inverse.
-        memory = report.ReplicaMemory(
-            factor_sums=self._placement_bytes([*curvature.factor_sums, curvature.weight_sum]),
-            last_good=self._placement_bytes([*curvature.good_sums, curvature.good_weight]),
-            inverses=self._placement_bytes([v for p in curvature.payloads for v in p]),
-            sync_buffer=sync_bytes,
-            share_buffer=sharing.buffer,
-        )
-        reported = dict(
-            bytes_per_factor_sync=sync_bytes,
-            bytes_per_inverse_share=sharing.sent,
-            sharing_method=curvature.sharing_method,
-            sharing_collectives=sharing.collectives,
-            memory_per_replica=[memory] * plan.num_replicas,
-        )
-        if not as_dict:
-            return report.format_placement_table(plan, **reported)
-        return {
-            **report.plan_to_dict(plan, **reported),
-            "inverse_method": curvature.inverse_method,
-            "factor_sync": curvature.factor_sync,
-            "dtype": dtype.name,
-        }
-
-    @staticmethod
-    def _placement_bytes(variables) -> int:
-        return sum(
-            int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size for v in variables
-        )
+        return report.curvature_report(self.curvature, as_dict)
 
     # --- saving ----------------------------------------------------------------------
     def sync_factors(self) -> None:
@@ -622,7 +598,7 @@ class Kfac(keras.optimizers.Optimizer):
         it, at the same step. `StepCheckpoint` does, before each save, so that
         replica 0's copy is every replica's state and a resume is exact.
         """
-        if self.curvature is None:
+        if self._curvature is None:
             return
         if getattr(self, "_sync_function", None) is None:
             strategy = self.context.strategy

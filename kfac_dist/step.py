@@ -48,6 +48,7 @@ INVERSE_UPDATE_SCOPE = "kfac_inverse_update"
 class StepInputs:
     """What phases 1–3 hand to the update: one replica's batch, loss and statistics."""
 
+    model: keras.Model
     x: Any
     y_pred: Any
     #: Each output's effective weights: its sample weights times its Keras mask.
@@ -93,7 +94,7 @@ class _Directions:
 def kfac_of(optimizer: keras.optimizers.Optimizer | None) -> Kfac | None:
     """The Kfac that trains (part of) a model: its optimizer, or the one in its MultiOptimizer."""
     if getattr(optimizer, "is_kfac", False):
-        return optimizer  # type: ignore[return-value]
+        return optimizer
     if not isinstance(optimizer, keras.optimizers.MultiOptimizer):
         return None
     members = [o for o in optimizer.optimizers if getattr(o, "is_kfac", False)]
@@ -118,7 +119,7 @@ def kfac_train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     # Kfac, a MultiOptimizer holding it, or the LossScaleOptimizer mixed_float16 wraps it in.
     optimizer = model.optimizer
     kfac = kfac_of(loss_scaling.inner_optimizer(optimizer))
-    if kfac is None or kfac.model is not model:
+    if kfac is None or not kfac.trains(model):
         # Keras' own step: `type(model).train_step` may be a user step that called this hook.
         return keras.Model.train_step(model, data)
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
@@ -200,6 +201,7 @@ def kfac_train_step(model: keras.Model, data: Any) -> dict[str, Any]:
         is_statistics_step = tf.equal(index % config.cov_update_every, 0)
         statistics = tf.cond(is_statistics_step, batch_statistics, curvature.empty_statistics)
     inputs = StepInputs(
+        model=model,
         x=x,
         y_pred=y_pred,
         sample_weights=effective_weights,
@@ -225,7 +227,7 @@ def kfac_train_step(model: keras.Model, data: Any) -> dict[str, Any]:
 
         def adapt() -> tf.Operation:
             after = adaptive.compiled_loss(model, x, y, sample_weight, start_state)
-            _adapt_damping(kfac, after, outcome.loss_before)
+            _adapt_damping(kfac, model, after, outcome.loss_before)
             return tf.no_op()
 
         tf.cond(adapt_now, adapt, tf.no_op)
@@ -457,7 +459,7 @@ def _qmodel_coefficients(
     kept = [i for i in range(len(variables)) if directions[i] is not None]
     decay = kfac.weight_decay_coeff if config.coupled_weight_decay else None
     qmodel = adaptive.qmodel_coefficients(
-        kfac.model,
+        inputs.model,
         inputs.x,
         inputs.start_state,
         inputs.sample_weights,
@@ -480,7 +482,9 @@ def _qmodel_coefficients(
     return qmodel.alpha, qmodel.mu, qmodel.loss_before
 
 
-def _adapt_damping(kfac: Kfac, loss_after: tf.Tensor, loss_before: tf.Tensor | None) -> None:
+def _adapt_damping(
+    kfac: Kfac, model: keras.Model, loss_after: tf.Tensor, loss_before: tf.Tensor | None
+) -> None:
     """Levenberg–Marquardt on ρ = (L(θ+v) − L(θ)) / q(v), with this replica's `loss_after`.
 
     One small all-reduce averages `loss_after` (the compiled loss, Keras'
@@ -494,7 +498,7 @@ def _adapt_damping(kfac: Kfac, loss_after: tf.Tensor, loss_before: tf.Tensor | N
         loss_after,
         loss_before,
         state[2],
-        variables=kfac.model.trainable_variables,
+        variables=model.trainable_variables,
         weight_decay=decay,
         context=kfac.context,
     )
@@ -525,7 +529,9 @@ def _accumulated_directions(
     accumulators = kfac.gradient_accumulators(variables)
     sums = [tf.convert_to_tensor(a) + g for a, g in zip(accumulators, grads)]
     statistics, is_statistics_step, is_inverse_step = _curvature_schedule(kfac, inputs)
-    statistics = kfac.state.statistic_sums.add(statistics)
+    statistic_sums = kfac.state.statistic_sums
+    assert statistic_sums is not None  # made by `build` with gradient accumulation
+    statistics = statistic_sums.add(statistics)
     is_update_step = tf.equal((kfac._iterations + 1) % steps, 0)  # noqa: SLF001
     position = {index: i for i, index in enumerate(kfac.variable_indices(variables))}
     registered = [position[i] for indices in kfac.state.block_indices for i in indices]
@@ -541,7 +547,7 @@ def _accumulated_directions(
             (statistics, is_statistics_step, is_inverse_step),
             conditional=True,
         )
-        kfac.state.statistic_sums.reset()
+        statistic_sums.reset()
         return (
             result.directions,
             result.scale,

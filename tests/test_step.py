@@ -44,10 +44,11 @@ def setting(float64):
     return model, optimizer, a, g, grads
 
 
-def _inputs(optimizer, statistics, index):
+def _inputs(model, optimizer, statistics, index):
     curvature = optimizer.curvature
     batch = tf.constant(BATCH)
     return StepInputs(
+        model=model,
         x=None,
         y_pred=None,
         sample_weights=[None],
@@ -64,7 +65,7 @@ def _inputs(optimizer, statistics, index):
 def _apply(model, optimizer, grads, statistics=None, index=0):
     @tf.function
     def run():
-        inputs = None if statistics is None else _inputs(optimizer, statistics, index)
+        inputs = None if statistics is None else _inputs(model, optimizer, statistics, index)
         outcome = optimizer.apply_step(
             [tf.constant(g) for g in grads], model.trainable_variables, inputs
         )

@@ -5,10 +5,16 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from kfac_dist.options import SHARING_METHODS
 from kfac_dist.placement.plan import PlacementPlan
 from kfac_dist.placement.units import InversionUnit, check_method
+
+if TYPE_CHECKING:  # the curvature needs TensorFlow; its report does not
+    from kfac_dist.curvature import Curvature
 
 
 def format_bytes(num_bytes: int) -> str:
@@ -349,3 +355,50 @@ def _abbreviate(names: Sequence[str], width: int) -> str:
         if len(text) <= width:
             return text
     return text
+
+
+def curvature_report(curvature: Curvature, as_dict: bool = False) -> str | dict[str, Any]:
+    """The placement report of a built `Curvature` (what `Kfac.placement_report` returns).
+
+    One row per replica: the factors it inverts and shares, their cost
+    under the plan's cost model and its share of the total, and its K-FAC
+    memory — the persistent state (factor sums, their last-good copies,
+    inverse payloads) apart from the transient buffers of the factor sync
+    and of the inverse sharing. The footer gives the bytes each replica
+    hands in to those two collectives.
+    """
+    plan = curvature.plan
+    dtype = np.dtype(curvature.weight_sum.dtype)
+    sync_bytes = factor_sync_bytes(
+        curvature.units, dtype.itemsize, weight_floats=int(np.prod(curvature.weight_sum.shape))
+    )
+    sharing = curvature.sharing
+    # Every replica holds every factor and every (shared) inverse.
+    memory = ReplicaMemory(
+        factor_sums=_variable_bytes([*curvature.factor_sums, curvature.weight_sum]),
+        last_good=_variable_bytes([*curvature.good_sums, curvature.good_weight]),
+        inverses=_variable_bytes([v for p in curvature.payloads for v in p]),
+        sync_buffer=sync_bytes,
+        share_buffer=sharing.buffer,
+    )
+    reported: dict[str, Any] = dict(
+        bytes_per_factor_sync=sync_bytes,
+        bytes_per_inverse_share=sharing.sent,
+        sharing_method=curvature.sharing_method,
+        sharing_collectives=sharing.collectives,
+        memory_per_replica=[memory] * plan.num_replicas,
+    )
+    if not as_dict:
+        return format_placement_table(plan, **reported)
+    return {
+        **plan_to_dict(plan, **reported),
+        "inverse_method": curvature.inverse_method,
+        "factor_sync": curvature.factor_sync,
+        "dtype": dtype.name,
+    }
+
+
+def _variable_bytes(variables: Sequence[Any]) -> int:
+    return sum(
+        int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in variables
+    )
