@@ -31,12 +31,15 @@ setup(
     # The commands a user runs (scripts/ holds the same entry points as files).
     entry_points={
         "console_scripts": [
-            "kfac-train=kfac_dist.jobs.commands:train",
-            "kfac-train-tpu=kfac_dist.jobs.commands:train_tpu",
+            "kfac-train=kfac_dist.jobs.train:main",
+            "kfac-train-tpu=kfac_dist.jobs.train_tpu:main",
             "kfac-launch=kfac_dist.jobs.launch:main",
             "kfac-main-job=kfac_dist.jobs.main_job:main",
+            "kfac-benchmark-autoencoder=kfac_dist.jobs.autoencoder_benchmark:main",
+            "kfac-benchmark-placement=kfac_dist.jobs.placement_benchmark:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
+            "kfac-tune-placement=kfac_dist.jobs.tuner:main",
         ]
     },
     extras_require={

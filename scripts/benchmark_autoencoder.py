@@ -1,118 +1,17 @@
-"""Command line of the MNIST autoencoder benchmark: K-FAC against Adam in one run.
+"""The MNIST autoencoder benchmark: K-FAC against Adam in one run
+(kfac_dist/jobs/autoencoder_benchmark.py).
 
     python scripts/benchmark_autoencoder.py                    # K-FAC at the default point
     python scripts/benchmark_autoencoder.py --grid             # K-FAC at every grid point
     python scripts/benchmark_autoencoder.py --adaptive         # adaptive K-FAC
     python scripts/benchmark_autoencoder.py --steps 300 --json results.json
 
-The logic lives in `kfac_dist.jobs.benchmarks`; see BENCHMARKS.md for results.
+Same as `kfac-benchmark-autoencoder`; see BENCHMARKS.md for results.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from kfac_dist.jobs import benchmarks
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="steps for both optimizers")
-    parser.add_argument("--kfac-steps", type=int, default=600)
-    parser.add_argument(
-        "--adam-steps",
-        type=int,
-        default=2500,
-        help="Adam's step cap (a threshold not reached by then is reported as such)",
-    )
-    parser.add_argument(
-        "--grid",
-        action="store_true",
-        help="run K-FAC at each point of kfac_dist.jobs.benchmarks.KFAC_GRID "
-        "(learning_rate × damping × norm_constraint) and compare the best with Adam",
-    )
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--damping", type=float)
-    parser.add_argument("--norm-constraint", type=float)
-    parser.add_argument("--no-adam", action="store_true", help="K-FAC runs only")
-    parser.add_argument(
-        "--adaptive",
-        action="store_true",
-        help="run adaptive K-FAC (kfac_dist.jobs.benchmarks.KFAC_ADAPTIVE: Levenberg-Marquardt "
-        "damping, quadratic-model momentum) instead of the fixed default point",
-    )
-    parser.add_argument(
-        "--interleave-rounds",
-        type=int,
-        default=6,
-        help="after the runs, time Adam and the best K-FAC in this many alternating "
-        "blocks of 20 steps (a step-time ratio that holds up under load; 0: skip)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--init",
-        default="glorot_uniform",
-        help="kernel initializer of the autoencoder: glorot_uniform (Keras' default) "
-        "or lecun_normal (Haiku's, as in kfac-jax's runs)",
-    )
-    parser.add_argument("--batch-size", type=int, default=benchmarks.BATCH_SIZE)
-    parser.add_argument("--data-dir", help="a tensorflow-datasets data directory")
-    parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.steps is not None:
-        args.kfac_steps = args.adam_steps = args.steps
-    return args
-
-
-def main(argv=None) -> int:
-    from kfac_dist.jobs import benchmarks
-
-    args = parse_args(argv)
-    point = dict(benchmarks.KFAC_ADAPTIVE if args.adaptive else benchmarks.KFAC_DEFAULT)
-    keys = ("damping",) if args.adaptive else ("learning_rate", "damping", "norm_constraint")
-    for key in keys:
-        if getattr(args, key) is not None:
-            point[key] = getattr(args, key)
-    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = benchmarks.run_benchmark(
-        kfac_steps=args.kfac_steps,
-        adam_steps=args.adam_steps,
-        grid=benchmarks.KFAC_GRID if args.grid else None,
-        kfac_point=point,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        kernel_initializer=args.init,
-        run_adam=not args.no_adam,
-        interleave_rounds=args.interleave_rounds,
-        progress=progress,
-    )
-    print(benchmarks.report(result))
-    if args.json:
-        payload = {k: v for k, v in result.items() if not k.startswith("_")}
-        payload["runs"] = [
-            {
-                **r.summary(),
-                "losses": r.losses,
-                "step_seconds": r.step_seconds,
-                "cpu_seconds": r.cpu_seconds,
-            }
-            for r in result["_runs"]
-        ]
-        text = json.dumps(payload, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text)
-    return 0
-
+from kfac_dist.jobs.autoencoder_benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -253,17 +253,25 @@ def test_batches_cycle_through_fresh_permutations_with_a_fixed_seed():
 
 
 def test_cli_steps_sets_both_step_counts():
-    import importlib.util
-    from pathlib import Path
+    from kfac_dist.jobs import autoencoder_benchmark as cli
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_autoencoder.py"
-    spec = importlib.util.spec_from_file_location("benchmark_autoencoder", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     args = cli.parse_args(["--steps", "7", "--grid", "--json", "-"])
     assert (args.kfac_steps, args.adam_steps, args.grid, args.json) == (7, 7, True, "-")
     defaults = cli.parse_args([])
     assert defaults.adam_steps > defaults.kfac_steps
+
+
+def test_cli_flags_override_the_kfac_point_of_the_preset():
+    from kfac_dist.jobs import autoencoder_benchmark as cli
+
+    point = cli.kfac_point(cli.parse_args(["--damping", "0.1", "--norm-constraint", "1"]))
+    assert point == {**benchmarks.KFAC_DEFAULT, "damping": 0.1, "norm_constraint": 1.0}
+    adaptive = cli.kfac_point(cli.parse_args(["--adaptive", "--damping", "0.5"]))
+    assert adaptive == {**benchmarks.KFAC_ADAPTIVE, "damping": 0.5}
+    # The adaptive preset takes no learning rate: the flag is left out.
+    assert "learning_rate" not in cli.kfac_point(
+        cli.parse_args(["--adaptive", "--learning-rate", "2"])
+    )
 
 
 def test_interleaved_timing_alternates_blocks_and_skips_the_warmup_round():

@@ -21,6 +21,7 @@ This module uses the standard library only: it never imports TensorFlow.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -292,12 +293,14 @@ class WorkerGroup:
 def _forward_lines(
     process: subprocess.Popen[bytes], index: int, on_line: Callable[[int, str], None]
 ) -> None:
-    assert process.stdout is not None
+    # A buffered pipe (Popen's default bufsize): read1 returns what is there, at once.
+    stream = process.stdout
+    assert isinstance(stream, io.BufferedReader)
     pending = b""
-    with process.stdout:
+    with stream:
         # Segments end at "\n" or at "\r": Keras redraws its progress bar with
         # "\r", and forwarding each redraw at once keeps the bars live.
-        while chunk := process.stdout.read1(4096):
+        while chunk := stream.read1(4096):
             pending += chunk
             while (cut := _segment_end(pending)) >= 0:
                 segment, end, pending = pending[:cut], pending[cut : cut + 1], pending[cut + 1 :]

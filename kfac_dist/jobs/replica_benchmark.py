@@ -3,9 +3,10 @@
 Two settings, each measured back to back for both optimizers: MirroredStrategy
 over 2 logical CPUs in this process, and MultiWorkerMirroredStrategy with 2
 local worker processes (started with kfac_dist.jobs.launch; each writes its step
-times to a JSON file). The autoencoder of DESIGN.md §7 with batch 500 on
-MNIST-5k. Also reported, from `Kfac.placement_report`: each replica's share
-of the inversion cost and the bytes it hands in, per placement policy.
+times to a JSON file). The MNIST autoencoder (784-512-256-32-256-512-784,
+tanh; kfac_dist/jobs/examples/autoencoder.py) with batch 500 on MNIST-5k.
+Also reported, from `Kfac.placement_report`: each replica's share of the
+inversion cost and the bytes it hands in, per placement policy.
 
     python scripts/benchmark_replicas.py [--steps 40] [--json out.json]
 """
@@ -57,7 +58,7 @@ def _train(strategy, optimizer_name: str, steps: int, placement: str = "round_ro
             )
         autoencoder.compile_autoencoder(model, optimizer)
     times: list[float] = []
-    clock = {}
+    clock: dict[str, float] = {}
     timer = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda batch, logs: clock.update(start=time.perf_counter()),
         on_train_batch_end=lambda batch, logs: times.append(time.perf_counter() - clock["start"]),

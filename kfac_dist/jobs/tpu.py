@@ -4,7 +4,7 @@
     python -m kfac_dist.jobs.train_tpu --tpu my-node --zone us-central1-b --project my-project ...
 
 The command is kfac_dist/jobs/train.py's with `--strategy tpu`: `connect` finds
-the TPU, and train.py builds and compiles the model inside
+the TPU, and train_run.py builds and compiles the model inside
 `TPUStrategy.scope()` (with `steps_per_execution`, default
 `train_flags.TPU_STEPS_PER_EXECUTION`) and trains it. Where no TPU can be reached, `connect`
 raises `TpuUnavailableError` within `timeout_s` with one line naming the flags

@@ -1,5 +1,5 @@
 """The training command's flags: parsed and checked without TensorFlow, so that `--help`
-and a bad flag answer at once (the run itself is kfac_dist/jobs/train.py).
+and a bad flag answer at once (the run itself is kfac_dist/jobs/train_run.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CHECKPOINT_NAME = "model.keras"
 STEP_CHECKPOINTS = "steps"  # --checkpoint-every's saves, inside --checkpoint-dir
 SLURM_PORT_BASE = 8888
 EXIT_FAILURE = 1
-EXAMPLE_NAMES = ("autoencoder", "convnet")  # kfac_dist/jobs/train.py's EXAMPLES
+EXAMPLE_NAMES = ("autoencoder", "convnet")  # kfac_dist/jobs/train_run.py's EXAMPLES
 CROSS_DEVICE_OPS_NAMES = ("reduce_to_one", "nccl", "hierarchical_copy")
 # The TPU: a TPU VM's own, how long to look for it, and steps per execution there.
 TPU_LOCAL = "local"

@@ -1,18 +1,31 @@
 """The placement tuner: every policy on a model's factors, a recommendation, a benchmark.
 
+    python scripts/tune_placement.py convnet --replicas 4
+    python scripts/tune_placement.py ResNet50 --replicas 8 --measure
+    python scripts/tune_placement.py ResNet50 --input-shape 160,160,3 --replicas 64 --json
+    python scripts/tune_placement.py path/to/model.keras --replicas 2
+
 Loading a model and reading its factors needs Keras (imported when called);
-comparing, recommending and benchmarking plans is pure Python.
+comparing, recommending and benchmarking plans is pure Python, and so is
+this module's import: the command's `--help` answers before TensorFlow
+loads. `scripts/tune_placement.py` and the console script
+`kfac-tune-placement` call `main`; the placement benchmark's command is
+kfac_dist/jobs/placement_benchmark.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kfac_dist.options import PLACEMENT_POLICIES
-from kfac_dist.placement.cost import CostModel, FlopCostModel
+from kfac_dist.placement.cost import CostModel, FlopCostModel, MeasuredCostModel
 from kfac_dist.placement.plan import PlacementPlan, make_plan
 from kfac_dist.placement.report import (
     Sharing,
@@ -24,6 +37,9 @@ from kfac_dist.placement.report import (
 )
 from kfac_dist.placement.units import InversionUnit, check_method
 
+if TYPE_CHECKING:
+    import keras
+
 # The order is the preference between policies of equal max share: round-robin
 # needs no costs, so it plans the same on every machine.
 TUNED_POLICIES = PLACEMENT_POLICIES
@@ -33,7 +49,7 @@ BENCHMARK_HEADING = "## Inverse placement on ResNet-50 shapes"
 
 
 # --- models ---------------------------------------------------------------------
-def load_model(spec: str, input_shape: Sequence[int] | None = None):
+def load_model(spec: str, input_shape: Sequence[int] | None = None) -> keras.Model:
     """A Keras model from an example name, a `keras.applications` name, or a `.keras` path.
 
     Example names: `"autoencoder"`, `"convnet"` (`kfac_dist.jobs.examples`).
@@ -47,7 +63,10 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None):
             raise ValueError(f"input_shape applies to keras.applications models, not {spec!r}.")
         from kfac_dist.jobs.examples import autoencoder, convnet
 
-        builders = {"autoencoder": autoencoder.build_autoencoder, "convnet": convnet.build_convnet}
+        builders: dict[str, Callable[[], keras.Model]] = {
+            "autoencoder": autoencoder.build_autoencoder,
+            "convnet": convnet.build_convnet,
+        }
         return builders[spec]()
     if spec.endswith(".keras") or os.path.exists(spec):
         if not os.path.isfile(spec):
@@ -59,11 +78,12 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None):
             f"Unknown model {spec!r}: expected one of {EXAMPLE_MODELS}, a keras.applications "
             "name such as 'ResNet50', or the path of a saved .keras model."
         )
+    build: Callable[..., keras.Model] = application
     kwargs = {} if input_shape is None else {"input_shape": tuple(input_shape)}
-    return application(weights=None, **kwargs)
+    return build(weights=None, **kwargs)
 
 
-def model_units(model, unsupported_layers: str = "error") -> list[InversionUnit]:
+def model_units(model: keras.Model, unsupported_layers: str = "error") -> list[InversionUnit]:
     """The factors `Kfac` would invert for `model`, block by block (A then G).
 
     Registered as `Kfac` registers them: BatchNormalization is a diagonal
@@ -380,3 +400,80 @@ def _top_headings(lines: Sequence[str]) -> list[int]:
         elif not fenced and line.startswith(("# ", "## ")):
             headings.append(i)
     return headings
+
+
+# --- the command line -------------------------------------------------------------------
+DESCRIPTION = (
+    "Command line of the placement tuner: every policy on a model's factors, and the one to use."
+)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The tuner's command line (prog: the name it was started by)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser.add_argument(
+        "model",
+        help="an example name (autoencoder, convnet), a keras.applications name "
+        "(ResNet50, built with weights=None) or the path of a saved .keras model",
+    )
+    parser.add_argument("--replicas", "-n", type=int, required=True, help="replicas in sync")
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        help="input shape of a keras.applications model, e.g. 224,224,3",
+    )
+    parser.add_argument("--inverse-method", choices=("cholesky", "eigen"), default="cholesky")
+    parser.add_argument(
+        "--inverse-sharing",
+        choices=("auto", "all_reduce", "all_gather"),
+        default="auto",
+        help="Kfac's inverse_sharing, which sets the bytes of sharing the inverses",
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="price each factor size by timing real inversions on this machine "
+        "(MeasuredCostModel) instead of counting flops",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per size")
+    parser.add_argument(
+        "--unsupported-layers",
+        choices=("error", "diagonal"),
+        default="error",
+        help="what to do with trainable layers K-FAC has no block for",
+    )
+    parser.add_argument("--names-width", type=int, default=60)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Tunes the placement of a model's factors and prints the tables (or JSON); status 0."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow
+    model = load_model(args.model, args.input_shape)
+    units = model_units(model, args.unsupported_layers)
+    cost_model = (
+        MeasuredCostModel(args.inverse_method, repeats=args.repeats) if args.measure else None
+    )
+    tuning = tune(
+        units,
+        args.replicas,
+        inverse_method=args.inverse_method,
+        cost_model=cost_model,
+        sharing=args.inverse_sharing,
+    )
+    if args.json:
+        print(json.dumps({"model": model.name, **tuning_to_dict(tuning)}, indent=1))
+    else:
+        title = f"model {model.name}: {args.replicas} replicas"
+        print(format_tuning(tuning, title=title, names_width=args.names_width))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

