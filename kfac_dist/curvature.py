@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfac_dist import grouping, linalg
-from kfac_dist.blocks import CHOLESKY, KRON, Block, factor_dampings, invert_factors
+from kfac_dist.blocks import CHOLESKY, Block, factor_dampings, inverse_method, invert_factors
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.options import EVERY_UPDATE, FACTOR_SYNC_MODES, LAZY
 from kfac_dist.placement import (
@@ -89,10 +89,9 @@ class Curvature:
         factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
         # Factors of one shape are folded, synced and inverted as one stack.
         self.factor_groups = grouping.groups_of(factor_shapes)
-        self._kron_inputs = [
-            block.approx == KRON and index == 0
-            for block in self.blocks
-            for index in range(len(block.factor_names()))
+        # Factors whose statistics carry the sample weights (Kronecker input factors).
+        self._weighted = [
+            weighted for block in self.blocks for weighted in block.weighted_factors()
         ]
         self.plan: PlacementPlan = make_plan(
             self.units,
@@ -221,7 +220,8 @@ class Curvature:
     def factors(self) -> list[tf.Tensor]:
         """The synced factors S/W (valid right after a sync).
 
-        Kronecker input factors are also divided by the mean sample weight:
+        Factors that carry the sample weights (`Block.weighted_factors`: the
+        Kronecker input factors) are also divided by the mean sample weight:
         with the weights on G through the pseudo-loss, A ⊗ G is then the
         weighted GGN (exact for a linear layer under weighted MSE).
         """
@@ -232,9 +232,9 @@ class Curvature:
         out = []
         for group, sums in zip(groups, grouping.stacks(self.factor_sums, groups)):
             factors = sums / examples
-            inputs = [self._kron_inputs[p] for p in group]
-            if any(inputs):
-                mask = tf.reshape(tf.constant(inputs), [-1] + [1] * (factors.shape.rank - 1))
+            weighted = [self._weighted[p] for p in group]
+            if any(weighted):
+                mask = tf.reshape(tf.constant(weighted), [-1] + [1] * (factors.shape.rank - 1))
                 factors = tf.where(mask, factors / mean_weight, factors)
             out.append(factors)
         return grouping.unstacked(out, groups, len(self.factor_sums))
@@ -268,7 +268,8 @@ class Curvature:
         `tf.switch_case` holds every owner's inversions, one branch per
         replica, instead of a conditional per factor.
         """
-        dampings = self._dampings(factors, damping) if self.inverse_method == CHOLESKY else None
+        needs_damping = inverse_method(self.inverse_method).needs_factor_damping
+        dampings = self._dampings(factors, damping) if needs_damping else None
         shared = self.shared_units
         payloads: list[list[tf.Tensor] | None] = [None] * len(factors)
         unshared = sorted(set(range(len(factors))) - set(shared))
