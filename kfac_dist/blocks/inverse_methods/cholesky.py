@@ -1,9 +1,11 @@
-"""Cholesky inverses with the damping baked in: factored Tikhonov damping on Kronecker blocks.
+"""Cholesky inverses with each factor's damping baked in.
 
-Each factor is inverted with its own damping (π√λ on A and √λ/π on G of a
-Kronecker block, λ on a diagonal or full one), retrying with more damping
-when the damped factor is not numerically positive definite. The payload
-is the damped inverse itself, so preconditioning is two matrix products.
+Each factor is inverted with the damping its approximation gives it (see
+`Approximation.factor_dampings`: π√λ on A and √λ/π on G of a Kronecker
+block, λ on a diagonal or full one), retrying with more damping when the
+damped factor is not numerically positive definite. The payload is the
+damped inverse itself, so a Kronecker block is preconditioned by two
+matrix products.
 """
 
 from __future__ import annotations
