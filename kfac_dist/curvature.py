@@ -17,26 +17,34 @@ replica.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from kfac_dist import grouping, linalg
-from kfac_dist.blocks import CHOLESKY, KRON, Block, factor_dampings, invert_factors
+from kfac_dist.blocks import CHOLESKY, Block, factor_dampings, inverse_method, invert_factors
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.options import EVERY_UPDATE, FACTOR_SYNC_MODES, LAZY
 from kfac_dist.placement import (
     FlopCostModel,
     InversionUnit,
     PlacementPlan,
+    PlacementPolicy,
     Sharing,
     inverse_sharing,
     make_plan,
 )
 from kfac_dist.strategies import FACTOR_SYNC, INVERSE_SHARE, CrossReplicaContext
+
+#: Each factor's payload tensors, in factor order.
+Payloads: TypeAlias = "list[list[tf.Tensor]]"
+#: `add_variable(shape, name, dtype=None)`: creates one piece of per-replica state.
+AddVariable: TypeAlias = Callable[..., Any]
+#: λ, as a tensor or a number.
+Damping: TypeAlias = "tf.Tensor | float"
 
 
 def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -74,7 +82,7 @@ class Curvature:
         context: CrossReplicaContext,
         *,
         inverse_method: str,
-        placement,
+        placement: str | PlacementPolicy,
         cov_ema_decay: float,
         factor_sync: str = LAZY,
         sharing: str = "auto",
@@ -89,10 +97,9 @@ class Curvature:
         factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
         # Factors of one shape are folded, synced and inverted as one stack.
         self.factor_groups = grouping.groups_of(factor_shapes)
-        self._kron_inputs = [
-            block.approx == KRON and index == 0
-            for block in self.blocks
-            for index in range(len(block.factor_names()))
+        # Factors whose statistics carry the sample weights (Kronecker input factors).
+        self._weighted = [
+            weighted for block in self.blocks for weighted in block.weighted_factors()
         ]
         self.plan: PlacementPlan = make_plan(
             self.units,
@@ -102,7 +109,7 @@ class Curvature:
         )
 
     # --- state ------------------------------------------------------------
-    def build(self, add_variable) -> None:
+    def build(self, add_variable: AddVariable) -> None:
         """Creates the state with `add_variable(shape, name, dtype)` (per-replica)."""
         self.factor_sums = []
         self.good_sums = []
@@ -127,7 +134,7 @@ class Curvature:
         # Inverse updates that kept the previous inverse (no well-conditioned retry).
         self.inversion_failures = add_variable((), "inversion_failures", "int64")
 
-    def _block_slices(self):
+    def _block_slices(self) -> Iterator[tuple[Block, slice]]:
         start = 0
         for block in self.blocks:
             count = len(block.factor_names())
@@ -136,7 +143,10 @@ class Curvature:
 
     # --- statistics -----------------------------------------------------------
     def batch_statistics(
-        self, statistics: Sequence[tf.Tensor], batch_size: tf.Tensor, weight_total=None
+        self,
+        statistics: Sequence[tf.Tensor],
+        batch_size: tf.Tensor,
+        weight_total: tf.Tensor | None = None,
     ) -> BatchStatistics:
         """One batch's statistics (flat, in factor order), ready to fold.
 
@@ -172,7 +182,7 @@ class Curvature:
         decay = tf.constant(self.cov_ema_decay, curvature_dtype())
         b = batch.weights[0]
 
-        def fold():
+        def fold() -> tf.Operation:
             groups = self.factor_groups
             sums = grouping.stacks(self.factor_sums, groups)
             folded = [decay * s + ((1.0 - decay) * b) * f for s, f in zip(sums, batch.statistics)]
@@ -221,7 +231,8 @@ class Curvature:
     def factors(self) -> list[tf.Tensor]:
         """The synced factors S/W (valid right after a sync).
 
-        Kronecker input factors are also divided by the mean sample weight:
+        Factors that carry the sample weights (`Block.weighted_factors`: the
+        Kronecker input factors) are also divided by the mean sample weight:
         with the weights on G through the pseudo-loss, A ⊗ G is then the
         weighted GGN (exact for a linear layer under weighted MSE).
         """
@@ -232,14 +243,14 @@ class Curvature:
         out = []
         for group, sums in zip(groups, grouping.stacks(self.factor_sums, groups)):
             factors = sums / examples
-            inputs = [self._kron_inputs[p] for p in group]
-            if any(inputs):
-                mask = tf.reshape(tf.constant(inputs), [-1] + [1] * (factors.shape.rank - 1))
+            weighted = [self._weighted[p] for p in group]
+            if any(weighted):
+                mask = tf.reshape(tf.constant(weighted), [-1] + [1] * (factors.shape.rank - 1))
                 factors = tf.where(mask, factors / mean_weight, factors)
             out.append(factors)
         return grouping.unstacked(out, groups, len(self.factor_sums))
 
-    def _dampings(self, factors: Sequence[tf.Tensor], damping) -> tf.Tensor:
+    def _dampings(self, factors: Sequence[tf.Tensor], damping: Damping) -> tf.Tensor:
         """Each factor's Cholesky damping (see `blocks.factor_dampings`), in a few ops."""
         groups = self.factor_groups
         means = tf.concat(
@@ -249,17 +260,19 @@ class Curvature:
         return factor_dampings(self.blocks, tf.gather(means, in_factor_order), damping)
 
     # --- inverses ---------------------------------------------------------------
-    def update_inverses(self, damping) -> None:
+    def update_inverses(self, damping: Damping) -> None:
         """Syncs (unless synced on every update), then inverts and shares."""
         finite = tf.constant(True) if self.factor_sync == EVERY_UPDATE else self.sync()
         tf.cond(finite, lambda: self._invert_and_share(damping), tf.no_op)
 
-    def _invert_and_share(self, damping):
+    def _invert_and_share(self, damping: Damping) -> tf.Operation:
         payloads = self.owned_payloads(self.factors(), damping, self.context.replica_id())
         self.install(self.share(payloads))
         return tf.no_op()
 
-    def owned_payloads(self, factors, damping, replica) -> list[list[tf.Tensor]]:
+    def owned_payloads(
+        self, factors: Sequence[tf.Tensor], damping: Damping, replica: tf.Tensor | int
+    ) -> Payloads:
         """Each unit's payload if this replica owns it (or all do), else zeros.
 
         Under MirroredStrategy each replica traces its own step with its id
@@ -268,20 +281,21 @@ class Curvature:
         `tf.switch_case` holds every owner's inversions, one branch per
         replica, instead of a conditional per factor.
         """
-        dampings = self._dampings(factors, damping) if self.inverse_method == CHOLESKY else None
+        needs_damping = inverse_method(self.inverse_method).needs_factor_damping
+        dampings = self._dampings(factors, damping) if needs_damping else None
         shared = self.shared_units
         payloads: list[list[tf.Tensor] | None] = [None] * len(factors)
         unshared = sorted(set(range(len(factors))) - set(shared))
         for unit, payload in zip(unshared, self._invert(factors, dampings, unshared)):
             payloads[unit] = payload
         if not shared:
-            return payloads
+            return cast(Payloads, payloads)
 
-        def owner_branch(owner: int):
-            def branch():
+        def owner_branch(owner: int) -> Callable[[], Payloads]:
+            def branch() -> Payloads:
                 own = [u for u in shared if self.plan.owners[u] == owner]
                 inverted = dict(zip(own, self._invert(factors, dampings, own)))
-                zeros = {}
+                zeros: dict[tuple[int, ...], tf.Tensor] = {}
                 for u in shared:
                     for v in self.payloads[u]:
                         zeros.setdefault(tuple(v.shape), tf.zeros(v.shape, curvature_dtype()))
@@ -302,9 +316,11 @@ class Curvature:
             owned = tf.switch_case(replica, branches)
         for unit, payload in zip(shared, owned):
             payloads[unit] = list(payload)
-        return payloads
+        return cast(Payloads, payloads)
 
-    def _invert(self, factors, dampings, units: list[int]) -> list[list[tf.Tensor]]:
+    def _invert(
+        self, factors: Sequence[tf.Tensor], dampings: tf.Tensor | None, units: list[int]
+    ) -> Payloads:
         """The payloads of `units` (factor indices), counted."""
         if not units:
             return []
@@ -361,7 +377,7 @@ class Curvature:
             if self.plan.owners[u] == replica
         )
 
-    def share(self, payloads: list[list[tf.Tensor]]) -> list[list[tf.Tensor]]:
+    def share(self, payloads: Payloads) -> Payloads:
         """One collective brings every owner's payloads to every replica."""
         if not self.shared_units:
             return payloads
@@ -374,7 +390,7 @@ class Curvature:
             received = self.context.all_gather(buffer, INVERSE_SHARE)
         return self.unpack_shared(payloads, received)
 
-    def _broadcast_from_owners(self, payloads):
+    def _broadcast_from_owners(self, payloads: Payloads) -> Payloads:
         """Each owner broadcasts all its shared payloads in one packed buffer.
 
         One collective per owner, whatever the number of factors: sharing
@@ -392,7 +408,7 @@ class Curvature:
             payloads = self._from_wire(received, units, payloads)
         return payloads
 
-    def pack_for_sharing(self, payloads: list[list[tf.Tensor]], replica) -> tf.Tensor:
+    def pack_for_sharing(self, payloads: Payloads, replica: tf.Tensor | int) -> tf.Tensor:
         """This replica's flat sharing buffer (static shape; no collective).
 
         All-reduce: every shared payload, zeros where another replica owns it.
@@ -403,7 +419,7 @@ class Curvature:
             return self._to_wire(payloads, shared)
         largest = max(self._owned_wire_size(r) for r in range(self.context.num_replicas))
 
-        def packer(replica: int):
+        def packer(replica: int) -> Callable[[], tf.Tensor]:
             own = [u for u in shared if self.plan.owners[u] == replica]
             padding = largest - self._owned_wire_size(replica)
             return lambda: tf.pad(self._to_wire(payloads, own), [[0, padding]])
@@ -414,7 +430,7 @@ class Curvature:
         branches = [packer(r) for r in range(self.context.num_replicas)]
         return tf.switch_case(replica, branches)
 
-    def unpack_shared(self, payloads, received: tf.Tensor) -> list[list[tf.Tensor]]:
+    def unpack_shared(self, payloads: Payloads, received: tf.Tensor) -> Payloads:
         """Payloads with every shared unit taken from the collective's result."""
         shared = self.shared_units
         if self.sharing_method == "all_reduce":
@@ -440,7 +456,7 @@ class Curvature:
         symmetric = len(like) == 1 and like[0].shape.rank == 2
         return [(tuple(v.shape), symmetric) for v in like]
 
-    def _to_wire(self, payloads, units: Sequence[int]) -> tf.Tensor:
+    def _to_wire(self, payloads: Payloads, units: Sequence[int]) -> tf.Tensor:
         """The payloads of `units` in one flat buffer, a few ops per payload shape."""
         parts = []
         for group in self._wire_groups(units):
@@ -449,7 +465,7 @@ class Curvature:
                 parts.append(tf.reshape(linalg.pack_symmetric(stack) if symmetric else stack, [-1]))
         return _flat(parts)
 
-    def _from_wire(self, flat: tf.Tensor, units: Sequence[int], payloads):
+    def _from_wire(self, flat: tf.Tensor, units: Sequence[int], payloads: Payloads) -> Payloads:
         """`payloads` with `units` read from a flat buffer (its padding ignored)."""
         payloads = list(payloads)
         pieces = []
@@ -474,7 +490,7 @@ class Curvature:
             payloads[u] = tensors
         return payloads
 
-    def install(self, payloads: list[list[tf.Tensor]]) -> None:
+    def install(self, payloads: Payloads) -> None:
         """Writes the shared payloads; a non-finite one keeps the previous inverse.
 
         An inversion with no well-conditioned retry is NaN (see
@@ -504,7 +520,7 @@ class Curvature:
 
     # --- preconditioning ----------------------------------------------------------
     def precondition(
-        self, block_grads: Sequence[Sequence[tf.Tensor]], damping
+        self, block_grads: Sequence[Sequence[tf.Tensor]], damping: Damping
     ) -> list[list[tf.Tensor]]:
         """F̂⁻¹∇ for each block's gradients."""
         out = []
@@ -523,12 +539,12 @@ def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
-def _assign(variables: Sequence, values: Sequence[tf.Tensor]) -> None:
+def _assign(variables: Sequence[Any], values: Sequence[tf.Tensor]) -> None:
     for variable, value in zip(variables, values):
         variable.assign(value)
 
 
-def per_replica_variable(optimizer: keras.optimizers.Optimizer):
+def per_replica_variable(optimizer: keras.optimizers.Optimizer) -> AddVariable:
     """An `add_variable` for `Curvature.build`: per-replica state, tracked by Keras.
 
     `on_read` with `only_first_replica`: each replica writes its own copy with
@@ -536,7 +552,7 @@ def per_replica_variable(optimizer: keras.optimizers.Optimizer):
     a sync).
     """
 
-    def add_variable(shape, name: str, dtype: str | None = None):
+    def add_variable(shape: Sequence[int], name: str, dtype: str | None = None) -> Any:
         dtype = dtype or curvature_dtype().name
         with keras.name_scope(optimizer.name, caller=optimizer):
             variable = keras.Variable(

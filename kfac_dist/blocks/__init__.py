@@ -1,5 +1,22 @@
-"""Curvature blocks, one module per block kind."""
+"""Curvature blocks: approximations, inverse methods and layer kinds, one module each.
 
+`approximations/` holds the structures of a block's Fisher (Kronecker,
+diagonal, full) and `inverse_methods/` the ways a factor is inverted
+(Cholesky, eigen), each on an abstract base with a registry; the layer
+kinds (`dense`, `conv`, `embedding`, `scale_shift`, and `diagonal` for
+arbitrary variables) say what they record and how their variables map onto
+a block. `Block` is the unit the rest of the package sees.
+"""
+
+from kfac_dist.blocks.approximations import (
+    APPROXIMATION_OF,
+    Approximation,
+    Diagonal,
+    Full,
+    Kronecker,
+    LayerKind,
+    PerExample,
+)
 from kfac_dist.blocks.base import (
     APPROXIMATIONS,
     CHOLESKY,
@@ -9,7 +26,6 @@ from kfac_dist.blocks.base import (
     INVERSE_METHODS,
     KRON,
     Block,
-    Record,
     factor_dampings,
     invert_factors,
 )
@@ -17,23 +33,43 @@ from kfac_dist.blocks.conv import ConvBlock
 from kfac_dist.blocks.dense import DenseBlock
 from kfac_dist.blocks.diagonal import GenericDiagonalBlock
 from kfac_dist.blocks.embedding import EmbeddingBlock
+from kfac_dist.blocks.inverse_methods import (
+    INVERSE_METHOD_OF,
+    Cholesky,
+    Eigen,
+    InverseMethod,
+    inverse_method,
+)
+from kfac_dist.blocks.records import Record
 from kfac_dist.blocks.scale_shift import ScaleShiftBlock
 
 __all__ = [
     "APPROXIMATIONS",
-    "CHOLESKY",
-    "DIAGONAL",
-    "EIGEN",
-    "FULL",
-    "INVERSE_METHODS",
-    "KRON",
+    "APPROXIMATION_OF",
+    "Approximation",
     "Block",
+    "CHOLESKY",
+    "Cholesky",
     "ConvBlock",
+    "DIAGONAL",
     "DenseBlock",
+    "Diagonal",
+    "EIGEN",
+    "Eigen",
     "EmbeddingBlock",
+    "FULL",
+    "Full",
     "GenericDiagonalBlock",
+    "INVERSE_METHODS",
+    "INVERSE_METHOD_OF",
+    "InverseMethod",
+    "KRON",
+    "Kronecker",
+    "LayerKind",
+    "PerExample",
     "Record",
     "ScaleShiftBlock",
     "factor_dampings",
     "invert_factors",
+    "inverse_method",
 ]

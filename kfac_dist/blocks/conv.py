@@ -8,17 +8,20 @@ factors once each patch is a row, so a 1×1 convolution equals a Dense layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import tensorflow as tf
 
-from kfac_dist.blocks.base import Record, rows, with_ones
 from kfac_dist.blocks.dense import DenseBlock
+from kfac_dist.blocks.records import Record, rows, with_ones
 from kfac_dist.linalg import curvature_dtype
 
 
 class ConvBlock(DenseBlock):
     """K-FAC for `keras.layers.Conv1D` and `Conv2D` (groups=1)."""
 
-    def __init__(self, layer, approx: str | None = None):
+    def __init__(self, layer: Any, approx: str | None = None):
         if getattr(layer, "groups", 1) != 1:
             raise ValueError(
                 f"Layer '{layer.name}' is a grouped convolution (groups={layer.groups}), "
@@ -27,7 +30,9 @@ class ConvBlock(DenseBlock):
             )
         super().__init__(layer, approx)
 
-    def record(self, call, inputs, *args, **kwargs):
+    def record(
+        self, call: Callable[..., Any], inputs: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Record]:
         # Patch rows are output positions, not input positions: an input mask
         # does not line up with them (Keras convolutions do not take masks).
         outputs, record = super().record(call, inputs, *args, **kwargs)
@@ -39,11 +44,19 @@ class ConvBlock(DenseBlock):
         a = rows(patches)
         return with_ones(a) if self.has_bias else a
 
-    def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
+    def kron_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        example_weights: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
         output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
         return super().kron_statistics(records, output_grads, batch_size, example_weights)
 
-    def per_example_gradients(self, records, output_grads):
+    def per_example_gradients(
+        self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
+    ) -> tf.Tensor:
         output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
         records = [
             Record(r.inputs, _channels_last(self._layer, r.outputs), r.extras) for r in records
@@ -51,7 +64,7 @@ class ConvBlock(DenseBlock):
         return super().per_example_gradients(records, output_grads)
 
 
-def _channels_last(layer, tensor: tf.Tensor, column_axis: bool = False) -> tf.Tensor:
+def _channels_last(layer: Any, tensor: tf.Tensor, column_axis: bool = False) -> tf.Tensor:
     if layer.data_format != "channels_first":
         return tensor
     rank = tensor.shape.rank
@@ -60,7 +73,7 @@ def _channels_last(layer, tensor: tf.Tensor, column_axis: bool = False) -> tf.Te
     return tf.transpose(tensor, perm)
 
 
-def extract_patches(layer, inputs: tf.Tensor) -> tf.Tensor:
+def extract_patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
     """(b, *output_positions, kernel_size·channels) patches, as the layer sees them.
 
     The patch layout (row, column, channel) matches the kernel reshaped to

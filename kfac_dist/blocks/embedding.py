@@ -1,4 +1,4 @@
-"""Embedding layers: Kronecker block with a diagonal input factor.
+"""Embedding layers: a Kronecker block with a diagonal input factor.
 
 The input of an embedding is a one-hot token, so A = E[Σ_t ā ā ᵀ] is diagonal:
 the token counts over the batch (divided by b). G is full, as for Dense.
@@ -6,9 +6,13 @@ the token counts over the batch (divided by b). G is full, as for Dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import tensorflow as tf
 
-from kfac_dist.blocks.base import KRON, Block, Record, kron_factors, row_weights, rows
+from kfac_dist.blocks.base import KRON, Block
+from kfac_dist.blocks.records import Record, kron_factors, row_weights, rows
 from kfac_dist.linalg import curvature_dtype
 
 
@@ -17,23 +21,31 @@ class EmbeddingBlock(Block):
 
     approximations = (KRON,)
 
-    def __init__(self, layer, approx: str | None = None):
+    def __init__(self, layer: Any, approx: str | None = None):
         self._layer = layer
         super().__init__(layer.name, [layer.embeddings], approx)
 
     @property
-    def layer(self):
+    def layer(self) -> Any:
         return self._layer
 
-    def record(self, call, inputs, *args, **kwargs):
+    def record(
+        self, call: Callable[..., Any], inputs: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Record]:
         outputs = call(inputs, *args, **kwargs)
         return outputs, Record(inputs=inputs, outputs=outputs)
 
-    def kron_dims(self):
+    def kron_dims(self) -> tuple[tuple[int, ...], int]:
         vocabulary, width = self.variables[0].shape
         return (int(vocabulary),), int(width)
 
-    def kron_statistics(self, records, output_grads, batch_size, example_weights=None):
+    def kron_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        example_weights: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
         vocabulary = self.kron_dims()[0][0]
         ids = tf.concat([tf.reshape(tf.cast(r.inputs, tf.int32), [-1]) for r in records], 0)
         weights = row_weights(records, example_weights, lambda r: tf.reshape(r.inputs, [-1]))
@@ -45,8 +57,8 @@ class EmbeddingBlock(Block):
         _, g = kron_factors(tf.zeros([tf.shape(ids)[0], 0], curvature_dtype()), outputs, batch_size)
         return [counts / tf.cast(batch_size, curvature_dtype()), g]
 
-    def gradient_matrix(self, grads):
+    def gradient_matrix(self, grads: Sequence[tf.Tensor]) -> tf.Tensor:
         return tf.convert_to_tensor(grads[0])
 
-    def split_matrix(self, matrix):
+    def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
         return [matrix]

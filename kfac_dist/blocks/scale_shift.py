@@ -13,10 +13,14 @@ entry in one pass. Diagonal by default, "full" for small layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
-from kfac_dist.blocks.base import DIAGONAL, FULL, Block, Record
+from kfac_dist.blocks.base import DIAGONAL, FULL, Block
+from kfac_dist.blocks.records import Record
 from kfac_dist.linalg import curvature_dtype
 
 
@@ -25,7 +29,7 @@ class ScaleShiftBlock(Block):
 
     approximations = (DIAGONAL, FULL)
 
-    def __init__(self, layer, approx: str | None = None):
+    def __init__(self, layer: Any, approx: str | None = None):
         self._layer = layer
         variables = [
             v
@@ -37,10 +41,12 @@ class ScaleShiftBlock(Block):
         self._param_axes = [axis] if isinstance(axis, int) else list(axis)
 
     @property
-    def layer(self):
+    def layer(self) -> Any:
         return self._layer
 
-    def record(self, call, inputs, *args, **kwargs):
+    def record(
+        self, call: Callable[..., Any], inputs: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Record]:
         gamma = getattr(self._layer, "gamma", None)
         if gamma is None:
             outputs = call(inputs, *args, **kwargs)
@@ -51,8 +57,10 @@ class ScaleShiftBlock(Block):
         scale_grad = tf.cast(accumulator.jvp(outputs), curvature_dtype())
         return outputs, Record(inputs=inputs, outputs=outputs, extras={"normalized": scale_grad})
 
-    def per_example_gradients(self, records, output_grads):
-        total = None
+    def per_example_gradients(
+        self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
+    ) -> tf.Tensor:
+        total: tf.Tensor | None = None
         for record, grads in zip(records, output_grads):
             g = tf.cast(grads, curvature_dtype())  # (C, b, ...)
             rank = g.shape.rank - 1

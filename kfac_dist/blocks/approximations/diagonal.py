@@ -1,0 +1,23 @@
+"""The diagonal approximation: diag(F), the mean squared per-example gradient of each parameter."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from kfac_dist.blocks.approximations.base import LayerKind, PerExample
+from kfac_dist.options import DIAGONAL
+
+
+class Diagonal(PerExample):
+    """One (n,) factor over the block's n parameters."""
+
+    name = DIAGONAL
+
+    def factor_names(self) -> list[str]:
+        return [self.name]
+
+    def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
+        return [(layer.num_params,)]
+
+    def second_moment(self, per_example: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(tf.square(per_example), axis=0) / batch_size

@@ -1,0 +1,65 @@
+"""Eigendecompositions, with the exact damping applied at preconditioning.
+
+The payload is (eigenvalues, eigenvectors) of the undamped factor, so a new
+damping takes effect at once, without a new decomposition. A Kronecker block
+is solved as (A ⊗ G + λI)⁻¹ through both eigenbases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from kfac_dist import linalg
+from kfac_dist.blocks.inverse_methods.base import InverseMethod, Payload
+from kfac_dist.options import EIGEN
+
+
+class Eigen(InverseMethod):
+    """Payload: (values, vectors); a diagonal factor's vectors are an empty (0, 0) tensor."""
+
+    name = EIGEN
+    needs_factor_damping = False
+
+    def payload_shapes(self, factor_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        if len(factor_shape) == 1:
+            return [factor_shape, (0, 0)]
+        return [(factor_shape[0],), factor_shape]
+
+    def invert(
+        self, factors: Sequence[tf.Tensor], dampings: tf.Tensor | None
+    ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
+        payloads = [[values, vectors] for values, vectors in linalg.eigendecompositions(factors)]
+        return payloads, [tf.constant(0, tf.int32)] * len(factors)
+
+    def solve(self, payload: Payload, vector: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
+        values, vectors = payload
+        damping = tf.cast(damping, vector.dtype)
+        if _is_diagonal(vectors):
+            return vector / (values + damping)
+        coords = tf.linalg.matvec(vectors, vector, transpose_a=True) / (values + damping)
+        return tf.linalg.matvec(vectors, coords)
+
+    def solve_kronecker(
+        self,
+        input_payload: Payload,
+        output_payload: Payload,
+        matrix: tf.Tensor,
+        damping: tf.Tensor,
+    ) -> tf.Tensor:
+        """(A⊗G + λI)⁻¹ vec(M) through both eigenbases (exact damping)."""
+        values_a, vectors_a = input_payload
+        values_g, vectors_g = output_payload
+        diagonal_a = _is_diagonal(vectors_a)
+        coords = matrix if diagonal_a else tf.matmul(vectors_a, matrix, transpose_a=True)
+        coords = tf.matmul(coords, vectors_g)
+        scale = values_a[:, tf.newaxis] * values_g[tf.newaxis, :] + tf.cast(damping, matrix.dtype)
+        coords = coords / scale
+        out = coords if diagonal_a else tf.matmul(vectors_a, coords)
+        return tf.matmul(out, vectors_g, transpose_b=True)
+
+
+def _is_diagonal(vectors: tf.Tensor) -> bool:
+    """Whether the payload is a diagonal factor's (its identity eigenvectors left out)."""
+    return vectors.shape[0] == 0
