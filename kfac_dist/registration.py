@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import keras
 
@@ -26,7 +27,10 @@ from kfac_dist.blocks import (
 )
 from kfac_dist.options import UNSUPPORTED_LAYER_POLICIES  # noqa: F401  (what to do without a block)
 
-BLOCK_OF_LAYER: dict[type, type[Block]] = {
+#: How a block is made for a layer: from the layer and its approximation (None: the default).
+BlockFactory = Callable[[Any, "str | None"], Block]
+
+BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Dense: DenseBlock,
     keras.layers.Conv1D: ConvBlock,
     keras.layers.Conv2D: ConvBlock,
@@ -56,7 +60,7 @@ class LayerCollection:
     Each variable belongs to one block: registering it twice is an error.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.blocks: list[Block] = []
         self.losses: dict[str | int, tuple[object, float]] = {}
 
@@ -77,7 +81,7 @@ class LayerCollection:
             )
         return self._add(GenericDiagonalBlock(name, variables))
 
-    def register_loss(self, output: str | int, loss, weight: float = 1.0) -> None:
+    def register_loss(self, output: str | int, loss: Any, weight: float = 1.0) -> None:
         """Registers the loss of one model output (by name or index)."""
         losses_lib.output_loss(loss, weight)  # fail now, not at the first step
         self.losses[output] = (loss, weight)
@@ -110,25 +114,27 @@ class LayerCollection:
         return block
 
 
-def _block_for(layer, fisher_approx: str | None) -> Block | None:
+def _block_for(layer: Any, fisher_approx: str | None) -> Block | None:
     """The block of a supported layer whose forward pass is the one the block models.
 
     A subclass that overrides `call` computes something else from the same
     variables (a scaled output, a tied reverse embedding): its block's
     factors would be wrong, so it is treated as unsupported (None).
     """
-    for cls, block_cls in BLOCK_OF_LAYER.items():
-        if isinstance(layer, cls) and type(layer).call is cls.call:
-            return block_cls(layer, fisher_approx)
+    for cls, make_block in BLOCK_OF_LAYER.items():
+        if isinstance(layer, cls) and getattr(type(layer), "call", None) is getattr(
+            cls, "call", None
+        ):
+            return make_block(layer, fisher_approx)
     return None
 
 
-def _describe(layer, parent) -> str:
+def _describe(layer: Any, parent: Any) -> str:
     where = f", in '{parent.name}'" if parent is not None else ""
     return f"'{layer.name}' ({type(layer).__name__}{where})"
 
 
-def _unsupported_message(layers) -> str:
+def _unsupported_message(layers: Sequence[tuple[Any, Any]]) -> str:
     names = ", ".join(_describe(layer, parent) for layer, parent in layers)
     return (
         f"K-FAC cannot register the trainable layer(s) {names}. Supported layers: "
@@ -142,7 +148,9 @@ def _unsupported_message(layers) -> str:
     )
 
 
-def _registered_twice_message(taken, registered_by, layer) -> str:
+def _registered_twice_message(
+    taken: Sequence[Any], registered_by: Mapping[int, str], layer: Any
+) -> str:
     names = ", ".join(f"{v.path} (block {registered_by[_key(v)]!r})" for v in taken)
     return (
         f"Variable(s) {names} are registered in the LayerCollection, and K-FAC would "
@@ -168,7 +176,7 @@ def _check_not_split(blocks: Sequence[Block], trainable: set[int]) -> None:
             )
 
 
-def _approx_for(layer, fisher_approx: Mapping | str | None) -> str | None:
+def _approx_for(layer: Any, fisher_approx: Mapping | str | None) -> str | None:
     if fisher_approx is None or isinstance(fisher_approx, str):
         return fisher_approx if isinstance(fisher_approx, str) and fisher_approx else None
     if layer.name in fisher_approx:
@@ -197,7 +205,9 @@ def _walk(model: keras.Model) -> Iterator[tuple[keras.layers.Layer, object, int]
                 stack.append((child, layer if layer is not model else None, depth + 1))
 
 
-def _innermost_owners(walk) -> dict[int, tuple[keras.layers.Layer, object]]:
+def _innermost_owners(
+    walk: Sequence[tuple[keras.layers.Layer, object, int]],
+) -> dict[int, tuple[keras.layers.Layer, object]]:
     """Each variable's innermost owner: the deepest layer that holds it directly."""
     owners: dict[int, tuple[keras.layers.Layer, object, int]] = {}
     for layer, parent, depth in walk:
@@ -218,7 +228,7 @@ def is_built(model: keras.Model) -> bool:
     return all(layer.built for layer in model._flatten_layers())  # noqa: SLF001
 
 
-def build_from_batch(model: keras.Model, x) -> None:
+def build_from_batch(model: keras.Model, x: Any) -> None:
     """Creates the variables of a model that builds late, from a batch's shapes.
 
     Keras itself defers this to the first traced forward pass when no
@@ -234,7 +244,7 @@ def build_from_batch(model: keras.Model, x) -> None:
     keras.src.backend.compute_output_spec(model, spec, training=False)
 
 
-def _key(variable) -> int:
+def _key(variable: Any) -> int:
     return id(getattr(variable, "value", variable))
 
 
