@@ -45,7 +45,7 @@ setup(
     extras_require={
         "examples": EXAMPLES,
         # The tests run the examples as users get them (tfds included), and the
-        # static checks (tests/test_static_checks.py): mypy's and ruff's results
+        # static checks (tests/repository/test_static_checks.py): mypy's and ruff's results
         # change between releases, so each is held to the range it passes on.
         "test": ["pytest>=8", "mypy>=2.0,<3", "ruff>=0.17,<0.18", *EXAMPLES],
         "tpu": ["cloud-tpu-client>=0.10"],

@@ -12,6 +12,8 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tests import multiworker  # noqa: E402
+
 NUM_LOGICAL_CPUS = 4
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
@@ -29,3 +31,13 @@ def float64():
     yield
     keras.config.set_floatx(previous[0])
     keras.config.set_dtype_policy(previous[1])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Lets `tests.multiworker` check that a test starting workers carries its marker."""
+    multiworker.current_test[:] = [item]
+    try:
+        return (yield)
+    finally:
+        multiworker.current_test.clear()

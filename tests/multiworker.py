@@ -9,6 +9,10 @@ would wait in a collective forever), and every wait is bounded by `timeout`.
 
     results = run_workers(WORKER, 2, ["--out", str(tmp_path)], timeout=120)
     assert_all_succeeded(results)
+
+A test that runs workers carries the `multiprocess` marker (`python -m pytest
+-m multiprocess` runs only those, `-m "not multiprocess"` the rest); running
+workers from a test without it is an error, so the marker cannot go stale.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from pathlib import Path
 from kfac_dist.jobs import launch
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = "multiprocess"
+#: The test running now (set by tests/conftest.py), to check its marker.
+current_test: list = []
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -50,6 +57,7 @@ def run_workers(
     workers have ended: successfully, after the first failure (the rest are
     stopped), or after `timeout` seconds (all are stopped).
     """
+    require_marker()
     cluster = [f"127.0.0.1:{port}" for port in launch.free_ports(num_workers)]
     # Workers import kfac_dist from this checkout, installed or not.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -71,6 +79,15 @@ def run_workers(
         WorkerResult(index, launch.exit_code(code), "".join(lines), timed_out)
         for index, (code, lines) in enumerate(zip(group.returncodes, outputs, strict=True))
     ]
+
+
+def require_marker() -> None:
+    """Fails a test that starts worker processes without the `multiprocess` marker."""
+    if current_test and current_test[0].get_closest_marker(MARKER) is None:
+        raise RuntimeError(
+            f"{current_test[0].nodeid} starts worker processes: mark it "
+            f"@pytest.mark.{MARKER} (or set pytestmark in its module)."
+        )
 
 
 def assert_all_succeeded(results: Sequence[WorkerResult]) -> None:

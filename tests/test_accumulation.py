@@ -1,7 +1,6 @@
 """gradient_accumulation_steps=k: k micro-batches of size b are one step on k·b (float64)."""
 
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +10,7 @@ import tensorflow as tf
 import kfac_dist as kfac
 from kfac_dist import strategies
 from tests.collectives import count_collectives
+from tests.paths import WORKERS
 
 K = 3  # micro-batches per update
 MICRO_BATCH = 4
@@ -183,10 +183,11 @@ def test_accumulation_with_what_it_cannot_serve_fails_at_construction(args, frag
         kfac.Kfac(damping=0.1, model=model, loss="mse", **args)
 
 
+@pytest.mark.multiprocess
 def test_two_workers_accumulate_like_one_process_on_the_union(tmp_path):
     from tests.multiworker import assert_all_succeeded, run_workers
 
-    script = Path(__file__).parent / "workers" / "accumulation_worker.py"
+    script = WORKERS / "accumulation_worker.py"
     sys.path.insert(0, str(script.parent))
     import accumulation_worker as worker
 

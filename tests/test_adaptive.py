@@ -2,7 +2,6 @@
 
 import functools
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,8 +10,9 @@ import tensorflow as tf
 
 import kfac_dist as kfac
 from kfac_dist import adaptive, losses, strategies
+from tests.paths import WORKERS
 
-sys.path.insert(0, str(Path(__file__).parent / "workers"))
+sys.path.insert(0, str(WORKERS))
 from adaptive_worker import regularized_model  # noqa: E402
 
 RNG = np.random.default_rng(5)

@@ -1,6 +1,6 @@
 """Multi-worker test worker: Keras `fit` with Adam under MultiWorkerMirroredStrategy.
 
-tests/test_multi_worker_fit.py runs it as 2 workers and also imports it for the
+tests/test_multi_worker.py runs it as 2 workers and also imports it for the
 model and data of its single-process reference. One process runs every
 scenario, since each start of TensorFlow costs seconds:
 

@@ -1,6 +1,6 @@
 """Multi-worker test worker: adaptive K-FAC (qmodel momentum, LM damping) in float64.
 
-tests/test_adaptive_multi_worker.py runs it as 2 workers and imports it for
+tests/integration/test_adaptive_multi_worker.py runs it as 2 workers and imports it for
 the single-process reference. Writes `worker-<index>.npz` into --out: the
 final weights and, per step, ρ, the damping, α, μ and the predicted change.
 """

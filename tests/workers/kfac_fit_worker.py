@@ -1,6 +1,6 @@
 """Multi-worker test worker: Kfac with `model.fit` under MultiWorkerMirroredStrategy.
 
-tests/test_multi_worker_kfac.py runs it as 2 workers and imports it for the
+tests/integration/test_multi_worker_kfac.py runs it as 2 workers and imports it for the
 single-process reference. One process trains one model per configuration
 (placement policy, factor sync); each gets its own Kfac and collective group.
 Writes `worker-<index>.npz` (final weights per configuration) and

@@ -1,6 +1,6 @@
 """Multi-worker test worker: Kfac under mixed_float16 (a LossScaleOptimizer) on 2 workers.
 
-tests/test_mixed_precision.py runs it as 2 workers and imports it for the
+tests/test_loss_scaling.py runs it as 2 workers and imports it for the
 single-process reference. The third global batch overflows float16 on worker
 0's slice only: both workers must reject that step. Writes
 `worker-<index>.npz` (final weights) and `worker-<index>.json` (loss scale,

@@ -1,6 +1,6 @@
 """Multi-worker test worker: Kfac training that checkpoints every K steps and resumes.
 
-Run as 2 workers by tests/test_resume.py. The same command starts or resumes:
+Run as 2 workers by tests/test_checkpointing.py. The same command starts or resumes:
 it restores the latest checkpoint in --checkpoint-dir (if any), skips the
 batches already trained on (a deterministic data order), and trains to
 --steps. With --kill-at S, worker 1 kills itself with SIGKILL after step S.

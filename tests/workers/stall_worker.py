@@ -1,6 +1,6 @@
 """Multi-worker test worker: a peer that stops coming must end in an error, not a hang.
 
-tests/test_multi_worker_edges.py runs it as 2 workers. Both train K-FAC with an
+tests/integration/test_multi_worker_edges.py runs it as 2 workers. Both train K-FAC with an
 inverse update every step (so each step starts with K-FAC's factor sync) and
 `collective_timeout=--timeout`; after step 2 worker 1 stays away (alive, busy
 elsewhere: a sleep of --hold seconds), which TensorFlow's own health checks do

@@ -1,6 +1,6 @@
 """Multi-worker test worker: the ordinary things users do that once hung the job.
 
-tests/test_multi_worker_edges.py runs it as 2 workers. One process, in order:
+tests/integration/test_multi_worker_edges.py runs it as 2 workers. One process, in order:
 
 1. `Kfac(seed=None)` after seeding NumPy differently on each worker: the
    sampling seed must still agree;

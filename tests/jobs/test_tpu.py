@@ -9,9 +9,10 @@ protobuf and NumPy must not be among the packages it would install.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT as ROOT_PATH
+
+ROOT = ROOT_PATH
 UNTOUCHABLE = {"tensorflow", "keras", "protobuf", "numpy", "tf-keras"}
 
 

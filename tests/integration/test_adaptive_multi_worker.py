@@ -1,14 +1,17 @@
 """Adaptive K-FAC on 2 real worker processes equals one process on the global batch."""
 
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "adaptive_worker.py"
+pytestmark = pytest.mark.multiprocess
+
+WORKER = WORKERS / "adaptive_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import adaptive_worker as worker  # noqa: E402
 

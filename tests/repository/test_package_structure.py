@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT as ROOT_PATH
+
+ROOT = ROOT_PATH
 PACKAGE = ROOT / "kfac_dist"
 JOBS = "kfac_dist.jobs"
 

@@ -29,8 +29,9 @@ from kfac_dist.placement import (
     Sharing,
     make_plan,
 )
+from tests.paths import ROOT as ROOT_PATH
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(ROOT_PATH)
 UNITS = [
     InversionUnit("dense/A", "dense", 4),
     InversionUnit("dense/G", "dense", 2),

@@ -5,7 +5,6 @@ import contextlib
 import functools
 import json
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -16,8 +15,9 @@ import kfac_dist as kfac
 from kfac_dist.checkpointing import StepCheckpoint
 from tests.collectives import count_collectives
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "mixed_float16_worker.py"
+WORKER = WORKERS / "mixed_float16_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import mixed_float16_worker as worker  # noqa: E402
 
@@ -279,6 +279,7 @@ def test_step_checkpoint_syncs_the_factors_of_a_wrapped_kfac(tmp_path):
         np.testing.assert_array_equal(second, first, err_msg=variable.path)
 
 
+@pytest.mark.multiprocess
 def test_two_workers_reject_the_same_overflowing_step_and_train_like_one_process(tmp_path):
     results = run_workers(WORKER, 2, ["--out", str(tmp_path)], timeout=300)
     assert_all_succeeded(results)

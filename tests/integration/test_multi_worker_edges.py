@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "uneven_worker.py"
+pytestmark = pytest.mark.multiprocess
+
+WORKER = WORKERS / "uneven_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 
 
@@ -86,7 +89,7 @@ def test_a_peer_that_stops_coming_ends_in_a_timeout_error_not_a_hang():
     # gives up after collective_timeout, and the job ends: worker 1 is stopped.
     timeout_s = 10
     results = run_workers(
-        Path(__file__).parent / "workers" / "stall_worker.py",
+        WORKERS / "stall_worker.py",
         2,
         ["--timeout", str(timeout_s), "--hold", "600"],
         timeout=300,  # a bound for a broken fix only

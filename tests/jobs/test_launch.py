@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from kfac_dist.jobs import launch
+from tests.paths import ROOT as ROOT_PATH
+from tests.paths import WORKERS
 
-ROOT = Path(__file__).resolve().parents[1]
-TASK_WORKER = Path(__file__).parent / "workers" / "task_worker.py"
+ROOT = ROOT_PATH
+TASK_WORKER = WORKERS / "task_worker.py"
 
 
 def _is_alive(pid: int) -> bool:
@@ -78,6 +80,7 @@ def test_exit_code_of_killed_process_is_128_plus_signal():
     assert launch.exit_code(3) == 3
 
 
+@pytest.mark.multiprocess
 def test_workers_get_their_task_index_and_prefixed_output():
     code, lines, _ = _run(2)
     assert code == 0
@@ -86,6 +89,7 @@ def test_workers_get_their_task_index_and_prefixed_output():
     assert all(re.match(r"\[worker [01]\] ", line) for line in lines)
 
 
+@pytest.mark.multiprocess
 def test_workers_share_one_cluster_of_free_local_ports():
     lines: list[str] = []
     code = launch.run_local(
@@ -102,6 +106,7 @@ def test_workers_share_one_cluster_of_free_local_ports():
     assert all(address.startswith("127.0.0.1:") for address in cluster)
 
 
+@pytest.mark.multiprocess
 def test_failing_worker_stops_the_job_with_its_exit_code(tmp_path):
     code, lines, elapsed = _run(
         2,
@@ -119,6 +124,7 @@ def test_failing_worker_stops_the_job_with_its_exit_code(tmp_path):
     _assert_all_gone(pids)
 
 
+@pytest.mark.multiprocess
 def test_interrupt_stops_every_worker_and_grandchild():
     launcher = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "launch_local.py")]
@@ -181,6 +187,7 @@ def test_ssh_runs_each_host_command_on_its_host():
     assert all(command[0] == "ssh" for command in commands)
 
 
+@pytest.mark.multiprocess
 def test_progress_bar_redraws_are_forwarded_as_they_come():
     # Keras redraws its bar with "\r": each redraw is its own segment, so the
     # launcher shows it live instead of when the line (or the run) ends.
@@ -205,6 +212,7 @@ def test_progress_bar_redraws_are_forwarded_as_they_come():
 STALL_S = 3.0
 
 
+@pytest.mark.multiprocess
 def test_frozen_worker_stops_the_job_naming_it(tmp_path, capsys):
     code, lines, elapsed = _run(
         2, "--freeze-task=1", "--sleep=600", "--spawn-child", stall_timeout=STALL_S
@@ -220,6 +228,7 @@ def test_frozen_worker_stops_the_job_naming_it(tmp_path, capsys):
     _assert_all_gone(pids)
 
 
+@pytest.mark.multiprocess
 def test_worker_stuck_after_its_peer_exited_0_stops_the_job(capsys):
     code, lines, elapsed = _run(2, "--hang-task=0", "--sleep=600", stall_timeout=STALL_S)
     assert code == launch.EXIT_STALLED
@@ -230,6 +239,7 @@ def test_worker_stuck_after_its_peer_exited_0_stops_the_job(capsys):
     _assert_all_gone(_pids(lines))
 
 
+@pytest.mark.multiprocess
 def test_heartbeat_counts_as_progress_for_a_silent_worker():
     # Silent for 3 stall timeouts, but beating: the job is not stopped.
     # The heartbeat is light: importing it loads neither TensorFlow nor Keras.

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT as ROOT_PATH
+
+ROOT = ROOT_PATH
 README = ROOT / "README.md"
 # Runs one block, compiled under README.md's name so that tracebacks point there.
 RUNNER = (

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT as ROOT_PATH
+
+ROOT = ROOT_PATH
 # ruff format would also reformat the Python blocks of README.md, whose
 # comments are aligned on purpose: only the Python sources are formatted.
 FORMATTED = ("kfac_dist", "tests", "scripts", "setup.py")

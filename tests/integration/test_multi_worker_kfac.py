@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "kfac_fit_worker.py"
+pytestmark = pytest.mark.multiprocess
+
+WORKER = WORKERS / "kfac_fit_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import kfac_fit_worker as worker  # noqa: E402
 

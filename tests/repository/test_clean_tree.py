@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kfac_dist.jobs import main_job
+from tests.paths import ROOT as ROOT_PATH
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT_PATH
 SENTINEL = "# Benchmarks\n\nhand-written results that a plain run must not touch\n"
 # Flags whose value is a file or folder the command writes.
 OUTPUT_FLAGS = ("--checkpoint-dir", "--tensorboard-dir", "--json-out", "--out-dir", "--json")

@@ -6,7 +6,6 @@ the reference is the same model trained in this process without a strategy.
 
 import importlib.util
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -15,8 +14,9 @@ import tensorflow as tf
 
 from kfac_dist import multi_worker
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "adam_fit_worker.py"
+WORKER = WORKERS / "adam_fit_worker.py"
 NUM_WORKERS = 2
 
 
@@ -82,6 +82,7 @@ def reference(data) -> tuple[dict, dict]:
     return arrays, {"history": history, "evaluate": evaluate}
 
 
+@pytest.mark.multiprocess
 def test_fit_fails_without_the_fix(workers):
     for _, logs in workers:
         assert "Attempt to convert a value (PerReplica" in logs["unfixed_error"]
@@ -89,6 +90,7 @@ def test_fit_fails_without_the_fix(workers):
         assert "Invalid reduction dimension 0" in logs["half_fixed_error"]
 
 
+@pytest.mark.multiprocess
 def test_fix_is_installed_once(workers):
     for _, logs in workers:
         assert not logs["enabled_before"]
@@ -96,6 +98,7 @@ def test_fix_is_installed_once(workers):
         assert logs["idempotent"]
 
 
+@pytest.mark.multiprocess
 def test_workers_agree_bit_for_bit(workers):
     (arrays_0, logs_0), (arrays_1, logs_1) = workers
     assert arrays_0.keys() == arrays_1.keys()
@@ -105,6 +108,7 @@ def test_workers_agree_bit_for_bit(workers):
     assert logs_0["evaluate"] == logs_1["evaluate"]
 
 
+@pytest.mark.multiprocess
 def test_two_workers_match_one_process_with_the_same_global_batch(workers, reference, data):
     (arrays, logs), _ = workers
     reference_arrays, reference_logs = reference
@@ -123,12 +127,14 @@ def test_two_workers_match_one_process_with_the_same_global_batch(workers, refer
         np.testing.assert_allclose(value, reference_logs["evaluate"][name], rtol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_fix_keeps_a_train_step_assigned_to_the_instance(workers):
     for _, logs in workers:
         assert logs["replaced_history"]["replaced"] == [1.0]
         assert np.isfinite(logs["replaced_history"]["loss"]).all()
 
 
+@pytest.mark.multiprocess
 def test_fix_rejects_steps_per_execution_above_1_up_front(workers):
     for _, logs in workers:
         assert logs["steps_per_execution_error"].startswith(

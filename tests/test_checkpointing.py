@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.multiworker import assert_all_succeeded, run_workers
+from tests.paths import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "resume_worker.py"
+WORKER = WORKERS / "resume_worker.py"
 STEPS, EVERY, KILL_AT = 12, 4, 6
 
 
@@ -15,6 +17,7 @@ def _weights(out: Path, index: int) -> list[np.ndarray]:
     return [data[f"arr_{i}"] for i in range(4)], int(data["start"])
 
 
+@pytest.mark.multiprocess
 def test_worker_killed_with_sigkill_resumes_on_the_uninterrupted_trajectory(tmp_path):
     reference_out, resumed_out = tmp_path / "reference", tmp_path / "resumed"
     reference_out.mkdir()
