@@ -312,16 +312,12 @@ def update(
     return StepOutcome(finite=result.finite, loss_before=result.loss_before)
 
 
-def _no_curvature(kfac: Kfac) -> tuple[BatchStatistics, tf.Tensor, tf.Tensor]:
-    return kfac.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
-
-
 def _curvature_schedule(
     kfac: Kfac, inputs: StepInputs | None
 ) -> tuple[BatchStatistics, tf.Tensor, tf.Tensor]:
     """(statistics, whether to fold them, whether to invert) for this update."""
     if inputs is None:
-        return _no_curvature(kfac)
+        return kfac.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
     is_inverse_step = tf.equal(inputs.index % kfac.config.invert_every, 0)
     return inputs.statistics, inputs.is_statistics_step, is_inverse_step
 
