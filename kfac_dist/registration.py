@@ -20,6 +20,7 @@ from kfac_dist import losses as losses_lib
 from kfac_dist.blocks import (
     Block,
     ConvBlock,
+    ConvTransposeBlock,
     DenseBlock,
     EmbeddingBlock,
     GenericDiagonalBlock,
@@ -34,6 +35,10 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Dense: DenseBlock,
     keras.layers.Conv1D: ConvBlock,
     keras.layers.Conv2D: ConvBlock,
+    keras.layers.Conv3D: ConvBlock,
+    keras.layers.Conv1DTranspose: ConvTransposeBlock,
+    keras.layers.Conv2DTranspose: ConvTransposeBlock,
+    keras.layers.Conv3DTranspose: ConvTransposeBlock,
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,

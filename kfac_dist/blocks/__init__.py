@@ -30,6 +30,7 @@ from kfac_dist.blocks.base import (
     invert_factors,
 )
 from kfac_dist.blocks.conv import ConvBlock
+from kfac_dist.blocks.conv_transpose import ConvTransposeBlock
 from kfac_dist.blocks.dense import DenseBlock
 from kfac_dist.blocks.diagonal import GenericDiagonalBlock
 from kfac_dist.blocks.embedding import EmbeddingBlock
@@ -51,6 +52,7 @@ __all__ = [
     "CHOLESKY",
     "Cholesky",
     "ConvBlock",
+    "ConvTransposeBlock",
     "DIAGONAL",
     "DenseBlock",
     "Diagonal",

@@ -1,4 +1,4 @@
-"""Conv1D/Conv2D layers: KFC (Grosse & Martens 2016), a Dense block over patches.
+"""Conv1D/Conv2D/Conv3D layers: KFC (Grosse & Martens 2016), a Dense block over patches.
 
 Ω = E[Σ_t ā_t ā_tᵀ] over the image patches ā_t the kernel sees (its size,
 strides, dilation and padding, bias as a constant 1) and
@@ -8,6 +8,7 @@ factors once each patch is a row, so a 1×1 convolution equals a Dense layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from kfac_dist.linalg import curvature_dtype
 
 
 class ConvBlock(DenseBlock):
-    """K-FAC for `keras.layers.Conv1D` and `Conv2D` (groups=1)."""
+    """K-FAC for `keras.layers.Conv1D`, `Conv2D` and `Conv3D` (groups=1)."""
 
     def __init__(self, layer: Any, approx: str | None = None):
         if getattr(layer, "groups", 1) != 1:
@@ -51,20 +52,20 @@ class ConvBlock(DenseBlock):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
+        output_grads = [channels_last(self._layer, g, column_axis=True) for g in output_grads]
         return super().kron_statistics(records, output_grads, batch_size, example_weights)
 
     def per_example_gradients(
         self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
     ) -> tf.Tensor:
-        output_grads = [_channels_last(self._layer, g, column_axis=True) for g in output_grads]
+        output_grads = [channels_last(self._layer, g, column_axis=True) for g in output_grads]
         records = [
-            Record(r.inputs, _channels_last(self._layer, r.outputs), r.extras) for r in records
+            Record(r.inputs, channels_last(self._layer, r.outputs), r.extras) for r in records
         ]
         return super().per_example_gradients(records, output_grads)
 
 
-def _channels_last(layer: Any, tensor: tf.Tensor, column_axis: bool = False) -> tf.Tensor:
+def channels_last(layer: Any, tensor: tf.Tensor, column_axis: bool = False) -> tf.Tensor:
     if layer.data_format != "channels_first":
         return tensor
     rank = tensor.shape.rank
@@ -76,34 +77,100 @@ def _channels_last(layer: Any, tensor: tf.Tensor, column_axis: bool = False) -> 
 def extract_patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
     """(b, *output_positions, kernel_size·channels) patches, as the layer sees them.
 
-    The patch layout (row, column, channel) matches the kernel reshaped to
-    (kernel_size·channels, filters).
+    The patch layout (kernel entries row-major, then channel) matches the
+    kernel reshaped to (kernel_size·channels, filters).
     """
-    inputs = _channels_last(layer, inputs)
-    kernel_size, strides, dilation = (
-        layer.kernel_size,
-        layer.strides,
-        layer.dilation_rate,
-    )
+    inputs = channels_last(layer, inputs)
     padding = layer.padding
-    if len(kernel_size) == 1:
-        if padding == "causal":
-            left = dilation[0] * (kernel_size[0] - 1)
-            inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
-            padding = "valid"
-        inputs = inputs[:, tf.newaxis]
-        kernel_size, strides, dilation = (
+    if padding == "causal":
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+        padding = "valid"
+    return patches_of(inputs, layer.kernel_size, layer.strides, layer.dilation_rate, padding)
+
+
+def patches_of(
+    inputs: tf.Tensor,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    padding: str,
+) -> tf.Tensor:
+    """Patches of a channels-last (b, *spatial, channels) input with 1 to 3 spatial axes.
+
+    Padding is "valid" or "same" with TensorFlow's rule (the smaller half
+    before). Returns (b, *output_positions, prod(kernel_size)·channels).
+    """
+    rank = len(kernel_size)
+    if rank == 1:
+        # A 1-D input is a one-row image: the 2-D op covers it.
+        two_d = patches_of(
+            inputs[:, tf.newaxis],
             (1, *kernel_size),
             (1, *strides),
             (1, *dilation),
+            padding,
         )
-    patches = tf.image.extract_patches(
-        inputs,
-        sizes=[1, *kernel_size, 1],
-        strides=[1, *strides, 1],
-        rates=[1, *dilation, 1],
-        padding=padding.upper(),
-    )
-    if len(layer.kernel_size) == 1:
-        patches = patches[:, 0]
-    return patches
+        return two_d[:, 0]
+    if rank == 2:
+        return tf.image.extract_patches(
+            inputs,
+            sizes=[1, *kernel_size, 1],
+            strides=[1, *strides, 1],
+            rates=[1, *dilation, 1],
+            padding=padding.upper(),
+        )
+    if rank == 3 and all(d == 1 for d in dilation):
+        return tf.extract_volume_patches(
+            inputs,
+            ksizes=[1, *kernel_size, 1],
+            strides=[1, *strides, 1],
+            padding=padding.upper(),
+        )
+    if rank == 3:
+        # tf.extract_volume_patches has no dilation.
+        return _sliced_patches(inputs, kernel_size, strides, dilation, padding)
+    raise ValueError(f"Convolution patches cover 1 to 3 spatial axes, got kernel {kernel_size}.")
+
+
+def _sliced_patches(
+    inputs: tf.Tensor,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    padding: str,
+) -> tf.Tensor:
+    """Patches as one strided slice per kernel entry, concatenated channel-wise.
+
+    The result is as large as the op's (no patch of the span is ever built);
+    the entries come in row-major kernel order, then channel.
+    """
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    sizes = [dimension(inputs, axis) for axis in range(1, len(kernel_size) + 1)]
+    if padding.lower() == "same":
+        pads = [[0, 0]]
+        for size, span, stride in zip(sizes, spans, strides):
+            out = -(-size // stride)
+            total = _non_negative((out - 1) * stride + span - size)
+            pads.append([total // 2, total - total // 2])
+        inputs = tf.pad(inputs, [*pads, [0, 0]])
+        sizes = [size + before + after for size, (before, after) in zip(sizes, pads[1:])]
+    outs = [(size - span) // stride + 1 for size, span, stride in zip(sizes, spans, strides)]
+    slices = []
+    for entry in itertools.product(*(range(k) for k in kernel_size)):
+        window = tuple(
+            slice(k * d, k * d + (out - 1) * s + 1, s)
+            for k, d, s, out in zip(entry, dilation, strides, outs)
+        )
+        slices.append(inputs[(slice(None),) + window])
+    return tf.concat(slices, axis=-1)
+
+
+def dimension(tensor: tf.Tensor, axis: int) -> Any:
+    """A dimension: the static int where known, else a scalar tensor."""
+    static = tensor.shape[axis]
+    return static if static is not None else tf.shape(tensor)[axis]
+
+
+def _non_negative(value: Any) -> Any:
+    return max(value, 0) if isinstance(value, int) else tf.maximum(value, 0)

@@ -1,11 +1,15 @@
 """ConvBlock (KFC) against a NumPy im2col: Ω over patches, Γ over output
-locations, per-example statistics, and the 1×1-convolution = Dense identity."""
+locations, per-example statistics, the 1×1-convolution = Dense identity, and
+one exact step reaching least squares over the patches."""
+
+import itertools
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import kfac_dist as kfac
 from kfac_dist.blocks import CHOLESKY, DIAGONAL, EIGEN, FULL, ConvBlock, DenseBlock
 
 B, C = 3, 2
@@ -53,6 +57,30 @@ def _im2col_1d(x, kernel, stride, dilation, padding):
     return patches[:, 0]
 
 
+def _im2col_nd(x, kernel_size, strides, dilation, padding):
+    """(b, *O, prod(kernel)·channels) patches of a channels-last input, any rank.
+
+    Same padding rule as `_im2col`; kernel entries row-major, then channel.
+    """
+    b, *sizes, channels = x.shape
+    out, before = [], []
+    for size, k, s, d in zip(sizes, kernel_size, strides, dilation, strict=True):
+        span = (k - 1) * d + 1
+        o = (size - span) // s + 1 if padding == "valid" else -(-size // s)
+        out.append(o)
+        before.append(0 if padding == "valid" else max((o - 1) * s + span - size, 0) // 2)
+    patches = np.zeros((b, *out, *kernel_size, channels))
+    for position in itertools.product(*(range(o) for o in out)):
+        for entry in itertools.product(*(range(k) for k in kernel_size)):
+            source = tuple(
+                o * s - p + k * d
+                for o, s, p, k, d in zip(position, strides, before, entry, dilation)
+            )
+            if all(0 <= i < size for i, size in zip(source, sizes)):
+                patches[(slice(None), *position, *entry)] = x[(slice(None), *source)]
+    return patches.reshape(b, *out, -1)
+
+
 CONV2D_CASES = {
     "valid": dict(filters=3, kernel_size=3),
     "same_strided_asymmetric": dict(filters=2, kernel_size=(3, 2), strides=(2, 1), padding="same"),
@@ -69,15 +97,31 @@ CONV1D_CASES = {
     "same_strided": dict(filters=2, kernel_size=3, strides=2, padding="same"),
     "valid": dict(filters=2, kernel_size=2),
 }
+CONV3D_CASES = {
+    "valid": dict(filters=2, kernel_size=2),
+    "same_strided_asymmetric": dict(
+        filters=2, kernel_size=(3, 2, 2), strides=(2, 1, 2), padding="same"
+    ),
+    # Dilated: tf.extract_volume_patches has no rates, the strided slices stand in.
+    "same_dilated": dict(filters=2, kernel_size=2, dilation_rate=2, padding="same"),
+    "valid_dilated_no_bias": dict(
+        filters=3, kernel_size=2, dilation_rate=(2, 1, 2), use_bias=False
+    ),
+    "channels_first_same": dict(
+        filters=2, kernel_size=2, padding="same", data_format="channels_first"
+    ),
+}
 IMAGE = (6, 7, 2)  # H, W, channels (channels last)
 SEQUENCE = (9, 2)  # L, channels
+VOLUME = (4, 5, 3, 2)  # D, H, W, channels
+SHAPES = {keras.layers.Conv1D: SEQUENCE, keras.layers.Conv2D: IMAGE, keras.layers.Conv3D: VOLUME}
 
 
 def _build(cls, config, seed):
     rng = np.random.default_rng(seed)
     layer = cls(activation="relu", **config)
     channels_first = config.get("data_format") == "channels_first"
-    shape = IMAGE if cls is keras.layers.Conv2D else SEQUENCE
+    shape = SHAPES[cls]
     x = rng.normal(size=(B, *shape)).astype(np.float32)
     if channels_first:
         x = np.moveaxis(x, -1, 1)
@@ -101,7 +145,8 @@ def _reference_patches(layer, x):
     else:
         if layer.data_format == "channels_first":
             x = np.moveaxis(x, 1, -1)
-        patches = _im2col(x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
+        im2col = _im2col_nd if isinstance(layer, keras.layers.Conv3D) else _im2col
+        patches = im2col(x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
     patches = patches.reshape(B, -1, patches.shape[-1])
     if layer.bias is not None:
         patches = np.concatenate([patches, np.ones(patches.shape[:-1] + (1,))], -1)
@@ -115,10 +160,12 @@ def _channels_last_call(layer):
     TensorFlow's CPU Conv2D runs only NHWC; the block under test still sees
     channels-first inputs and outputs.
     """
+    rank = len(layer.kernel_size) + 2
+    to_last, to_first = [0, *range(2, rank), 1], [0, rank - 1, *range(1, rank - 1)]
 
     def call(x):
         s = tf.nn.convolution(
-            tf.transpose(x, [0, 2, 3, 1]),
+            tf.transpose(x, to_last),
             layer.kernel,
             strides=layer.strides,
             padding=layer.padding.upper(),
@@ -126,7 +173,7 @@ def _channels_last_call(layer):
         )
         if layer.bias is not None:
             s = s + layer.bias
-        s = tf.transpose(s, [0, 3, 1, 2])
+        s = tf.transpose(s, to_first)
         return s if layer.activation is None else layer.activation(s)
 
     return call
@@ -159,20 +206,25 @@ def _layer_case(cls, cases, name, approx=None, seed=0):
     return block, record, tf.constant(grads, tf.float32), patches, grads_rows
 
 
-ALL_CASES = [(keras.layers.Conv2D, CONV2D_CASES, n) for n in CONV2D_CASES] + [
-    (keras.layers.Conv1D, CONV1D_CASES, n) for n in CONV1D_CASES
-]
+ALL_CASES = (
+    [(keras.layers.Conv2D, CONV2D_CASES, n) for n in CONV2D_CASES]
+    + [(keras.layers.Conv1D, CONV1D_CASES, n) for n in CONV1D_CASES]
+    + [(keras.layers.Conv3D, CONV3D_CASES, n) for n in CONV3D_CASES]
+)
 IDS = [f"{cls.__name__}-{name}" for cls, _, name in ALL_CASES]
 
 
-def test_channels_last_stand_in_computes_the_channels_first_layer():
-    layer, x = _build(keras.layers.Conv2D, CONV2D_CASES["channels_first_same"], seed=0)
+@pytest.mark.parametrize(
+    "cls, cases", [(keras.layers.Conv2D, CONV2D_CASES), (keras.layers.Conv3D, CONV3D_CASES)]
+)
+def test_channels_last_stand_in_computes_the_channels_first_layer(cls, cases):
+    layer, x = _build(cls, cases["channels_first_same"], seed=0)
     want = _channels_last_call(layer)(tf.constant(x)).numpy()
     try:
         got = layer(x).numpy()
     except tf.errors.UnimplementedError:
         pytest.skip(
-            "TensorFlow cannot run Conv2D(data_format='channels_first') on this CPU "
+            f"TensorFlow cannot run {cls.__name__}(data_format='channels_first') on this CPU "
             "(oneDNN off: no AVX-512, or TF_ENABLE_ONEDNN_OPTS=0); the other tests "
             "use the channels-last stand-in checked here where it can run"
         )
@@ -202,6 +254,7 @@ def test_kron_factors_are_patch_and_location_averaged_moments(cls, cases, name):
         (keras.layers.Conv2D, CONV2D_CASES, "same_strided_asymmetric"),
         (keras.layers.Conv2D, CONV2D_CASES, "channels_first_same"),
         (keras.layers.Conv1D, CONV1D_CASES, "causal_dilated"),
+        (keras.layers.Conv3D, CONV3D_CASES, "same_dilated"),
     ],
 )
 @pytest.mark.parametrize("approx", [DIAGONAL, FULL])
@@ -321,3 +374,55 @@ def test_grouped_convolution_is_rejected():
     layer.build((None, 5, 5, 4))
     with pytest.raises(ValueError, match="grouped convolution"):
         ConvBlock(layer)
+
+
+# --- one exact step on a linear convolution reaches least squares ----------
+
+EXACT_STEP_CASES = {
+    "Conv2D-same_strided": (keras.layers.Conv2D, (4, 4, 1), dict(kernel_size=3, strides=2)),
+    "Conv3D-same_dilated": (
+        keras.layers.Conv3D,
+        (3, 3, 2, 1),
+        dict(kernel_size=2, dilation_rate=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_STEP_CASES))
+def test_one_exact_step_on_a_linear_conv_reaches_least_squares(float64, name):
+    """MSE on per-position targets: the Fisher is Σ_t ā āᵀ ⊗ I, so KFC is exact.
+
+    One step at learning rate 1 with a tiny eigen damping is then Newton's:
+    the kernel and bias solve least squares of the targets on the patches.
+    """
+    cls, shape, config = EXACT_STEP_CASES[name]
+    keras.utils.set_random_seed(3)
+    layer = cls(2, padding="same", **config)
+    model = keras.Sequential([keras.Input(shape), layer])
+    rng = np.random.default_rng(4)
+    b = 6
+    x = rng.normal(size=(b, *shape))
+    out_shape = model.compute_output_shape((b, *shape))[1:]
+    y = rng.normal(size=(b, *out_shape))
+    opt = kfac.Kfac(
+        learning_rate=1.0,
+        damping=1e-10,
+        momentum=0.0,
+        model=model,
+        loss="mse",
+        estimation_mode="exact",
+        inverse_method="eigen",
+        cov_ema_decay=0.0,
+        invert_every=1,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=b, epochs=1, verbose=0, shuffle=False)
+
+    im2col = _im2col_nd if cls is keras.layers.Conv3D else _im2col
+    patches = im2col(x, layer.kernel_size, layer.strides, layer.dilation_rate, "same")
+    design = patches.reshape(-1, patches.shape[-1])
+    design = np.concatenate([design, np.ones((len(design), 1))], axis=1)
+    assert np.linalg.matrix_rank(design) == design.shape[1]
+    solution = np.linalg.lstsq(design, y.reshape(-1, 2), rcond=None)[0]
+    got = np.concatenate([layer.kernel.numpy().reshape(-1, 2), layer.bias.numpy()[None]])
+    np.testing.assert_allclose(got, solution, rtol=1e-6, atol=1e-6 * np.abs(solution).max())
