@@ -69,6 +69,7 @@ class KfacConfig:
     invert_every: int = 10
     estimation_mode: str = options.SAMPLED
     fisher_approx: Any = None
+    kron_sharing: str = options.EXPAND
     inverse_method: str = options.CHOLESKY
     layer_collection: Any = None
     unsupported_layers: str = "error"
@@ -155,6 +156,7 @@ class KfacConfig:
         )
         _one_of("estimation_mode", self.estimation_mode, options.ESTIMATION_MODES)
         _one_of("inverse_method", self.inverse_method, options.INVERSE_METHODS)
+        _one_of("kron_sharing", self.kron_sharing, options.KRON_SHARINGS)
         _one_of("unsupported_layers", self.unsupported_layers, options.UNSUPPORTED_LAYER_POLICIES)
         _one_of("factor_sync", self.factor_sync, options.FACTOR_SYNC_MODES)
         _one_of("inverse_sharing", self.inverse_sharing, options.SHARING_METHODS)

@@ -121,6 +121,12 @@ class Kfac(keras.optimizers.Optimizer):
         invert_every: inverse update every k steps, default 10.
         estimation_mode: "sampled" (default), "empirical" or "exact".
         fisher_approx: {layer name or class: "kron" | "diagonal" | "full"}.
+        kron_sharing: how the Kronecker blocks of `Dense` and `EinsumDense`
+            take the positions their weights are shared over (sequence
+            steps, the rows of a `Dense` on (b, h, w, c)): "expand" (default:
+            each position is one more example) or "reduce" (each example's
+            inputs averaged and output gradients summed over its positions
+            first; exact when the loss sees the positions pooled).
         inverse_method: "cholesky" (default) or "eigen".
         layer_collection: a `LayerCollection` of manual registrations.
         unsupported_layers: "error" (default) or "diagonal".
@@ -292,6 +298,7 @@ class Kfac(keras.optimizers.Optimizer):
         blocks = registration.collect_blocks(
             model,
             fisher_approx=config.fisher_approx,
+            kron_sharing=config.kron_sharing,
             unsupported_layers=config.unsupported_layers,
             layer_collection=config.layer_collection,
             variables=var_list,

@@ -76,6 +76,18 @@ class MomentumType(Option):
     QMODEL_FIXED_MU = "qmodel_fixedmu"
 
 
+class KroneckerSharing(Option):
+    """How a Kronecker block takes the positions a layer shares its weights over (`kron_sharing`).
+
+    "expand": every position (sequence step, head-shared row) is one more
+    example; "reduce": each example's inputs are averaged and its output
+    gradients summed over its positions first (Eschenhagen et al. 2023).
+    """
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
 class UnsupportedLayers(Option):
     """What to do with a trainable layer no block kind covers."""
 
@@ -95,4 +107,6 @@ LAZY, EVERY_UPDATE = FactorSync
 FACTOR_SYNC_MODES = FactorSync.values()
 REGULAR, QMODEL, QMODEL_FIXED_MU = MomentumType
 MOMENTUM_TYPES = MomentumType.values()
+EXPAND, REDUCE = KroneckerSharing
+KRON_SHARINGS = KroneckerSharing.values()
 UNSUPPORTED_LAYER_POLICIES = UnsupportedLayers.values()

@@ -22,14 +22,20 @@ from kfac_dist.blocks import (
     ConvBlock,
     ConvTransposeBlock,
     DenseBlock,
+    EinsumDenseBlock,
     EmbeddingBlock,
     GenericDiagonalBlock,
     ScaleShiftBlock,
+    einsum_dense,
 )
-from kfac_dist.options import UNSUPPORTED_LAYER_POLICIES  # noqa: F401  (what to do without a block)
+from kfac_dist.options import (
+    EXPAND,
+    UNSUPPORTED_LAYER_POLICIES,  # noqa: F401  (what to do without a block)
+)
 
-#: How a block is made for a layer: from the layer and its approximation (None: the default).
-BlockFactory = Callable[[Any, "str | None"], Block]
+#: How a block is made for a layer: from the layer and its approximation (None: the
+#: default). A factory returns None for a layer of its class that it cannot cover.
+BlockFactory = Callable[[Any, "str | None"], "Block | None"]
 
 BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Dense: DenseBlock,
@@ -39,11 +45,18 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Conv1DTranspose: ConvTransposeBlock,
     keras.layers.Conv2DTranspose: ConvTransposeBlock,
     keras.layers.Conv3DTranspose: ConvTransposeBlock,
+    keras.layers.EinsumDense: einsum_dense.einsum_dense_block,
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
+#: Why a layer of a supported class is still not covered (its factory returned None).
+WHY_UNSUPPORTED: dict[type, Callable[[Any], str | None]] = {
+    keras.layers.EinsumDense: einsum_dense.why_unsupported,
+}
+#: The blocks that take `kron_sharing` (how positions enter their Kronecker factors).
+KRON_SHARING_BLOCKS = (DenseBlock, EinsumDenseBlock)
 
 
 class UnsupportedLayerError(ValueError):
@@ -70,7 +83,7 @@ class LayerCollection:
         self.losses: dict[str | int, tuple[object, float]] = {}
 
     def register_layer(self, layer: keras.layers.Layer, fisher_approx: str | None = None) -> Block:
-        """Registers a supported layer (Dense, Conv1D/2D, Embedding, BN, LN)."""
+        """Registers a supported layer (Dense, EinsumDense, Conv1D/2D, Embedding, BN, LN)."""
         block = _block_for(layer, fisher_approx)
         if block is None:
             raise UnsupportedLayerError(_unsupported_message([(layer, None)]))
@@ -136,7 +149,9 @@ def _block_for(layer: Any, fisher_approx: str | None) -> Block | None:
 
 def _describe(layer: Any, parent: Any) -> str:
     where = f", in '{parent.name}'" if parent is not None else ""
-    return f"'{layer.name}' ({type(layer).__name__}{where})"
+    why = next((why(layer) for cls, why in WHY_UNSUPPORTED.items() if isinstance(layer, cls)), None)
+    because = f": {why}" if why else ""
+    return f"'{layer.name}' ({type(layer).__name__}{where}{because})"
 
 
 def _unsupported_message(layers: Sequence[tuple[Any, Any]]) -> str:
@@ -278,6 +293,7 @@ def collect_blocks(
     model: keras.Model,
     *,
     fisher_approx: Mapping | None = None,
+    kron_sharing: str = EXPAND,
     unsupported_layers: str = "error",
     layer_collection: LayerCollection | None = None,
     variables: Sequence | None = None,
@@ -342,4 +358,8 @@ def collect_blocks(
             + ", ".join(v.path for v in missing)
             + ". Register them with LayerCollection.register_generic(variables, name=...)."
         )
+    for block in blocks:
+        # Exactly these kinds: a convolution's patches are not positions of one row.
+        if type(block) in KRON_SHARING_BLOCKS and isinstance(block, DenseBlock):
+            block.kron_sharing = kron_sharing
     return _with_unique_names(blocks)

@@ -3,7 +3,7 @@
 `approximations/` holds the structures of a block's Fisher (Kronecker,
 diagonal, full) and `inverse_methods/` the ways a factor is inverted
 (Cholesky, eigen), each on an abstract base with a registry; the layer
-kinds (`dense`, `conv`, `embedding`, `scale_shift`, and `diagonal` for
+kinds (`dense`, `einsum_dense`, `conv`, `embedding`, `scale_shift`, and `diagonal` for
 arbitrary variables) say what they record and how their variables map onto
 a block. `Block` is the unit the rest of the package sees.
 """
@@ -33,6 +33,7 @@ from kfac_dist.blocks.conv import ConvBlock
 from kfac_dist.blocks.conv_transpose import ConvTransposeBlock
 from kfac_dist.blocks.dense import DenseBlock
 from kfac_dist.blocks.diagonal import GenericDiagonalBlock
+from kfac_dist.blocks.einsum_dense import EinsumDenseBlock
 from kfac_dist.blocks.embedding import EmbeddingBlock
 from kfac_dist.blocks.inverse_methods import (
     INVERSE_METHOD_OF,
@@ -58,6 +59,7 @@ __all__ = [
     "Diagonal",
     "EIGEN",
     "Eigen",
+    "EinsumDenseBlock",
     "EmbeddingBlock",
     "FULL",
     "Full",

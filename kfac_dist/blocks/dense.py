@@ -3,7 +3,12 @@
 What it records is the layer's input and its pre-activation s (the
 activation is set aside during the call). Its variables map onto the block
 as the (fan_in + 1, units) matrix [kernel; bias]; per-example gradients
-are Σ_t ā_t g_tᵀ for each example.
+are Σ_t ā_t g_tᵀ for each example. On an input of rank ≥ 3 the kernel is
+shared over the positions t (sequence steps, pixels): `kron_sharing`
+"expand" takes each as one more example, "reduce" averages each example's
+inputs and sums its output gradients over them first (Eschenhagen et al.
+2023, "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures").
 """
 
 from __future__ import annotations
@@ -25,15 +30,30 @@ from kfac_dist.blocks.records import (
     with_ones,
 )
 from kfac_dist.linalg import curvature_dtype
+from kfac_dist.options import EXPAND, KRON_SHARINGS, REDUCE
 
 
 class DenseBlock(Block):
     """K-FAC for `keras.layers.Dense`: F ≈ A ⊗ G, ā = [a, 1]."""
 
-    def __init__(self, layer: Any, approx: str | None = None):
+    def __init__(self, layer: Any, approx: str | None = None, kron_sharing: str = EXPAND):
         self._layer = layer
         variables = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
         super().__init__(layer.name, variables, approx)
+        self.kron_sharing = kron_sharing
+
+    @property
+    def kron_sharing(self) -> str:
+        """ "expand" or "reduce": how the positions of one example enter A and G."""
+        return self._kron_sharing
+
+    @kron_sharing.setter
+    def kron_sharing(self, value: str) -> None:
+        if value not in KRON_SHARINGS:
+            raise ValueError(
+                f"kron_sharing must be one of {KRON_SHARINGS}, got {value!r} (block '{self.name}')."
+            )
+        self._kron_sharing = str(value)
 
     @property
     def layer(self) -> Any:
@@ -59,8 +79,13 @@ class DenseBlock(Block):
 
     # --- the linear map seen as rows of (input, output) pairs ----------------
     def input_rows(self, record: Record) -> tf.Tensor:
+        """(b·T, fan_in [+ 1]): one row ā per position, example by example."""
         a = rows(tf.cast(record.inputs, curvature_dtype()))
         return with_ones(a) if self.has_bias else a
+
+    def output_rows(self, grads: tf.Tensor) -> tf.Tensor:
+        """(C·b·T, units): the output gradients of one record, in the order of `input_rows`."""
+        return rows(tf.cast(grads, curvature_dtype()))
 
     def kron_dims(self) -> tuple[tuple[int, ...], int]:
         kernel = self.variables[0]
@@ -74,10 +99,52 @@ class DenseBlock(Block):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
+        """[A, G]: "expand" A = (1/b) Σ_{i,t} w ā āᵀ, G = (1/(b·T)) Σ_{i,t} g gᵀ.
+
+        "reduce": A = (1/b) Σ_i w_i ā_i ā_iᵀ and G = (1/b) Σ_i g_i g_iᵀ with
+        ā_i the mean of example i's rows (over the positions its input mask
+        keeps) and g_i the sum of its output gradients; each use of the
+        layer is one more term.
+        """
+        if self.kron_sharing == REDUCE:
+            return self._reduced_statistics(records, output_grads, batch_size, example_weights)
         inputs = concat_rows([self.input_rows(r) for r in records])
-        outputs = concat_rows([rows(tf.cast(g, curvature_dtype())) for g in output_grads])
+        outputs = concat_rows([self.output_rows(g) for g in output_grads])
         weights = row_weights(records, example_weights, self.input_rows)
         return kron_factors(inputs, outputs, batch_size, weights)
+
+    def _reduced_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        example_weights: tf.Tensor | None,
+    ) -> list[tf.Tensor]:
+        inputs, outputs, stripped = [], [], []
+        for record, grads in zip(records, output_grads):
+            batch = tf.shape(record.outputs)[0]
+            a = self.input_rows(record)
+            # Not [batch, -1, ...]: a replica with no examples cannot infer the -1.
+            positions = tf.shape(a)[0] // tf.maximum(batch, 1)
+            a = tf.reshape(a, tf.stack([batch, positions, a.shape[-1]]))
+            mask = record.extras.get("mask")
+            valid = (
+                tf.ones(tf.stack([batch, positions]), a.dtype)
+                if mask is None
+                else tf.reshape(tf.cast(mask, a.dtype), tf.stack([batch, positions]))
+            )
+            counts = tf.reduce_sum(valid, axis=1, keepdims=True)
+            # An example whose every position is padding has ā_i = 0.
+            inputs.append(tf.math.divide_no_nan(tf.einsum("btd,bt->bd", a, valid), counts))
+            g = self.output_rows(grads)
+            columns = tf.shape(grads)[0]
+            g = tf.reshape(g, tf.stack([columns, batch, positions, g.shape[-1]]))
+            outputs.append(tf.reshape(tf.reduce_sum(g, axis=2), [-1, g.shape[-1]]))
+            # The mask is spent on the means: each example is one row, weighted as a whole.
+            stripped.append(Record(record.inputs, record.outputs))
+        reduced = {id(r): a for r, a in zip(stripped, inputs)}
+        weights = row_weights(stripped, example_weights, lambda r: reduced[id(r)])
+        return kron_factors(concat_rows(inputs), concat_rows(outputs), batch_size, weights)
 
     def per_example_gradients(
         self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
