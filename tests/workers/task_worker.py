@@ -1,6 +1,7 @@
 """Launcher test worker: reports its TF_CONFIG task and pid, then fails or sleeps.
 
-Standard library only, so that launcher tests start workers in milliseconds.
+Standard library only (and the pure-Python heartbeat), so that launcher tests
+start workers in milliseconds.
 With --spawn-child it starts a grandchild (`sleep`) to check that stopping a
 worker also stops what it started. With --ready-dir every worker marks itself
 ready there, and the failing worker waits for all marks before failing, so
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kfac_dist.heartbeat import heartbeat
 
 
 def main() -> int:
@@ -56,7 +59,12 @@ def main() -> int:
                 time.sleep(0.01)
         print("failing", file=sys.stderr)
         return args.exit_code
-    time.sleep(args.sleep)
+    # A healthy worker beats while it waits: only the frozen or hanging one stalls,
+    # whatever the load on the machine.
+    deadline = time.monotonic() + args.sleep
+    while time.monotonic() < deadline:
+        heartbeat()
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
     return 0
 
 
