@@ -27,6 +27,7 @@ from kfac_dist.blocks import (
     GenericDiagonalBlock,
     ScaleShiftBlock,
     einsum_dense,
+    recurrent,
 )
 from kfac_dist.options import (
     EXPAND,
@@ -49,11 +50,21 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,
+    keras.layers.SimpleRNN: recurrent.recurrent_block,
+    keras.layers.LSTM: recurrent.recurrent_block,
+    keras.layers.GRU: recurrent.recurrent_block,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
 #: Why a layer of a supported class is still not covered (its factory returned None).
 WHY_UNSUPPORTED: dict[type, Callable[[Any], str | None]] = {
     keras.layers.EinsumDense: einsum_dense.why_unsupported,
+    keras.layers.SimpleRNN: recurrent.why_unsupported,
+    keras.layers.LSTM: recurrent.why_unsupported,
+    keras.layers.GRU: recurrent.why_unsupported,
+    # The cell owns the variables, so it is the layer an error names.
+    keras.layers.SimpleRNNCell: recurrent.why_cell_unsupported,
+    keras.layers.LSTMCell: recurrent.why_cell_unsupported,
+    keras.layers.GRUCell: recurrent.why_cell_unsupported,
 }
 #: The blocks that take `kron_sharing` (how positions enter their Kronecker factors).
 KRON_SHARING_BLOCKS = (DenseBlock, EinsumDenseBlock)

@@ -3,9 +3,10 @@
 `approximations/` holds the structures of a block's Fisher (Kronecker,
 diagonal, full) and `inverse_methods/` the ways a factor is inverted
 (Cholesky, eigen), each on an abstract base with a registry; the layer
-kinds (`dense`, `einsum_dense`, `conv`, `embedding`, `scale_shift`, and `diagonal` for
-arbitrary variables) say what they record and how their variables map onto
-a block. `Block` is the unit the rest of the package sees.
+kinds (`dense`, `einsum_dense`, `conv`, `embedding`, `scale_shift`,
+`recurrent`, and `diagonal` for arbitrary variables) say what they record
+and how their variables map onto a block. `Block` is the unit the rest of
+the package sees.
 """
 
 from kfac_dist.blocks.approximations import (
@@ -43,6 +44,7 @@ from kfac_dist.blocks.inverse_methods import (
     inverse_method,
 )
 from kfac_dist.blocks.records import Record
+from kfac_dist.blocks.recurrent import KroneckerPair, RecurrentBlock
 from kfac_dist.blocks.scale_shift import ScaleShiftBlock
 
 __all__ = [
@@ -69,9 +71,11 @@ __all__ = [
     "InverseMethod",
     "KRON",
     "Kronecker",
+    "KroneckerPair",
     "LayerKind",
     "PerExample",
     "Record",
+    "RecurrentBlock",
     "ScaleShiftBlock",
     "factor_dampings",
     "invert_factors",

@@ -1,0 +1,460 @@
+"""Recurrent layers (SimpleRNN, LSTM, GRU): a Kronecker block per kernel, each step an example.
+
+A cell computes the pre-activations of its gates, stacked, as
+z_t = x_t W + h_{t-1} U + b, then its nonlinear gating. With every time
+step taken as one more example (the independence-across-time
+approximation of Martens, Ba & Johnson 2018, "Kronecker-factored curvature
+approximations for recurrent neural networks", in its simplest form), the
+input kernel with the bias is one Kronecker block, A = (1/b) Σ_{i,t} ā āᵀ
+over ā = [x_t, 1], and the recurrent kernel another, A = (1/b) Σ_{i,t} h hᵀ
+over h = h_{t-1}; both share G = (1/(b·T)) Σ g gᵀ over g_t = ∂L/∂z_t.
+Keras' GRU with `reset_after=True` (its default) computes the input part
+x W + b_x and the recurrent part h U + b_h separately and gates the
+candidate's recurrent part after the product (r ⊙ (h U_h + b_h)): its
+recurrent block is then [U; b_h] over [h_{t-1}, 1], with its own output
+gradients ∂L/∂(h U + b_h), which equal the input part's except on the
+candidate columns, scaled by r. Both come from autodiff, not from a
+derivation. The block's factors are [A_input, G_input, A_recurrent,
+G_recurrent] (`KroneckerPair`); for SimpleRNN and LSTM the two G are the same
+statistic. "diagonal" and "full" use the exact per-example gradients
+Σ_t ā_t g_tᵀ of both kernels.
+
+Recording: the per-step quantities exist only inside the cell's calls.
+With `unroll=True` Keras calls the cell once per step in Python, so for the
+recorded forward pass each call sees its step's x_t and h_{t-1} (kept, after
+the cell's own dropout mask when it applies one), and its bias is swapped,
+for that call only, for a probe: the bias broadcast to (batch, units) — the
+same values, so that the output is bit-identical — or, without a bias, -0
+(x + (-0) = x for every x). The probe of all steps is one tensor, so that
+the pseudo-loss's gradient at it is every g_t at once.
+
+With `unroll=False` (Keras' default) the steps run in a `tf.while_loop` (or
+in cuDNN's fused kernel on a GPU): the cell is traced once, its per-step
+tensors live in the loop body's graph and cannot be read from outside it
+(TensorFlow raises InaccessibleTensorError), and a per-step probe would
+have to be threaded through the loop as an extra input, with h_{t-1}
+returned as an extra output — i.e. a different layer. Such a layer is left
+to `unsupported_layers="diagonal"` (or `LayerCollection.register_generic`),
+as are `implementation=1` (one dropout mask and one bias slice per gate;
+`recurrent_dropout > 0` selects it) and GRU's `reset_after=False` (the
+candidate's recurrent input r ⊙ h_{t-1} differs from the other gates', so U
+has no single input factor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.backend import get_keras_mask
+
+from kfac_dist.blocks.approximations import Approximation, Kronecker, LayerKind
+from kfac_dist.blocks.base import DIAGONAL, FULL, KRON, Block
+from kfac_dist.blocks.inverse_methods import InverseMethod, Payload
+from kfac_dist.blocks.records import Record, concat_rows, kron_factors, row_weights, rows, with_ones
+from kfac_dist.linalg import curvature_dtype
+
+#: The cells this block models, each with the call it models (a subclass
+#: that overrides `call` computes something else).
+CELLS: tuple[Any, ...] = (
+    keras.layers.SimpleRNNCell,
+    keras.layers.LSTMCell,
+    keras.layers.GRUCell,
+)
+#: Why the recurrent layer that runs a cell got no Kronecker block, for the
+#: message that names the cell (the cell owns the variables, so it is the
+#: layer registration reports).
+_WHY_OF_CELL: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _models_cell(cell: Any) -> bool:
+    return any(
+        isinstance(cell, cls) and getattr(type(cell), "call", None) is cls.call for cls in CELLS
+    )
+
+
+def why_unsupported(layer: Any) -> str | None:
+    """Why a SimpleRNN/LSTM/GRU layer gets no Kronecker blocks, or None when it does."""
+    cell = getattr(layer, "cell", None)
+    if cell is None or not _models_cell(cell):
+        return (
+            f"its cell ({type(cell).__name__}) is not a SimpleRNNCell, LSTMCell or GRUCell "
+            "computing their own call"
+        )
+    if not layer.built or not cell.built:
+        return "it is not built"
+    reasons = []
+    if not layer.unroll:
+        reasons.append(
+            f"with unroll=False its {type(layer).__name__} runs the cell in a tf.while_loop "
+            "(cuDNN on a GPU), where K-FAC cannot record the per-step inputs and output "
+            "gradients; pass unroll=True to the layer (short, fixed-length sequences) for "
+            "Kronecker blocks of its input and recurrent kernels"
+        )
+    if getattr(cell, "implementation", 2) == 1:
+        reasons.append(
+            "implementation=1 (which recurrent_dropout > 0 selects) applies a dropout mask "
+            "and a bias slice per gate, so a kernel has no single input factor; use "
+            "implementation=2 without recurrent_dropout"
+        )
+    if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
+        reasons.append(
+            "with reset_after=False the candidate's recurrent input is r ⊙ h_{t-1}, not the "
+            "other gates' h_{t-1}, so the recurrent kernel has no single input factor; use "
+            "reset_after=True (Keras' default)"
+        )
+    return "; ".join(reasons) or None
+
+
+def why_cell_unsupported(cell: Any) -> str:
+    """Why a recurrent cell's variables got no Kronecker block (the cell is their owner)."""
+    known = _WHY_OF_CELL.get(cell)
+    if known is not None:
+        return known
+    return (
+        "K-FAC makes Kronecker blocks for the cells of SimpleRNN, LSTM and GRU layers "
+        "with unroll=True, not for a cell run by another recurrent layer"
+    )
+
+
+def unsupported_message(layer: Any, reason: str) -> str:
+    """The error for a recurrent layer this block cannot cover, with how to register it."""
+    return (
+        f"K-FAC cannot make Kronecker blocks of {type(layer).__name__} layer '{layer.name}': "
+        f"{reason}. Or pass unsupported_layers='diagonal' to Kfac (a diagonal Fisher block "
+        "for it), or register it by hand: lc = kfac_dist.LayerCollection(); "
+        "lc.register_generic(layer.trainable_variables, name=layer.name); "
+        "Kfac(..., layer_collection=lc)."
+    )
+
+
+def recurrent_block(layer: Any, approx: str | None = None) -> RecurrentBlock | None:
+    """The block of a SimpleRNN/LSTM/GRU layer, or None when it cannot have one.
+
+    None lets registration treat the layer's cell (the owner of its
+    variables) as unsupported: an error naming it and saying why, or a
+    diagonal block on request.
+    """
+    reason = why_unsupported(layer)
+    if reason is not None:
+        cell = getattr(layer, "cell", None)
+        if cell is not None:
+            _WHY_OF_CELL[cell] = reason
+        return None
+    return RecurrentBlock(layer, approx)
+
+
+class KroneckerPair(Approximation):
+    """Two Kronecker blocks side by side: (A_input ⊗ G_input) ⊕ (A_recurrent ⊗ G_recurrent).
+
+    Each pair is damped and inverted as a Kronecker block of its own
+    (factored Tikhonov with its own π for Cholesky, exact damping for eigen).
+    """
+
+    name = KRON
+
+    def factor_names(self) -> list[str]:
+        return ["A_input", "G_input", "A_recurrent", "G_recurrent"]
+
+    def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
+        (input_dim, output_dim), (recurrent_dim, _) = _recurrent(layer).pair_dims()
+        return [
+            (input_dim, input_dim),
+            (output_dim, output_dim),
+            (recurrent_dim, recurrent_dim),
+            (output_dim, output_dim),
+        ]
+
+    def statistics(
+        self,
+        layer: LayerKind,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        example_weights: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
+        return layer.kron_statistics(records, output_grads, batch_size, example_weights)
+
+    def weighted_factors(self) -> list[bool]:
+        return [True, False, True, False]
+
+    def factor_dampings(self, mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float) -> tf.Tensor:
+        """Kronecker's (π√λ, √λ/π) for each of the two pairs of each block."""
+        pairs = tf.reshape(mean_eigenvalues, [-1, 2])
+        return tf.reshape(Kronecker().factor_dampings(pairs, damping), [-1, 4])
+
+    def precondition(
+        self,
+        layer: LayerKind,
+        grads: Sequence[tf.Tensor],
+        payloads: Sequence[Payload],
+        damping: tf.Tensor,
+        method: InverseMethod,
+    ) -> list[tf.Tensor]:
+        kind = _recurrent(layer)
+        input_matrix, recurrent_matrix = kind.gradient_matrices(grads)
+        return kind.split_matrices(
+            method.solve_kronecker(payloads[0], payloads[1], input_matrix, damping),
+            method.solve_kronecker(payloads[2], payloads[3], recurrent_matrix, damping),
+        )
+
+
+def _recurrent(layer: LayerKind) -> RecurrentBlock:
+    if not isinstance(layer, RecurrentBlock):
+        raise TypeError(
+            f"KroneckerPair preconditions recurrent blocks, not {type(layer).__name__}."
+        )
+    return layer
+
+
+class RecurrentBlock(Block):
+    """K-FAC for SimpleRNN, LSTM and GRU layers with unroll=True (see the module docstring)."""
+
+    approximations = (KRON, DIAGONAL, FULL)
+
+    def __init__(self, layer: Any, approx: str | None = None):
+        reason = why_unsupported(layer)
+        if reason is not None:
+            raise ValueError(unsupported_message(layer, reason))
+        self._layer = layer
+        self._cell = cell = layer.cell
+        self.has_bias = cell.bias is not None
+        # GRU(reset_after=True): bias (2, units·3) = [input bias; recurrent bias], and the
+        # recurrent part has its own output gradients.
+        self.separate_recurrent = isinstance(cell, keras.layers.GRUCell)
+        variables = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if self.has_bias else [])
+        super().__init__(layer.name, variables, approx)
+        if self.approx == KRON:
+            self.approximation = KroneckerPair()
+        self._signature = inspect.signature(type(layer).call)
+
+    @property
+    def layer(self) -> Any:
+        return self._layer
+
+    @property
+    def _outputs(self) -> int:
+        """gates · units: the width of z_t."""
+        return int(self._cell.kernel.shape[-1])
+
+    @property
+    def _parts(self) -> int:
+        """1, or 2 when the recurrent part has its own output gradients (GRU)."""
+        return 2 if self.separate_recurrent else 1
+
+    def pair_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((input rows, outputs), (recurrent rows, outputs)) of the two Kronecker blocks."""
+        kernel, recurrent = self._cell.kernel, self._cell.recurrent_kernel
+        recurrent_bias = int(self.has_bias and self.separate_recurrent)
+        return (
+            (int(kernel.shape[0]) + int(self.has_bias), self._outputs),
+            (int(recurrent.shape[0]) + recurrent_bias, self._outputs),
+        )
+
+    # --- recording ------------------------------------------------------------
+    def record(
+        self, call: Callable[..., Any], inputs: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Record]:
+        layer, cell = self._layer, self._cell
+        steps = inputs.shape[1]
+        if steps is None or not layer.unroll:
+            raise ValueError(
+                unsupported_message(
+                    layer, why_unsupported(layer) or "its sequence length is not static"
+                )
+            )
+        try:
+            mask = self._signature.bind(layer, inputs, *args, **kwargs).arguments.get("mask")
+        except TypeError:
+            mask = kwargs.get("mask")
+        mask = keras.tree.flatten(mask)[0] if mask is not None else get_keras_mask(inputs)
+        dtype = cell.compute_dtype
+        n, parts = self._outputs, self._parts
+        if self.has_bias:
+            base = tf.reshape(tf.cast(cell.bias.value, dtype), [1, 1, parts * n])
+        else:
+            # -0 and not 0: x + (-0) is x for every x (0 would turn -0 into +0). Made from
+            # the kernel so that it is on the gradient tape (its gradient there is 0).
+            row = tf.cast(cell.kernel.value[0], dtype)
+            zero = -tf.math.multiply_no_nan(row, tf.zeros_like(row))
+            base = tf.reshape(tf.tile(zero, [parts]), [1, 1, parts * n])
+        probe = tf.broadcast_to(base, tf.stack([tf.shape(inputs)[0], steps, parts * n]))
+        # One tensor per step, from one unstack: its gradient is one stack.
+        per_step = tf.unstack(probe, num=steps, axis=1)
+        seen: list[tuple[int, tf.Tensor, tf.Tensor]] = []
+
+        def step_call(step_inputs: Any, states: Any, *step_args: Any, **step_kwargs: Any) -> Any:
+            count = len(seen)
+            if count >= steps:
+                raise RuntimeError(
+                    f"{type(layer).__name__} '{layer.name}' called its cell more than once "
+                    f"per step ({steps} steps): K-FAC records the steps of unroll=True only."
+                )
+            # Keras walks the steps backwards for go_backwards (a Bidirectional's backward
+            # layer): rows are kept in time order, as the layer's input and mask are.
+            t = steps - 1 - count if layer.go_backwards else count
+            bias = per_step[t]
+            if parts == 2:
+                # The cell splits its (2, units·3) bias on axis 0: (2, batch, units·3).
+                bias = tf.transpose(tf.reshape(bias, [-1, 2, n]), [1, 0, 2])
+            # Plain attributes, set past Keras' tracking: nothing is added to the layer.
+            saved = cell.bias, cell.use_bias
+            object.__setattr__(cell, "bias", bias)
+            object.__setattr__(cell, "use_bias", True)
+            try:
+                outputs = original(step_inputs, states, *step_args, **step_kwargs)
+            finally:
+                object.__setattr__(cell, "bias", saved[0])
+                object.__setattr__(cell, "use_bias", saved[1])
+            training = bool(step_kwargs.get("training", False))
+            x, h = self._kernel_inputs(step_inputs, keras.tree.flatten(states)[0], training)
+            seen.append((t, x, h))
+            return outputs
+
+        original = cell.call
+        had_own = "call" in cell.__dict__
+        object.__setattr__(cell, "call", step_call)
+        try:
+            outputs = call(inputs, *args, **kwargs)
+        finally:
+            if had_own:
+                object.__setattr__(cell, "call", original)
+            else:
+                object.__delattr__(cell, "call")
+        if len(seen) != steps:
+            raise RuntimeError(
+                f"{type(layer).__name__} '{layer.name}' called its cell {len(seen)} times "
+                f"for {steps} steps: K-FAC records the steps of unroll=True only."
+            )
+        seen.sort(key=lambda entry: entry[0])
+        extras = {"recurrent": tf.stack([h for _, _, h in seen], axis=1)}
+        if mask is not None and mask.shape.rank == 2:
+            extras["mask"] = mask
+        record = Record(
+            inputs=tf.stack([x for _, x, _ in seen], axis=1), outputs=probe, extras=extras
+        )
+        return outputs, record
+
+    def _kernel_inputs(
+        self, inputs: tf.Tensor, state: tf.Tensor, training: bool
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """What the kernels multiply at one step: the cell's dropout masks applied as it does."""
+        cell = self._cell
+        if isinstance(cell, keras.layers.SimpleRNNCell):
+            if training and cell.dropout > 0:
+                inputs = inputs * cell.get_dropout_mask(inputs)
+            if training and cell.recurrent_dropout > 0:
+                state = state * cell.get_recurrent_dropout_mask(state)
+        elif training and 0.0 < cell.dropout < 1.0:
+            # implementation=2: one mask, cached for the whole sequence by the cell.
+            inputs = inputs * cell.get_dropout_mask(inputs)
+        return inputs, state
+
+    # --- the rows of each kernel's linear map --------------------------------
+    def input_rows(self, record: Record) -> tf.Tensor:
+        """(b·T, d [+ 1]): one row [x_t, 1] per step, example by example."""
+        x = rows(tf.cast(record.inputs, curvature_dtype()))
+        return with_ones(x) if self.has_bias else x
+
+    def recurrent_rows(self, record: Record) -> tf.Tensor:
+        """(b·T, units [+ 1]): one row h_{t-1} per step ([h_{t-1}, 1] for GRU's recurrent bias)."""
+        h = rows(tf.cast(record.extras["recurrent"], curvature_dtype()))
+        return with_ones(h) if self.has_bias and self.separate_recurrent else h
+
+    def _output_rows(self, grads: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(C·b·T, gates·units) output gradients of the input and of the recurrent part."""
+        g = tf.cast(grads, curvature_dtype())
+        if not self.separate_recurrent:
+            return rows(g), rows(g)
+        input_part, recurrent_part = tf.split(g, 2, axis=-1)
+        return rows(input_part), rows(recurrent_part)
+
+    def kron_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        example_weights: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
+        """[A_input, G_input, A_recurrent, G_recurrent], each step one more example.
+
+        A Keras mask keeps padded steps out of both A (their g is 0: Keras
+        keeps the previous state there).
+        """
+        outputs = [self._output_rows(g) for g in output_grads]
+        weights = row_weights(records, example_weights, self.input_rows)
+        inputs = concat_rows([self.input_rows(r) for r in records])
+        a_input, g_input = kron_factors(
+            inputs, concat_rows([o[0] for o in outputs]), batch_size, weights
+        )
+        recurrent = concat_rows([self.recurrent_rows(r) for r in records])
+        if not self.separate_recurrent:
+            # One z_t: both blocks share G (kept twice, one per Kronecker pair).
+            no_outputs = tf.zeros([0, 0], recurrent.dtype)
+            a_recurrent, _ = kron_factors(recurrent, no_outputs, batch_size, weights)
+            return [a_input, g_input, a_recurrent, g_input]
+        a_recurrent, g_recurrent = kron_factors(
+            recurrent, concat_rows([o[1] for o in outputs]), batch_size, weights
+        )
+        return [a_input, g_input, a_recurrent, g_recurrent]
+
+    def per_example_gradients(
+        self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
+    ) -> tf.Tensor:
+        total: tf.Tensor | None = None
+        for record, grads in zip(records, output_grads):
+            batch, columns = tf.shape(record.outputs)[0], tf.shape(grads)[0]
+            x = tf.cast(record.inputs, curvature_dtype())
+            h = tf.cast(record.extras["recurrent"], curvature_dtype())
+            g = tf.cast(grads, curvature_dtype())  # (C, b, T, parts·n)
+            g_input, g_recurrent = (g, g) if not self.separate_recurrent else tf.split(g, 2, -1)
+            parts = [
+                tf.einsum("bti,cbto->cbio", x, g_input),
+                tf.einsum("bti,cbto->cbio", h, g_recurrent),
+            ]
+            if self.has_bias:
+                # Σ_t g_t: (n,), or [Σ g_input; Σ g_recurrent] for GRU's (2, n) bias.
+                parts.append(tf.reduce_sum(g, axis=2))
+            flat = tf.concat([tf.reshape(p, tf.stack([columns * batch, -1])) for p in parts], 1)
+            total = flat if total is None else total + flat
+        return total
+
+    # --- the two kernels' gradient matrices ----------------------------------
+    def gradient_matrices(self, grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """([kernel; input bias], recurrent kernel [; recurrent bias]) as matrices."""
+        kernel, recurrent = tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
+        if not self.has_bias:
+            return kernel, recurrent
+        bias = tf.reshape(grads[2], [self._parts, self._outputs])
+        kernel = tf.concat([kernel, bias[:1]], axis=0)
+        if self.separate_recurrent:
+            recurrent = tf.concat([recurrent, bias[1:]], axis=0)
+        return kernel, recurrent
+
+    def split_matrices(
+        self, input_matrix: tf.Tensor, recurrent_matrix: tf.Tensor
+    ) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrices`: one tensor per variable."""
+        if not self.has_bias:
+            return [input_matrix, recurrent_matrix]
+        kernel, input_bias = input_matrix[:-1], input_matrix[-1:]
+        if not self.separate_recurrent:
+            return [kernel, recurrent_matrix, tf.reshape(input_bias, [-1])]
+        recurrent, recurrent_bias = recurrent_matrix[:-1], recurrent_matrix[-1:]
+        bias = tf.concat([input_bias, recurrent_bias], axis=0)
+        return [kernel, recurrent, tf.reshape(bias, self.variables[2].shape)]
+
+
+__all__ = [
+    "CELLS",
+    "KroneckerPair",
+    "RecurrentBlock",
+    "recurrent_block",
+    "unsupported_message",
+    "why_cell_unsupported",
+    "why_unsupported",
+]
