@@ -9,24 +9,24 @@ input kernel with the bias is one Kronecker block, A = (1/b) Σ_{i,t} ā āᵀ
 over ā = [x_t, 1], and the recurrent kernel another, A = (1/b) Σ_{i,t} h hᵀ
 over h = h_{t-1}; both share G = (1/(b·T)) Σ g gᵀ over g_t = ∂L/∂z_t.
 Keras' GRU with `reset_after=True` (its default) computes the input part
-x W + b_x and the recurrent part h U + b_h separately and gates the
-candidate's recurrent part after the product (r ⊙ (h U_h + b_h)): its
-recurrent block is then [U; b_h] over [h_{t-1}, 1], with its own output
-gradients ∂L/∂(h U + b_h), which equal the input part's except on the
-candidate columns, scaled by r. Both come from autodiff, not from a
-derivation. The block's factors are [A_input, G_input, A_recurrent,
-G_recurrent] (`KroneckerPair`); for SimpleRNN and LSTM the two G are the same
-statistic. "diagonal" and "full" use the exact per-example gradients
-Σ_t ā_t g_tᵀ of both kernels.
+x W + b_x and the recurrent part h U + b_h separately: the z and r gates
+take their sum, the candidate tanh(x_h + r ⊙ (h U + b_h)_h) gates the
+recurrent part after the product. Its recurrent block is then [U; b_h]
+over [h_{t-1}, 1], with its own output gradients ∂L/∂(h U + b_h): the input
+part's on the z and r columns, r ⊙ the candidate's pre-activation gradient
+on the candidate columns (r is recorded with the step). The block's
+factors are [A_input, G_input, A_recurrent, G_recurrent] (`KroneckerPair`);
+for SimpleRNN and LSTM the two G are the same statistic. "diagonal" and
+"full" use the exact per-example gradients Σ_t ā_t g_tᵀ of both kernels.
 
 Recording: the per-step quantities exist only inside the cell's calls.
 With `unroll=True` Keras calls the cell once per step in Python, so for the
 recorded forward pass each call sees its step's x_t and h_{t-1} (kept, after
-the cell's own dropout mask when it applies one), and its bias is swapped,
-for that call only, for a probe: the bias broadcast to (batch, units) — the
-same values, so that the output is bit-identical — or, without a bias, -0
-(x + (-0) = x for every x). The probe of all steps is one tensor, so that
-the pseudo-loss's gradient at it is every g_t at once.
+the cell's own dropout mask when it applies one), and the pre-activations
+pass through a tap (`_StepHooks`): an identity whose gradient is also handed
+to that step's slice of one zero "probe" tensor of shape (batch, T,
+gates·units), so that the pseudo-loss's gradient at the probe is every g_t
+at once. The output is bit-identical to the layer's, eager or traced.
 
 With `unroll=False` (Keras' default) the steps run in a `tf.while_loop` (or
 in cuDNN's fused kernel on a GPU): the cell is traced once, its per-step
@@ -43,9 +43,10 @@ has no single input factor).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -211,6 +212,115 @@ def _recurrent(layer: LayerKind) -> RecurrentBlock:
     return layer
 
 
+@contextlib.contextmanager
+def _swapped(obj: Any, attributes: dict[str, Any]) -> Iterator[None]:
+    """Sets instance attributes (past Keras' tracking) for a block, then restores them."""
+    saved = {name: (name in obj.__dict__, obj.__dict__.get(name)) for name in attributes}
+    for name, value in attributes.items():
+        object.__setattr__(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, (had, value) in saved.items():
+            if had:
+                object.__setattr__(obj, name, value)
+            else:
+                object.__delattr__(obj, name)
+
+
+@tf.custom_gradient
+def _tap(z: tf.Tensor, probe: tf.Tensor) -> Any:
+    """z itself, whose gradient is also handed to `probe`."""
+
+    def grad(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return upstream, upstream
+
+    return tf.identity(z), grad
+
+
+class _StepHooks:
+    """Taps one step's pre-activations where the cell hands them on.
+
+    SimpleRNN: z_t as it enters the activation. LSTM (implementation=2):
+    the gates' four slices of z_t as they enter
+    `_compute_carry_and_output_fused`. GRU: x_z + (h U + b_h)_z and
+    x_r + (h U + b_h)_r as they enter the recurrent activation (z, then r:
+    the cell's order), and x_h + r ⊙ (h U + b_h)_h as it enters the
+    activation, keeping r. A tap is an identity whose gradient also goes to
+    the step's slice of the probe: the forward graph keeps its ops (the
+    identity is optimised away), so even the fused kernels TensorFlow's
+    graph optimiser makes of it (MatMul with bias and activation, oneDNN's
+    among them) are the same.
+    """
+
+    def __init__(self, cell: Any, probe: tf.Tensor):
+        self._cell, self._probe = cell, probe
+        self.calls: dict[str, int] = {}
+        self.reset: tf.Tensor | None = None
+
+    def _count(self, name: str) -> int:
+        count = self.calls.get(name, 0)
+        self.calls[name] = count + 1
+        return count
+
+    def attributes(self) -> dict[str, Any]:
+        cell, probe = self._cell, self._probe
+        if isinstance(cell, keras.layers.SimpleRNNCell):
+            activation = cell.activation
+
+            def activate(z: tf.Tensor) -> tf.Tensor:
+                self._count("activation")
+                z = _tap(z, probe)
+                return z if activation is None else activation(z)
+
+            return {"activation": activate}
+        if isinstance(cell, keras.layers.LSTMCell):
+            carry = cell._compute_carry_and_output_fused  # noqa: SLF001
+
+            def carry_with_probe(z: Sequence[tf.Tensor], c_tm1: tf.Tensor) -> Any:
+                self._count("carry")
+                gates = tf.split(probe, 4, axis=-1)
+                return carry([_tap(part, gate) for part, gate in zip(z, gates)], c_tm1)
+
+            return {"_compute_carry_and_output_fused": carry_with_probe}
+        units = int(cell.units)
+        recurrent_activation, activation = cell.recurrent_activation, cell.activation
+
+        def gate(z: tf.Tensor) -> tf.Tensor:
+            index = self._count("recurrent_activation")
+            if index > 1:
+                return recurrent_activation(z)  # `check` reports it
+            out = recurrent_activation(_tap(z, probe[:, index * units : (index + 1) * units]))
+            if index == 1:
+                self.reset = out
+            return out
+
+        def candidate(z: tf.Tensor) -> tf.Tensor:
+            if self._count("activation") > 0:
+                return activation(z)
+            return activation(_tap(z, probe[:, 2 * units :]))
+
+        return {"recurrent_activation": gate, "activation": candidate}
+
+    def check(self) -> None:
+        """Whether the cell called each hook as the hooks expect (Keras' cells, as read)."""
+        cell = self._cell
+        if isinstance(cell, keras.layers.SimpleRNNCell):
+            expected = {"activation": 1}
+        elif isinstance(cell, keras.layers.LSTMCell):
+            expected = {"carry": 1}
+        else:
+            expected = {"recurrent_activation": 2, "activation": 1}
+        if self.calls != expected:
+            raise RuntimeError(
+                f"{type(cell).__name__} '{cell.name}' computed a step with {self.calls} calls "
+                f"of what K-FAC records ({expected} expected): this Keras version's cell "
+                "differs from the one K-FAC's recurrent block reads. Pass "
+                "unsupported_layers='diagonal' or register the layer with "
+                "LayerCollection.register_generic."
+            )
+
+
 class RecurrentBlock(Block):
     """K-FAC for SimpleRNN, LSTM and GRU layers with unroll=True (see the module docstring)."""
 
@@ -241,11 +351,6 @@ class RecurrentBlock(Block):
         """gates · units: the width of z_t."""
         return int(self._cell.kernel.shape[-1])
 
-    @property
-    def _parts(self) -> int:
-        """1, or 2 when the recurrent part has its own output gradients (GRU)."""
-        return 2 if self.separate_recurrent else 1
-
     def pair_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """((input rows, outputs), (recurrent rows, outputs)) of the two Kronecker blocks."""
         kernel, recurrent = self._cell.kernel, self._cell.recurrent_kernel
@@ -272,20 +377,14 @@ class RecurrentBlock(Block):
         except TypeError:
             mask = kwargs.get("mask")
         mask = keras.tree.flatten(mask)[0] if mask is not None else get_keras_mask(inputs)
-        dtype = cell.compute_dtype
-        n, parts = self._outputs, self._parts
-        if self.has_bias:
-            base = tf.reshape(tf.cast(cell.bias.value, dtype), [1, 1, parts * n])
-        else:
-            # -0 and not 0: x + (-0) is x for every x (0 would turn -0 into +0). Made from
-            # the kernel so that it is on the gradient tape (its gradient there is 0).
-            row = tf.cast(cell.kernel.value[0], dtype)
-            zero = -tf.math.multiply_no_nan(row, tf.zeros_like(row))
-            base = tf.reshape(tf.tile(zero, [parts]), [1, 1, parts * n])
-        probe = tf.broadcast_to(base, tf.stack([tf.shape(inputs)[0], steps, parts * n]))
+        # Zeros (their values are never used) made from the kernel, so that they are on
+        # the gradient tape; the kernel's gradient through them is 0.
+        row = tf.cast(cell.kernel.value[0], cell.compute_dtype)
+        zero = tf.math.multiply_no_nan(row, tf.zeros_like(row))
+        probe = tf.broadcast_to(zero, tf.stack([tf.shape(inputs)[0], steps, self._outputs]))
         # One tensor per step, from one unstack: its gradient is one stack.
         per_step = tf.unstack(probe, num=steps, axis=1)
-        seen: list[tuple[int, tf.Tensor, tf.Tensor]] = []
+        seen: list[tuple[int, tf.Tensor, tf.Tensor, tf.Tensor | None]] = []
 
         def step_call(step_inputs: Any, states: Any, *step_args: Any, **step_kwargs: Any) -> Any:
             count = len(seen)
@@ -297,59 +396,49 @@ class RecurrentBlock(Block):
             # Keras walks the steps backwards for go_backwards (a Bidirectional's backward
             # layer): rows are kept in time order, as the layer's input and mask are.
             t = steps - 1 - count if layer.go_backwards else count
-            bias = per_step[t]
-            if parts == 2:
-                # The cell splits its (2, units·3) bias on axis 0: (2, batch, units·3).
-                bias = tf.transpose(tf.reshape(bias, [-1, 2, n]), [1, 0, 2])
-            # Plain attributes, set past Keras' tracking: nothing is added to the layer.
-            saved = cell.bias, cell.use_bias
-            object.__setattr__(cell, "bias", bias)
-            object.__setattr__(cell, "use_bias", True)
-            try:
+            hooks = _StepHooks(cell, per_step[t])
+            with _swapped(cell, hooks.attributes()):
                 outputs = original(step_inputs, states, *step_args, **step_kwargs)
-            finally:
-                object.__setattr__(cell, "bias", saved[0])
-                object.__setattr__(cell, "use_bias", saved[1])
-            training = bool(step_kwargs.get("training", False))
+            hooks.check()
+            training = step_kwargs.get("training", False)
             x, h = self._kernel_inputs(step_inputs, keras.tree.flatten(states)[0], training)
-            seen.append((t, x, h))
+            seen.append((t, x, h, hooks.reset))
             return outputs
 
         original = cell.call
-        had_own = "call" in cell.__dict__
-        object.__setattr__(cell, "call", step_call)
-        try:
+        with _swapped(cell, {"call": step_call}):
             outputs = call(inputs, *args, **kwargs)
-        finally:
-            if had_own:
-                object.__setattr__(cell, "call", original)
-            else:
-                object.__delattr__(cell, "call")
         if len(seen) != steps:
             raise RuntimeError(
                 f"{type(layer).__name__} '{layer.name}' called its cell {len(seen)} times "
                 f"for {steps} steps: K-FAC records the steps of unroll=True only."
             )
         seen.sort(key=lambda entry: entry[0])
-        extras = {"recurrent": tf.stack([h for _, _, h in seen], axis=1)}
+        extras = {"recurrent": tf.stack([entry[2] for entry in seen], axis=1)}
+        if self.separate_recurrent:
+            extras["reset"] = tf.stack([entry[3] for entry in seen], axis=1)
         if mask is not None and mask.shape.rank == 2:
             extras["mask"] = mask
         record = Record(
-            inputs=tf.stack([x for _, x, _ in seen], axis=1), outputs=probe, extras=extras
+            inputs=tf.stack([entry[1] for entry in seen], axis=1), outputs=probe, extras=extras
         )
         return outputs, record
 
     def _kernel_inputs(
-        self, inputs: tf.Tensor, state: tf.Tensor, training: bool
+        self, inputs: tf.Tensor, state: tf.Tensor, training: Any
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """What the kernels multiply at one step: the cell's dropout masks applied as it does."""
+        """What the kernels multiply at one step: the cell's dropout masks applied as it does.
+
+        The conditions are the cell's own (`training` last: without dropout
+        it is never read).
+        """
         cell = self._cell
         if isinstance(cell, keras.layers.SimpleRNNCell):
-            if training and cell.dropout > 0:
+            if cell.dropout > 0 and training:
                 inputs = inputs * cell.get_dropout_mask(inputs)
-            if training and cell.recurrent_dropout > 0:
+            if cell.recurrent_dropout > 0 and training:
                 state = state * cell.get_recurrent_dropout_mask(state)
-        elif training and 0.0 < cell.dropout < 1.0:
+        elif 0.0 < cell.dropout < 1.0 and training:
             # implementation=2: one mask, cached for the whole sequence by the cell.
             inputs = inputs * cell.get_dropout_mask(inputs)
         return inputs, state
@@ -365,13 +454,24 @@ class RecurrentBlock(Block):
         h = rows(tf.cast(record.extras["recurrent"], curvature_dtype()))
         return with_ones(h) if self.has_bias and self.separate_recurrent else h
 
-    def _output_rows(self, grads: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _output_rows(self, record: Record, grads: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(C·b·T, gates·units) output gradients of the input and of the recurrent part."""
+        g_input, g_recurrent = self._output_grads(record, grads)
+        return rows(g_input), rows(g_recurrent)
+
+    def _output_grads(self, record: Record, grads: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(C, b, T, gates·units): ∂L/∂(x W + b_x) and ∂L/∂(h U [+ b_h]).
+
+        They are one z_t but for GRU, whose candidate adds r ⊙ (h U_h + b_h)
+        to its input part: there the recurrent part's gradient is r ⊙ the
+        candidate's (z and r gates add both parts as they are).
+        """
         g = tf.cast(grads, curvature_dtype())
         if not self.separate_recurrent:
-            return rows(g), rows(g)
-        input_part, recurrent_part = tf.split(g, 2, axis=-1)
-        return rows(input_part), rows(recurrent_part)
+            return g, g
+        units = int(self._cell.units)
+        reset = tf.cast(record.extras["reset"], curvature_dtype())[tf.newaxis]
+        return g, tf.concat([g[..., : 2 * units], reset * g[..., 2 * units :]], axis=-1)
 
     def kron_statistics(
         self,
@@ -385,7 +485,7 @@ class RecurrentBlock(Block):
         A Keras mask keeps padded steps out of both A (their g is 0: Keras
         keeps the previous state there).
         """
-        outputs = [self._output_rows(g) for g in output_grads]
+        outputs = [self._output_rows(r, g) for r, g in zip(records, output_grads)]
         weights = row_weights(records, example_weights, self.input_rows)
         inputs = concat_rows([self.input_rows(r) for r in records])
         a_input, g_input = kron_factors(
@@ -410,15 +510,16 @@ class RecurrentBlock(Block):
             batch, columns = tf.shape(record.outputs)[0], tf.shape(grads)[0]
             x = tf.cast(record.inputs, curvature_dtype())
             h = tf.cast(record.extras["recurrent"], curvature_dtype())
-            g = tf.cast(grads, curvature_dtype())  # (C, b, T, parts·n)
-            g_input, g_recurrent = (g, g) if not self.separate_recurrent else tf.split(g, 2, -1)
+            g_input, g_recurrent = self._output_grads(record, grads)  # (C, b, T, n) each
             parts = [
                 tf.einsum("bti,cbto->cbio", x, g_input),
                 tf.einsum("bti,cbto->cbio", h, g_recurrent),
             ]
             if self.has_bias:
                 # Σ_t g_t: (n,), or [Σ g_input; Σ g_recurrent] for GRU's (2, n) bias.
-                parts.append(tf.reduce_sum(g, axis=2))
+                parts.append(tf.reduce_sum(g_input, axis=2))
+                if self.separate_recurrent:
+                    parts.append(tf.reduce_sum(g_recurrent, axis=2))
             flat = tf.concat([tf.reshape(p, tf.stack([columns * batch, -1])) for p in parts], 1)
             total = flat if total is None else total + flat
         return total
@@ -429,7 +530,7 @@ class RecurrentBlock(Block):
         kernel, recurrent = tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
         if not self.has_bias:
             return kernel, recurrent
-        bias = tf.reshape(grads[2], [self._parts, self._outputs])
+        bias = tf.reshape(grads[2], [-1, self._outputs])
         kernel = tf.concat([kernel, bias[:1]], axis=0)
         if self.separate_recurrent:
             recurrent = tf.concat([recurrent, bias[1:]], axis=0)

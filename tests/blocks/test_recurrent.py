@@ -4,7 +4,8 @@ gradients, preconditioning, training, and the unroll=False error and diagonal fa
 The references run SimpleRNN, LSTM and GRU (reset_after=True) step by step in
 plain TensorFlow ops written out here (not Keras' cells), anchored on the
 layer's own output, with a zero added to each step's pre-activations so that
-autodiff through the re-implementation gives g_t = ∂L/∂z_t.
+autodiff through the re-implementation gives g_t = ∂L/∂z_t (for GRU, one
+zero on x W + b_x and one on h U + b_h: the block derives the second).
 """
 
 from __future__ import annotations
@@ -255,22 +256,29 @@ def test_the_probe_leaves_the_output_bit_identical(kind, config, traced):
     cell = layer.cell
     bias = cell.bias
 
-    def plain() -> tf.Tensor:
-        return layer(x, mask=mask)
+    # The same step but for the recording: its output and the weights' gradients, bit for bit.
+    def plain() -> tuple[tf.Tensor, list[tf.Tensor]]:
+        with tf.GradientTape() as tape:
+            out = layer(x, mask=mask)
+            loss = tf.reduce_sum(out**2)
+        return out, tape.gradient(loss, layer.trainable_variables)
 
-    def recorded() -> tuple[tf.Tensor, tf.Tensor]:
+    def recorded() -> tuple[tf.Tensor, list[tf.Tensor], tf.Tensor]:
         with tf.GradientTape() as tape:
             with capture.recording([block]) as records:
                 out = layer(x, mask=mask)
             loss = tf.reduce_sum(out**2)
-        return out, tape.gradient(loss, records[0][0].outputs)
+        grads = tape.gradient(loss, [*layer.trainable_variables, records[0][0].outputs])
+        return out, grads[:-1], grads[-1]
 
     if traced:
         plain, recorded = tf.function(plain), tf.function(recorded)
-    expected = plain().numpy()
-    out, grads = recorded()
-    np.testing.assert_array_equal(out.numpy(), expected)
-    assert grads.shape == (B, T, (1 + (kind == "gru")) * GATES[kind] * U)
+    expected, expected_weight_grads = plain()
+    out, weight_grads, grads = recorded()
+    np.testing.assert_array_equal(out.numpy(), expected.numpy())
+    for got, want in zip(weight_grads, expected_weight_grads):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert grads.shape == (B, T, GATES[kind] * U)
     assert np.any(grads.numpy() != 0)
     # The cell is left as it was: no instance attributes, its own bias variable.
     assert "call" not in cell.__dict__ and cell.bias is bias
@@ -282,7 +290,7 @@ def test_padded_steps_stay_out_of_the_input_factors_and_have_zero_gradients(floa
     block = RecurrentBlock(layer)
     x, mask = _data(masked=True)
     _, records, grads = _block_statistics(layer, block, x, mask)
-    g = grads[0].numpy()  # (C, B, T, 2·3U)
+    g = grads[0].numpy()  # (C, B, T, 3U)
     assert np.all(g[:, ~mask] == 0) and np.all(np.abs(g[:, mask]).sum(-1) > 0)
     # Changing a padded step's input changes no factor.
     x2 = x.copy()
