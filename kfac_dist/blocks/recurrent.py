@@ -126,8 +126,8 @@ def unsupported_message(layer: Any, reason: str) -> str:
     """The error for a recurrent layer this block cannot cover, with how to register it."""
     return (
         f"K-FAC cannot make Kronecker blocks of {type(layer).__name__} layer '{layer.name}': "
-        f"{reason}. Or pass unsupported_layers='diagonal' to Kfac (a diagonal Fisher block "
-        "for it), or register it by hand: lc = kfac_dist.LayerCollection(); "
+        f"{reason}. To train it anyway, pass unsupported_layers='diagonal' to Kfac (a "
+        "diagonal Fisher block for it), or register it by hand: lc = kfac_dist.LayerCollection(); "
         "lc.register_generic(layer.trainable_variables, name=layer.name); "
         "Kfac(..., layer_collection=lc)."
     )
