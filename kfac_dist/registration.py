@@ -19,11 +19,13 @@ import keras
 from kfac_dist import losses as losses_lib
 from kfac_dist.blocks import (
     Block,
-    ConvBlock,
     DenseBlock,
+    DepthwiseConvBlock,
     EmbeddingBlock,
     GenericDiagonalBlock,
     ScaleShiftBlock,
+    SeparableConvBlock,
+    conv_block,
 )
 from kfac_dist.options import UNSUPPORTED_LAYER_POLICIES  # noqa: F401  (what to do without a block)
 
@@ -32,8 +34,13 @@ BlockFactory = Callable[[Any, "str | None"], Block]
 
 BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Dense: DenseBlock,
-    keras.layers.Conv1D: ConvBlock,
-    keras.layers.Conv2D: ConvBlock,
+    # groups > 1: one Kronecker pair per group (GroupedConvBlock).
+    keras.layers.Conv1D: conv_block,
+    keras.layers.Conv2D: conv_block,
+    keras.layers.DepthwiseConv1D: DepthwiseConvBlock,
+    keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
+    keras.layers.SeparableConv1D: SeparableConvBlock,
+    keras.layers.SeparableConv2D: SeparableConvBlock,
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,

@@ -3,9 +3,10 @@
 `approximations/` holds the structures of a block's Fisher (Kronecker,
 diagonal, full) and `inverse_methods/` the ways a factor is inverted
 (Cholesky, eigen), each on an abstract base with a registry; the layer
-kinds (`dense`, `conv`, `embedding`, `scale_shift`, and `diagonal` for
-arbitrary variables) say what they record and how their variables map onto
-a block. `Block` is the unit the rest of the package sees.
+kinds (`dense`, `conv`, `grouped_conv`, `depthwise`, `separable`,
+`embedding`, `scale_shift`, and `diagonal` for arbitrary variables) say what
+they record and how their variables map onto a block. `Block` is the unit
+the rest of the package sees.
 """
 
 from kfac_dist.blocks.approximations import (
@@ -14,6 +15,7 @@ from kfac_dist.blocks.approximations import (
     Diagonal,
     Full,
     Kronecker,
+    KronPart,
     LayerKind,
     PerExample,
 )
@@ -31,8 +33,10 @@ from kfac_dist.blocks.base import (
 )
 from kfac_dist.blocks.conv import ConvBlock
 from kfac_dist.blocks.dense import DenseBlock
+from kfac_dist.blocks.depthwise import DepthwiseConvBlock
 from kfac_dist.blocks.diagonal import GenericDiagonalBlock
 from kfac_dist.blocks.embedding import EmbeddingBlock
+from kfac_dist.blocks.grouped_conv import GroupedConvBlock, GroupedPatchBlock, conv_block
 from kfac_dist.blocks.inverse_methods import (
     INVERSE_METHOD_OF,
     Cholesky,
@@ -42,6 +46,7 @@ from kfac_dist.blocks.inverse_methods import (
 )
 from kfac_dist.blocks.records import Record
 from kfac_dist.blocks.scale_shift import ScaleShiftBlock
+from kfac_dist.blocks.separable import SeparableConvBlock
 
 __all__ = [
     "APPROXIMATIONS",
@@ -53,6 +58,7 @@ __all__ = [
     "ConvBlock",
     "DIAGONAL",
     "DenseBlock",
+    "DepthwiseConvBlock",
     "Diagonal",
     "EIGEN",
     "Eigen",
@@ -60,15 +66,20 @@ __all__ = [
     "FULL",
     "Full",
     "GenericDiagonalBlock",
+    "GroupedConvBlock",
+    "GroupedPatchBlock",
     "INVERSE_METHODS",
     "INVERSE_METHOD_OF",
     "InverseMethod",
     "KRON",
+    "KronPart",
     "Kronecker",
     "LayerKind",
     "PerExample",
     "Record",
     "ScaleShiftBlock",
+    "SeparableConvBlock",
+    "conv_block",
     "factor_dampings",
     "invert_factors",
     "inverse_method",
