@@ -37,9 +37,9 @@ class GroupedDiagonalStub(Block):
 
 
 def _blocks():
-    dense = keras.layers.Dense(3)
+    dense = keras.layers.Dense(3, name="dense")
     dense.build((None, 4))
-    depthwise = keras.layers.DepthwiseConv2D(2, depth_multiplier=2)
+    depthwise = keras.layers.DepthwiseConv2D(2, depth_multiplier=2, name="depthwise_conv2d")
     depthwise.build((None, 4, 4, 3))
     return [
         DenseBlock(dense),
