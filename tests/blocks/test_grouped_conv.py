@@ -170,8 +170,9 @@ def test_update_is_numpys_block_diagonal_solve(float64, cls, name, config, metho
 
 
 @pytest.mark.parametrize("approx", [DIAGONAL, FULL])
-def test_diagonal_and_full_statistics_are_autodiffs_per_example_gradients(float64, approx):
-    cls, _, config = CASES[4]
+@pytest.mark.parametrize("case", [1, 4], ids=[IDS[1], IDS[4]])
+def test_diagonal_and_full_statistics_are_autodiffs_per_example_gradients(float64, approx, case):
+    cls, _, config = CASES[case]
     block, record, grads, _ = grouped_case(cls, config, approx=approx)
     (stat,) = block.statistics([record], [tf.constant(grads)], B)
     per_example = per_example_autodiff(block.layer, record.inputs.numpy(), grads)
