@@ -151,10 +151,11 @@ class Approximation(abc.ABC):
         return [list(range(len(self.factor_names(layer))))]
 
     def factor_dampings(self, mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float) -> tf.Tensor:
-        """The damping of each factor of k blocks of this approximation, before inversion.
+        """The damping of each member in k rows (`damping_rows`) of this approximation.
 
-        `mean_eigenvalues` (k, factors per block), tr(F)/dim(F) of each
-        factor; returns the same shape. By default every factor gets λ.
+        `mean_eigenvalues` (k, row length), tr(F)/dim(F) of each member (a
+        factor that is not grouped is its only member); returns the same
+        shape. By default every member gets λ.
         """
         return tf.fill(mean_eigenvalues.shape.as_list(), tf.cast(damping, mean_eigenvalues.dtype))
 
