@@ -13,6 +13,11 @@ holds S/N, W/N, so a second sync changes nothing. A placement plan names
 one owner per factor; owners invert, and one sharing phase (an all-reduce,
 an all-gather, or one broadcast per owner) brings every result to every
 replica.
+
+A grouped factor (g equal members on a leading axis, `Block.group_counts`)
+is one variable, one sum, one payload and one placement unit; its members
+are damped, inverted (in the same batched ops as other members of their
+shape), checked and kept apart, one by one.
 """
 
 from __future__ import annotations
@@ -52,17 +57,23 @@ def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
 
 
 def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
-    """One placement unit per factor, block by block (A then G)."""
-    return [
-        InversionUnit(
-            name=f"{block.name}/{factor_name}",
-            block=block.name,
-            dim=shape[0],
-            kind="diagonal" if len(shape) == 1 else "matrix",
-        )
-        for block in blocks
-        for factor_name, shape in zip(block.factor_names(), block.factor_shapes())
-    ]
+    """One placement unit per factor, block by block (A then G); a grouped factor is one unit."""
+    units = []
+    for block in blocks:
+        for factor_name, shape, groups in zip(
+            block.factor_names(), block.factor_shapes(), block.group_counts()
+        ):
+            member = linalg.member_shape(shape, groups)
+            units.append(
+                InversionUnit(
+                    name=f"{block.name}/{factor_name}",
+                    block=block.name,
+                    dim=member[0],
+                    kind="diagonal" if len(member) == 1 else "matrix",
+                    groups=linalg.member_count(groups),
+                )
+            )
+    return units
 
 
 class BatchStatistics(NamedTuple):
@@ -95,8 +106,16 @@ class Curvature:
         self.sharing_choice = sharing
         self.units = inversion_units(self.blocks)
         factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
-        # Factors of one shape are folded, synced and inverted as one stack.
-        self.factor_groups = grouping.groups_of(factor_shapes)
+        # Each factor's number of groups (None: not grouped), and where its
+        # members start in member order (dampings are per member).
+        self._groups = [g for block in self.blocks for g in block.group_counts()]
+        self._member_starts = np.cumsum([0, *map(linalg.member_count, self._groups)])
+        # Factors of one shape are folded, synced and inverted as one stack; a
+        # grouped factor never shares a stack with one that is not (a (g, n)
+        # stack of diagonal members is not an (n, n) matrix).
+        self.factor_groups = grouping.groups_of(
+            [(shape, g is not None) for shape, g in zip(factor_shapes, self._groups)]
+        )
         # Factors whose statistics carry the sample weights (Kronecker input factors).
         self._weighted = [
             weighted for block in self.blocks for weighted in block.weighted_factors()
@@ -133,6 +152,24 @@ class Curvature:
         self.inversion_retries = add_variable((), "inversion_retries", "int64")
         # Inverse updates that kept the previous inverse (no well-conditioned retry).
         self.inversion_failures = add_variable((), "inversion_failures", "int64")
+
+    def _stack_groups(self, group: Sequence[int]) -> int | None:
+        """The number of groups of every factor in one stack of `factor_groups`."""
+        return self._groups[group[0]]
+
+    def _is_matrix(self, group: Sequence[int]) -> bool:
+        """Whether a stack's factors (or their members) are matrices, not diagonals."""
+        shape = self.factor_sums[group[0]].shape
+        return len(linalg.member_shape(shape, self._stack_groups(group))) == 2
+
+    def _members_of(self, factors: Sequence[int]) -> np.ndarray:
+        """The member positions of `factors`, in order."""
+        starts = self._member_starts
+        if not factors:
+            return np.zeros([0], np.int32)
+        return np.concatenate([np.arange(starts[f], starts[f + 1]) for f in factors]).astype(
+            np.int32
+        )
 
     def _block_slices(self) -> Iterator[tuple[Block, slice]]:
         start = 0
@@ -208,13 +245,15 @@ class Curvature:
             finite = _all_finite([*sums, self.weight_sum])
             synced, weight_sum = sums, self.weight_sum.value
         else:
-            wire = [linalg.pack_symmetric(s) if s.shape.rank == 3 else s for s in sums]
+            # Triangles of matrix factors (of each member of a grouped one).
+            matrix = [self._is_matrix(group) for group in groups]
+            wire = [linalg.pack_symmetric(s) if m else s for s, m in zip(sums, matrix)]
             summed = self.context.all_reduce_sum([*wire, self.weight_sum.value], FACTOR_SYNC)
             finite = _all_finite(summed)
             share = 1.0 / self.context.num_replicas
             synced = [
-                (linalg.unpack_symmetric(v, s.shape[-1]) if s.shape.rank == 3 else v) * share
-                for v, s in zip(summed[:-1], sums)
+                (linalg.unpack_symmetric(v, s.shape[-1]) if m else v) * share
+                for v, s, m in zip(summed[:-1], sums, matrix)
             ]
             weight_sum = summed[-1] * share
         # Non-finite: every replica falls back to the last good sums. One select
@@ -251,13 +290,21 @@ class Curvature:
         return grouping.unstacked(out, groups, len(self.factor_sums))
 
     def _dampings(self, factors: Sequence[tf.Tensor], damping: Damping) -> tf.Tensor:
-        """Each factor's Cholesky damping (see `blocks.factor_dampings`), in a few ops."""
+        """Each member's Cholesky damping (see `blocks.factor_dampings`), in a few ops.
+
+        In member order: factor by factor, a grouped factor's members in order.
+        """
         groups = self.factor_groups
         means = tf.concat(
-            [linalg.mean_eigenvalues(s) for s in grouping.stacks(factors, groups)], axis=0
+            [
+                linalg.mean_eigenvalues(linalg.members_of_stack(s, self._stack_groups(group)))
+                for s, group in zip(grouping.stacks(factors, groups), groups)
+            ],
+            axis=0,
         )
-        in_factor_order = np.argsort(np.concatenate(groups))
-        return factor_dampings(self.blocks, tf.gather(means, in_factor_order), damping)
+        stacked_order = np.concatenate([self._members_of(group) for group in groups])
+        in_member_order = np.argsort(stacked_order)
+        return factor_dampings(self.blocks, tf.gather(means, in_member_order), damping)
 
     # --- inverses ---------------------------------------------------------------
     def update_inverses(self, damping: Damping) -> None:
@@ -324,9 +371,12 @@ class Curvature:
         """The payloads of `units` (factor indices), counted."""
         if not units:
             return []
-        unit_dampings = None if dampings is None else tf.gather(dampings, units)
+        unit_dampings = None if dampings is None else tf.gather(dampings, self._members_of(units))
         payloads, retries = invert_factors(
-            [factors[u] for u in units], unit_dampings, self.inverse_method
+            [factors[u] for u in units],
+            unit_dampings,
+            self.inverse_method,
+            [self._groups[u] for u in units],
         )
         self.inversions.assign_add(len(units))
         self.inversion_retries.assign_add(tf.cast(tf.add_n(retries), tf.int64))
@@ -443,17 +493,21 @@ class Curvature:
     # --- the wire: payloads of equal shapes travel as one stack -------------------
     def _wire_groups(self, units: Sequence[int]) -> list[list[int]]:
         """`units` grouped by payload shapes, the order of the flat sharing buffer."""
-        keys = [tuple(tuple(v.shape) for v in self.payloads[u]) for u in units]
+        keys = [
+            (tuple(tuple(v.shape) for v in self.payloads[u]), self._groups[u] is not None)
+            for u in units
+        ]
         return [[units[i] for i in group] for group in grouping.groups_of(keys)]
 
     def _wire_parts(self, group: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
         """Each payload tensor's shape in `group`, and whether it travels as a triangle.
 
-        Symmetric inverses travel as triangles; eigenvectors and vectors as
-        they are.
+        Symmetric inverses travel as triangles (a grouped one, each member's);
+        eigenvectors and vectors as they are.
         """
         like = self.payloads[group[0]]
-        symmetric = len(like) == 1 and like[0].shape.rank == 2
+        member_rank = like[0].shape.rank - (self._groups[group[0]] is not None)
+        symmetric = len(like) == 1 and member_rank == 2
         return [(tuple(v.shape), symmetric) for v in like]
 
     def _to_wire(self, payloads: Payloads, units: Sequence[int]) -> tf.Tensor:
@@ -471,7 +525,7 @@ class Curvature:
         pieces = []
         for group in self._wire_groups(units):
             for shape, symmetric in self._wire_parts(group):
-                wire = (linalg.triangle_size(shape[0]),) if symmetric else shape
+                wire = (*shape[:-2], linalg.triangle_size(shape[-1])) if symmetric else shape
                 pieces.append((group, shape, symmetric, (len(group), *wire)))
         sizes = [int(np.prod(stacked)) for *_, stacked in pieces]
         if not pieces:
@@ -483,7 +537,7 @@ class Curvature:
         for (group, shape, symmetric, stacked), part in zip(pieces, parts):
             stack = tf.reshape(part, stacked)
             if symmetric:
-                stack = linalg.unpack_symmetric(stack, shape[0])
+                stack = linalg.unpack_symmetric(stack, shape[-1])
             for u, tensor in zip(group, tf.unstack(stack, num=len(group))):
                 received.setdefault(u, []).append(tensor)
         for u, tensors in received.items():
@@ -495,25 +549,31 @@ class Curvature:
 
         An inversion with no well-conditioned retry is NaN (see
         `linalg.damped_inverse`); every replica sees the same shared payloads,
-        so every replica keeps the same previous inverse and counts it.
-        Payloads of equal shapes are checked and written as one stack.
+        so every replica keeps the same previous inverse and counts it. A
+        grouped factor keeps the previous inverse of each failed member only,
+        and each counts. Payloads of equal shapes are checked and written as
+        one stack.
         """
         failures = []
         for group in self._wire_groups(range(len(self.payloads))):
             new = [
                 tf.stack([payloads[u][i] for u in group]) for i in range(len(payloads[group[0]]))
             ]
-            ok = tf.reduce_all(
-                [
-                    tf.reduce_all(tf.math.is_finite(t), axis=list(range(1, t.shape.rank)))
-                    for t in new
-                ],
-                axis=0,
-            )
+            # Axes of one member: past the stack axis, and the group axis if any
+            # (an empty tensor, identity eigenvectors left out, has no group axis).
+            lead = 1 if self._groups[group[0]] is None else 2
+            per_tensor = [
+                tf.reduce_all(tf.math.is_finite(t), axis=list(range(lead, t.shape.rank)))
+                for t in new
+                if t.shape.num_elements() or lead == 1
+            ]
+            ok = tf.reduce_all(per_tensor, axis=0)
             failures.append(tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int64)))
             for index, value in enumerate(new):
+                if lead == 2 and not value.shape.num_elements():
+                    continue  # identity eigenvectors left out: nothing to write
                 variables = [self.payloads[u][index] for u in group]
-                mask = tf.reshape(ok, [-1] + [1] * (value.shape.rank - 1))
+                mask = tf.reshape(ok, [*ok.shape] + [1] * (value.shape.rank - ok.shape.rank))
                 kept = tf.where(mask, value, grouping.stacks(variables, [range(len(group))])[0])
                 _assign(variables, tf.unstack(kept, num=len(group)))
         self.inversion_failures.assign_add(tf.add_n(failures))

@@ -3,6 +3,12 @@
 Each function is pure. Inverses and eigendecompositions take a group of
 equally shaped factors, so that one batched op serves any set of factors the
 placement plan hands a replica. Shapes are static (TPU/XLA friendly).
+
+A grouped factor is block diagonal with g equal-sized blocks, its members,
+stored with a leading group axis: (g, n, n), or (g, n) for diagonal
+members. Whether a factor is grouped is said by its number of groups (None:
+not grouped), since a (g, n) shape alone could be either. All the linear
+algebra (damping, inversion) is done on members.
 """
 
 from __future__ import annotations
@@ -29,6 +35,28 @@ DAMPING_RETRY_GROWTH = 10.0
 # An attempt is rejected when its condition number may exceed 1/(this · eps):
 # the inverse of a near-singular damped factor is rounding noise.
 CONDITIONING_TOLERANCE = 10.0
+
+
+def member_shape(shape: Sequence[int], groups: int | None) -> tuple[int, ...]:
+    """The shape of one member of a factor: the factor's own shape when it is not grouped."""
+    return tuple(shape[1:]) if groups is not None else tuple(shape)
+
+
+def member_count(groups: int | None) -> int:
+    """The number of members of a factor: its groups, or 1 when it is not grouped."""
+    return 1 if groups is None else int(groups)
+
+
+def members(factor: tf.Tensor, groups: int | None) -> tf.Tensor:
+    """A factor as a (members, *member shape) stack: a grouped factor as it is."""
+    return factor if groups is not None else factor[tf.newaxis]
+
+
+def members_of_stack(stack: tf.Tensor, groups: int | None) -> tf.Tensor:
+    """A (k, ...) stack of equally grouped factors as one stack of their k·g members."""
+    if groups is None:
+        return stack
+    return tf.reshape(stack, [-1, *stack.shape[2:]])
 
 
 def mean_eigenvalue(factor: tf.Tensor) -> tf.Tensor:
@@ -80,26 +108,37 @@ def damped_inverse(factor: tf.Tensor, damping: tf.Tensor | float) -> tuple[tf.Te
 def damped_inverses(
     factors: Sequence[tf.Tensor], dampings: tf.Tensor
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
-    """(F_i + d_i·I)⁻¹ of equally shaped factors through Cholesky, retrying with more damping.
+    """(F_i + d_i·I)⁻¹ of equally shaped factors: see `damped_inverses_of_stack`.
+
+    Returns the inverses and each one's number of retries.
+    """
+    inverses, retries = damped_inverses_of_stack(tf.stack(factors), dampings)
+    return tf.unstack(inverses, num=len(factors)), retries
+
+
+def damped_inverses_of_stack(
+    stacked: tf.Tensor, dampings: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(F_i + d_i·I)⁻¹ of a (k, n, n) stack through Cholesky, retrying with more damping.
 
     The factors share one batched Cholesky and one retry loop, so that the
     graph grows with the number of factor sizes, not of factors; each factor
     still retries on its own (only those not yet accepted get more damping).
-    `dampings` holds one damping per factor. Returns the inverses and each
-    one's number of retries. Diagonal factors
-    (rank 1) are inverted elementwise. An attempt is accepted only when it is
-    finite and well-conditioned: max diag(M⁻¹)·max diag(M) is a lower bound
-    of M's condition number, and a factor with an eigenvalue near −damping
-    makes it of order 1/eps (its "inverse" is then rounding noise with huge
-    entries). A factor with no accepted retry is NaN, and the caller keeps
-    its previous inverse.
+    `dampings` holds one damping per factor (k,). Returns the (k, n, n)
+    inverses and each one's number of retries (k,). A (k, n) stack of
+    diagonal factors is inverted elementwise. An attempt is accepted only
+    when it is finite and well-conditioned: max diag(M⁻¹)·max diag(M) is a
+    lower bound of M's condition number, and a factor with an eigenvalue
+    near −damping makes it of order 1/eps (its "inverse" is then rounding
+    noise with huge entries). A factor with no accepted retry is NaN, and
+    the caller keeps its previous inverse. The members of grouped factors
+    (see `members`) enter the stack as factors of their own.
     """
-    stacked = tf.stack(factors)
     damping = tf.cast(dampings, stacked.dtype)
-    count = len(factors)
+    count = stacked.shape[0]
     if stacked.shape.rank == 2:
         inverses = 1.0 / (stacked + damping[:, tf.newaxis])
-        return tf.unstack(inverses, num=count), tf.zeros([count], tf.int32)
+        return inverses, tf.zeros([count], tf.int32)
     eye = tf.eye(stacked.shape[-1], batch_shape=[count], dtype=stacked.dtype)
     symmetric = 0.5 * (stacked + tf.linalg.matrix_transpose(stacked))
     max_condition = 1.0 / (CONDITIONING_TOLERANCE * np.finfo(stacked.dtype.as_numpy_dtype).eps)
@@ -137,24 +176,33 @@ def damped_inverses(
     )
     failed = tf.fill(tf.shape(inverse), tf.constant(np.nan, stacked.dtype))
     inverse = tf.where(accepted[:, tf.newaxis, tf.newaxis], inverse, failed)
-    return tf.unstack(inverse, num=count), retries
+    return inverse, retries
 
 
 def eigendecompositions(factors: Sequence[tf.Tensor]) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """Eigenvalues (clipped at 0, the factors are PSD) and eigenvectors of equally shaped factors.
+    """Eigenvalues and eigenvectors of equally shaped factors: see `eigendecompositions_of_stack`.
 
-    One batched `eigh` for the group. A diagonal factor is its own
-    eigendecomposition: its eigenvectors are the identity, which is never
-    materialised (returned as an empty (0, 0) tensor).
+    A diagonal factor's eigenvectors are an empty (0, 0) tensor.
     """
-    stacked = tf.stack(factors)
+    values, vectors = eigendecompositions_of_stack(tf.stack(factors))
+    if vectors.shape.rank == 2:
+        return [(v, vectors) for v in tf.unstack(values, num=len(factors))]
+    return list(zip(tf.unstack(values, num=len(factors)), tf.unstack(vectors, num=len(factors))))
+
+
+def eigendecompositions_of_stack(stacked: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eigenvalues (clipped at 0, the factors are PSD) and eigenvectors of a (k, n, n) stack.
+
+    One batched `eigh` for the stack: (k, n) values and (k, n, n) vectors. A
+    (k, n) stack of diagonal factors is its own eigendecomposition: its
+    eigenvectors are the identity, which is never materialised (returned as
+    one empty (0, 0) tensor).
+    """
     if stacked.shape.rank == 2:
-        empty = tf.zeros([0, 0], stacked.dtype)
-        return [(values, empty) for values in tf.unstack(tf.maximum(stacked, 0.0))]
+        return tf.maximum(stacked, 0.0), tf.zeros([0, 0], stacked.dtype)
     symmetric = 0.5 * (stacked + tf.linalg.matrix_transpose(stacked))
     values, vectors = tf.linalg.eigh(symmetric)
-    values = tf.maximum(values, 0.0)
-    return list(zip(tf.unstack(values), tf.unstack(vectors)))
+    return tf.maximum(values, 0.0), vectors
 
 
 def eigendecomposition(factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

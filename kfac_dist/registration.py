@@ -22,10 +22,13 @@ from kfac_dist.blocks import (
     ConvBlock,
     ConvTransposeBlock,
     DenseBlock,
+    DepthwiseConvBlock,
     EinsumDenseBlock,
     EmbeddingBlock,
     GenericDiagonalBlock,
     ScaleShiftBlock,
+    SeparableConvBlock,
+    conv_block,
     einsum_dense,
     recurrent,
 )
@@ -40,12 +43,17 @@ BlockFactory = Callable[[Any, "str | None"], "Block | None"]
 
 BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Dense: DenseBlock,
-    keras.layers.Conv1D: ConvBlock,
-    keras.layers.Conv2D: ConvBlock,
+    # groups > 1: one Kronecker pair per group (GroupedConvBlock).
+    keras.layers.Conv1D: conv_block,
+    keras.layers.Conv2D: conv_block,
     keras.layers.Conv3D: ConvBlock,
     keras.layers.Conv1DTranspose: ConvTransposeBlock,
     keras.layers.Conv2DTranspose: ConvTransposeBlock,
     keras.layers.Conv3DTranspose: ConvTransposeBlock,
+    keras.layers.DepthwiseConv1D: DepthwiseConvBlock,
+    keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
+    keras.layers.SeparableConv1D: SeparableConvBlock,
+    keras.layers.SeparableConv2D: SeparableConvBlock,
     keras.layers.EinsumDense: einsum_dense.einsum_dense_block,
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,

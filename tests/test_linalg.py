@@ -270,3 +270,31 @@ def test_eigendecompositions_of_a_group_match_numpy():
         np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(factor), rtol=1e-4)
         rebuilt = vectors.numpy() @ np.diag(values.numpy()) @ vectors.numpy().T
         np.testing.assert_allclose(rebuilt, factor, rtol=1e-4, atol=1e-5)
+
+
+def test_members_of_grouped_and_ungrouped_factors():
+    grouped = tf.zeros([3, 4, 4])
+    assert linalg.member_shape((3, 4, 4), 3) == (4, 4)
+    assert linalg.member_shape((3, 4), 3) == (4,)
+    assert linalg.member_shape((3, 4), None) == (3, 4)
+    assert linalg.member_count(None) == 1 and linalg.member_count(3) == 3
+    assert tuple(linalg.members(grouped, 3).shape) == (3, 4, 4)
+    assert tuple(linalg.members(tf.zeros([4, 4]), None).shape) == (1, 4, 4)
+    stack = tf.reshape(tf.range(2 * 3 * 5, dtype=tf.float32), [2, 3, 5])
+    flat = linalg.members_of_stack(stack, 3)
+    np.testing.assert_array_equal(flat.numpy(), stack.numpy().reshape(6, 5))
+    assert linalg.members_of_stack(stack, None) is stack
+
+
+def test_stack_inverses_and_eigendecompositions_match_the_list_forms():
+    factors = [_spd(3), _spd(3, 4.0)]
+    dampings = tf.constant([0.5, 0.25])
+    stacked, retries = linalg.damped_inverses_of_stack(tf.constant(np.stack(factors)), dampings)
+    listed, listed_retries = linalg.damped_inverses([tf.constant(f) for f in factors], dampings)
+    np.testing.assert_array_equal(stacked.numpy(), np.stack([t.numpy() for t in listed]))
+    np.testing.assert_array_equal(retries.numpy(), listed_retries.numpy())
+    values, vectors = linalg.eigendecompositions_of_stack(tf.constant(np.stack(factors)))
+    assert tuple(values.shape) == (2, 3) and tuple(vectors.shape) == (2, 3, 3)
+    diagonal_values, empty = linalg.eigendecompositions_of_stack(tf.constant([[1.0, -2.0]]))
+    np.testing.assert_array_equal(diagonal_values.numpy(), [[1.0, 0.0]])
+    assert tuple(empty.shape) == (0, 0)

@@ -3,10 +3,10 @@
 `approximations/` holds the structures of a block's Fisher (Kronecker,
 diagonal, full) and `inverse_methods/` the ways a factor is inverted
 (Cholesky, eigen), each on an abstract base with a registry; the layer
-kinds (`dense`, `einsum_dense`, `conv`, `embedding`, `scale_shift`,
-`recurrent`, and `diagonal` for arbitrary variables) say what they record
-and how their variables map onto a block. `Block` is the unit the rest of
-the package sees.
+kinds (`dense`, `einsum_dense`, `conv`, `conv_transpose`, `grouped_conv`,
+`depthwise`, `separable`, `embedding`, `scale_shift`, `recurrent`, and
+`diagonal` for arbitrary variables) say what they record and how their
+variables map onto a block. `Block` is the unit the rest of the package sees.
 """
 
 from kfac_dist.blocks.approximations import (
@@ -15,6 +15,7 @@ from kfac_dist.blocks.approximations import (
     Diagonal,
     Full,
     Kronecker,
+    KronPart,
     LayerKind,
     PerExample,
 )
@@ -33,9 +34,11 @@ from kfac_dist.blocks.base import (
 from kfac_dist.blocks.conv import ConvBlock
 from kfac_dist.blocks.conv_transpose import ConvTransposeBlock
 from kfac_dist.blocks.dense import DenseBlock
+from kfac_dist.blocks.depthwise import DepthwiseConvBlock
 from kfac_dist.blocks.diagonal import GenericDiagonalBlock
 from kfac_dist.blocks.einsum_dense import EinsumDenseBlock
 from kfac_dist.blocks.embedding import EmbeddingBlock
+from kfac_dist.blocks.grouped_conv import GroupedConvBlock, GroupedPatchBlock, conv_block
 from kfac_dist.blocks.inverse_methods import (
     INVERSE_METHOD_OF,
     Cholesky,
@@ -46,6 +49,7 @@ from kfac_dist.blocks.inverse_methods import (
 from kfac_dist.blocks.records import Record
 from kfac_dist.blocks.recurrent import KroneckerPair, RecurrentBlock
 from kfac_dist.blocks.scale_shift import ScaleShiftBlock
+from kfac_dist.blocks.separable import SeparableConvBlock
 
 __all__ = [
     "APPROXIMATIONS",
@@ -58,6 +62,7 @@ __all__ = [
     "ConvTransposeBlock",
     "DIAGONAL",
     "DenseBlock",
+    "DepthwiseConvBlock",
     "Diagonal",
     "EIGEN",
     "Eigen",
@@ -66,10 +71,13 @@ __all__ = [
     "FULL",
     "Full",
     "GenericDiagonalBlock",
+    "GroupedConvBlock",
+    "GroupedPatchBlock",
     "INVERSE_METHODS",
     "INVERSE_METHOD_OF",
     "InverseMethod",
     "KRON",
+    "KronPart",
     "Kronecker",
     "KroneckerPair",
     "LayerKind",
@@ -77,6 +85,8 @@ __all__ = [
     "Record",
     "RecurrentBlock",
     "ScaleShiftBlock",
+    "SeparableConvBlock",
+    "conv_block",
     "factor_dampings",
     "invert_factors",
     "inverse_method",

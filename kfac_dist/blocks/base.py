@@ -8,6 +8,10 @@ to precondition its gradients (`precondition`). The answers come from its
 approximation (`approximations/`) and the inverse method
 (`inverse_methods/`); a layer kind (a subclass) says only what it records
 and how its variables map onto the block.
+
+A factor may be grouped (`group_counts`): g equal-sized members stored on
+a leading axis, one variable and one placement unit for all of them, while
+damping and inversion are per member.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfac_dist import grouping, linalg
-from kfac_dist.blocks.approximations import APPROXIMATION_OF, Approximation
+from kfac_dist.blocks.approximations import APPROXIMATION_OF, Approximation, KronPart
 from kfac_dist.blocks.inverse_methods import InverseMethod, Payload, inverse_method
 from kfac_dist.blocks.records import Record
 from kfac_dist.options import (  # noqa: F401  (the block kinds' vocabulary)
@@ -87,6 +91,24 @@ class Block:
         """Inverse of `gradient_matrix`: one tensor per variable."""
         raise NotImplementedError
 
+    # --- ... with several or grouped Kronecker pairs (a kind that has them) ------
+    def kron_parts(self) -> list[KronPart] | None:
+        """The Kronecker pairs, when not the one ungrouped pair of `kron_dims` (None).
+
+        A kind that returns parts has `kron_statistics` return [A, G] per
+        part (a grouped part's batched, (g, ...)), and maps its variables
+        through `gradient_matrices` and `split_matrices`.
+        """
+        return None
+
+    def gradient_matrices(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """One gradient matrix per part: (in, out), or (g, in, out) for a grouped part."""
+        raise NotImplementedError
+
+    def split_matrices(self, matrices: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrices`: one tensor per variable."""
+        raise NotImplementedError
+
     # --- ... the per-example interface ---------------------------------------
     def per_example_gradients(
         self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
@@ -103,11 +125,23 @@ class Block:
         return self.approximation.factor_shapes(self)
 
     def factor_names(self) -> list[str]:
-        return self.approximation.factor_names()
+        return self.approximation.factor_names(self)
+
+    def group_counts(self) -> list[int | None]:
+        """Each factor's number of groups: g members on a leading axis, or None (not grouped)."""
+        return self.approximation.group_counts(self)
+
+    def member_counts(self) -> list[int]:
+        """Each factor's number of members (1 for a factor that is not grouped)."""
+        return [linalg.member_count(groups) for groups in self.group_counts()]
+
+    def damping_rows(self) -> list[list[int]]:
+        """Members whose dampings are computed together (see `Approximation.damping_rows`)."""
+        return self.approximation.damping_rows(self)
 
     def weighted_factors(self) -> list[bool]:
         """Which factors carry the sample weights (divided by the mean weight when read)."""
-        return self.approximation.weighted_factors()
+        return self.approximation.weighted_factors(self)
 
     def statistics(
         self,
@@ -138,15 +172,26 @@ class Block:
 
         Returns (payload tensors, retries); see `invert_factors`.
         """
-        means = tf.stack([linalg.mean_eigenvalue(f) for f in factors])
+        groups = self.group_counts()
+        means = tf.concat(
+            [linalg.mean_eigenvalues(linalg.members(f, g)) for f, g in zip(factors, groups)],
+            axis=0,
+        )
         dampings = factor_dampings([self], means, damping)
-        payloads, retries = invert_factors([factors[index]], dampings[index : index + 1], method)
+        start = sum(self.member_counts()[:index])
+        count = self.member_counts()[index]
+        payloads, retries = invert_factors(
+            [factors[index]], dampings[start : start + count], method, [groups[index]]
+        )
         return payloads[0], retries[0]
 
     def payload_shapes(self, method: str | InverseMethod) -> list[list[tuple[int, ...]]]:
         """Shapes of `invert`'s payload for each factor."""
         inverse = inverse_method(method)
-        return [inverse.payload_shapes(shape) for shape in self.factor_shapes()]
+        return [
+            inverse.payload_shapes(shape, groups)
+            for shape, groups in zip(self.factor_shapes(), self.group_counts())
+        ]
 
     def precondition(
         self,
@@ -164,26 +209,28 @@ class Block:
 def factor_dampings(
     blocks: Sequence[Block], mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float
 ) -> tf.Tensor:
-    """The damping added to each factor of `blocks` (in factor order) before a Cholesky inverse.
+    """The damping added to each member of `blocks`' factors before a Cholesky inverse.
 
-    Each approximation spreads λ over its factors (`Approximation.factor_dampings`):
-    Kronecker factors get the factored Tikhonov damping (π√λ on A, √λ/π on
-    G, π from the factors' `mean_eigenvalues`); diagonal and full blocks get
-    λ. The blocks of one approximation are done together: a few ops per
-    approximation whatever the number of blocks.
+    `mean_eigenvalues` and the result are in member order: factor by factor,
+    a grouped factor's g members in order (for factors that are not
+    grouped, factor order). Each approximation spreads λ over its factors
+    (`Approximation.factor_dampings`): Kronecker pairs get the factored
+    Tikhonov damping (π√λ on A, √λ/π on G, π from the pair's
+    `mean_eigenvalues`, each member pair its own); diagonal and full blocks
+    get λ. The blocks of one approximation are done together: a few ops per
+    approximation whatever the number of blocks or members.
     """
     kinds: dict[type[Approximation], tuple[Approximation, list[list[int]]]] = {}
     position = 0
     for block in blocks:
-        count = len(block.factor_names())
-        _, positions = kinds.setdefault(type(block.approximation), (block.approximation, []))
-        positions.append(list(range(position, position + count)))
-        position += count
+        _, rows = kinds.setdefault(type(block.approximation), (block.approximation, []))
+        rows.extend([position + p for p in row] for row in block.damping_rows())
+        position += sum(block.member_counts())
     if not kinds:
         return tf.fill([0], tf.cast(damping, mean_eigenvalues.dtype))
     parts, order = [], []
-    for approximation, positions in kinds.values():
-        index = np.array(positions, np.int32)  # (blocks, factors per block)
+    for approximation, rows in kinds.values():
+        index = np.array(rows, np.int32)  # (rows, members per row)
         dampings = approximation.factor_dampings(tf.gather(mean_eigenvalues, index), damping)
         parts.append(tf.reshape(dampings, [-1]))
         order.append(index.reshape(-1))
@@ -198,27 +245,57 @@ def invert_factors(
     factors: Sequence[tf.Tensor],
     dampings: tf.Tensor | None,
     method: str | InverseMethod,
+    groups: Sequence[int | None] | None = None,
 ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
     """The payloads of many factors, and each one's retries (int32).
 
     Cholesky: the inverse of each factor plus its damping (`dampings`, one
-    per factor, see `factor_dampings`). Eigen: the eigendecomposition only
-    (`dampings` unused, may be None); the exact damping is applied when
-    preconditioning, so a new damping takes effect at once. Factors of
-    equal shape share one batched op (and one retry loop), while each
-    factor keeps its own damping and retries.
+    per member, in member order, see `factor_dampings`). Eigen: the
+    eigendecomposition only (`dampings` unused, may be None); the exact
+    damping is applied when preconditioning, so a new damping takes effect
+    at once. `groups` gives each factor's number of groups (default: none
+    is grouped). Members of equal shape, whether of grouped factors or not,
+    share one batched op (and one retry loop), while each keeps its own
+    damping and retries; a grouped factor's retries are its members'.
     """
     inverse = inverse_method(method)
+    groups = [None] * len(factors) if groups is None else list(groups)
+    counts = [linalg.member_count(g) for g in groups]
+    starts = np.cumsum([0, *counts])
     payloads: list[list[tf.Tensor]] = [[] for _ in factors]
     retries: list[tf.Tensor] = [tf.constant(0, tf.int32)] * len(factors)
-    for group in grouping.shape_groups(factors):
-        members = [factors[p] for p in group]
-        group_dampings = (
-            tf.gather(dampings, group)
-            if inverse.needs_factor_damping and dampings is not None
-            else None
-        )
-        group_payloads, group_retries = inverse.invert(members, group_dampings)
-        for p, payload, tries in zip(group, group_payloads, group_retries):
-            payloads[p], retries[p] = payload, tries
+    keys = [
+        (linalg.member_shape(tuple(f.shape), g), tf.as_dtype(f.dtype))
+        for f, g in zip(factors, groups)
+    ]
+    for group in grouping.groups_of(keys):
+        grouped = any(groups[p] is not None for p in group)
+        if grouped:
+            stack = tf.concat([linalg.members(factors[p], groups[p]) for p in group], axis=0)
+        else:
+            stack = tf.stack([factors[p] for p in group])
+        group_dampings = None
+        if inverse.needs_factor_damping and dampings is not None:
+            members = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in group])
+            group_dampings = tf.gather(dampings, members.astype(np.int32))
+        stacks, tries = inverse.invert_stack(stack, group_dampings)
+        sizes = [counts[p] for p in group]
+        pieces = [_split_members(t, sizes, grouped) for t in stacks]
+        for i, (p, group_tries) in enumerate(zip(group, _split_members(tries, sizes, grouped))):
+            shapes = inverse.payload_shapes(tuple(factors[p].shape), groups[p])
+            payloads[p] = [tf.reshape(piece[i], shape) for piece, shape in zip(pieces, shapes)]
+            retries[p] = tf.reduce_sum(group_tries) if grouped else group_tries
     return payloads, retries
+
+
+def _split_members(stack: tf.Tensor, sizes: Sequence[int], grouped: bool) -> list[tf.Tensor]:
+    """A stack of members cut into each factor's (a factor not grouped: its only member).
+
+    A tensor of no elements (the identity eigenvectors left out) is every
+    factor's as it is.
+    """
+    if stack.shape.num_elements() == 0:
+        return [stack] * len(sizes)
+    if not grouped:
+        return tf.unstack(stack, num=len(sizes))
+    return tf.split(stack, sizes, axis=0) if len(sizes) > 1 else [stack]

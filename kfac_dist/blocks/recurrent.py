@@ -158,7 +158,7 @@ class KroneckerPair(Approximation):
 
     name = KRON
 
-    def factor_names(self) -> list[str]:
+    def factor_names(self, layer: LayerKind | None = None) -> list[str]:
         return ["A_input", "G_input", "A_recurrent", "G_recurrent"]
 
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
@@ -180,7 +180,7 @@ class KroneckerPair(Approximation):
     ) -> list[tf.Tensor]:
         return layer.kron_statistics(records, output_grads, batch_size, example_weights)
 
-    def weighted_factors(self) -> list[bool]:
+    def weighted_factors(self, layer: LayerKind | None = None) -> list[bool]:
         return [True, False, True, False]
 
     def factor_dampings(self, mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float) -> tf.Tensor:
@@ -197,8 +197,8 @@ class KroneckerPair(Approximation):
         method: InverseMethod,
     ) -> list[tf.Tensor]:
         kind = _recurrent(layer)
-        input_matrix, recurrent_matrix = kind.gradient_matrices(grads)
-        return kind.split_matrices(
+        input_matrix, recurrent_matrix = kind.pair_matrices(grads)
+        return kind.split_pair_matrices(
             method.solve_kronecker(payloads[0], payloads[1], input_matrix, damping),
             method.solve_kronecker(payloads[2], payloads[3], recurrent_matrix, damping),
         )
@@ -525,7 +525,7 @@ class RecurrentBlock(Block):
         return total
 
     # --- the two kernels' gradient matrices ----------------------------------
-    def gradient_matrices(self, grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def pair_matrices(self, grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         """([kernel; input bias], recurrent kernel [; recurrent bias]) as matrices."""
         kernel, recurrent = tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
         if not self.has_bias:
@@ -536,10 +536,10 @@ class RecurrentBlock(Block):
             recurrent = tf.concat([recurrent, bias[1:]], axis=0)
         return kernel, recurrent
 
-    def split_matrices(
+    def split_pair_matrices(
         self, input_matrix: tf.Tensor, recurrent_matrix: tf.Tensor
     ) -> list[tf.Tensor]:
-        """Inverse of `gradient_matrices`: one tensor per variable."""
+        """Inverse of `pair_matrices`: one tensor per variable."""
         if not self.has_bias:
             return [input_matrix, recurrent_matrix]
         kernel, input_bias = input_matrix[:-1], input_matrix[-1:]

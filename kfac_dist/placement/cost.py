@@ -28,7 +28,8 @@ class FlopCostModel:
     """Flop estimate: `n**3` per matrix unit (x4 in eigen mode), `n` per diagonal.
 
     Only ratios between units matter to placement, so constant factors common
-    to every matrix unit are dropped.
+    to every matrix unit are dropped. A grouped unit costs `groups` times
+    one member.
     """
 
     def __init__(self, method: str = "cholesky"):
@@ -36,9 +37,9 @@ class FlopCostModel:
 
     def __call__(self, unit: InversionUnit) -> float:
         if unit.kind == "diagonal":
-            return float(unit.dim)
+            return float(unit.groups * unit.dim)
         factor = EIGEN_FLOP_FACTOR if self.method == "eigen" else 1.0
-        return factor * float(unit.dim) ** 3
+        return unit.groups * factor * float(unit.dim) ** 3
 
     def __repr__(self) -> str:
         return f"FlopCostModel(method={self.method!r})"
@@ -47,9 +48,11 @@ class FlopCostModel:
 class MeasuredCostModel:
     """Seconds to invert each unit on this machine, timed with TensorFlow.
 
-    Each distinct `(kind, dim)` is timed once, on first use, on a random SPD
-    matrix (or positive vector) under the current device scope; later units of
-    the same size reuse the time. A warm-up call is excluded and the minimum
+    Each distinct `(kind, dim, groups)` is timed once, on first use, on a
+    random SPD matrix (or positive vector) under the current device scope, a
+    batch of `groups` of them for a grouped unit (as the curvature inverts
+    its members: one batched op); later units of the same size reuse the
+    time. A warm-up call is excluded and the minimum
     of `repeats` calls is kept, since noise only ever adds time.
 
     Args:
@@ -73,28 +76,31 @@ class MeasuredCostModel:
         self.repeats = repeats
         self.dtype = dtype
         self.seed = seed
-        self._seconds: dict[tuple[str, int], float] = {}
+        self._seconds: dict[tuple[str, int, int], float] = {}
 
     def __call__(self, unit: InversionUnit) -> float:
-        key = (unit.kind, unit.dim)
+        key = (unit.kind, unit.dim, unit.groups)
         if key not in self._seconds:
-            self._seconds[key] = self._time(unit.kind, unit.dim)
+            self._seconds[key] = self._time(unit.kind, unit.dim, unit.groups)
         return self._seconds[key]
 
-    def _time(self, kind: str, n: int) -> float:
+    def _time(self, kind: str, n: int, groups: int = 1) -> float:
         import tensorflow as tf
 
         rng = np.random.default_rng(self.seed)
+        # A unit that is not grouped is timed unbatched, as before groups existed.
+        batch = [groups] if groups > 1 else []
         if kind == "diagonal":
-            vector = tf.constant(rng.uniform(0.5, 1.5, n), dtype=self.dtype)
+            vector = tf.constant(rng.uniform(0.5, 1.5, (*batch, n)), dtype=self.dtype)
 
             def invert() -> tf.Tensor:
                 return tf.math.reciprocal(vector)
 
         else:
-            x = rng.standard_normal((n, n))
-            matrix = tf.constant(x @ x.T / n + np.eye(n), dtype=self.dtype)
-            identity = tf.eye(n, dtype=self.dtype)
+            x = rng.standard_normal((*batch, n, n))
+            spd = np.einsum("...ij,...kj->...ik", x, x) / n + np.eye(n)
+            matrix = tf.constant(spd, dtype=self.dtype)
+            identity = tf.eye(n, batch_shape=batch, dtype=self.dtype)
 
             def invert() -> tf.Tensor:
                 if self.method == "eigen":

@@ -40,9 +40,10 @@ def factor_sync_bytes(
     """Bytes every replica hands in to one factor sync.
 
     The sync all-reduces one packed buffer: each matrix factor's triangle
-    `n(n+1)/2`, each diagonal factor's `n` entries, and `weight_floats`.
+    `n(n+1)/2`, each diagonal factor's `n` entries (each member's, for a
+    grouped factor), and `weight_floats`.
     """
-    floats = sum(u.dim if u.kind == "diagonal" else u.dim * (u.dim + 1) // 2 for u in units)
+    floats = sum(u.factor_floats() for u in units)
     return (floats + weight_floats) * itemsize
 
 
@@ -307,6 +308,7 @@ def plan_to_dict(
                 "block": unit.block,
                 "dim": unit.dim,
                 "kind": unit.kind,
+                "groups": unit.groups,
                 "cost": cost,
                 "owner": owner,
             }

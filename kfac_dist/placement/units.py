@@ -1,4 +1,9 @@
-"""Inversion units: the factors that are inverted, one owner replica each."""
+"""Inversion units: the factors that are inverted, one owner replica each.
+
+A grouped factor (a block-diagonal factor of g equal members, such as the
+per-channel factors of a depthwise convolution) is one unit: its owner
+inverts all g members, and its sizes and costs are g times a member's.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +32,15 @@ class InversionUnit:
         dim: side `n` of a matrix factor, or number of entries of a diagonal
             factor; at least 1.
         kind: `"matrix"` (an `n x n` symmetric factor) or `"diagonal"`.
+        groups: number of members of a grouped factor (`dim` is then a
+            member's side or length), 1 for a factor that is not grouped.
     """
 
     name: str
     block: str
     dim: int
     kind: str = "matrix"
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -53,18 +61,40 @@ class InversionUnit:
             raise ValueError(
                 f"InversionUnit {self.name!r}: kind must be one of {UNIT_KINDS}, got {self.kind!r}."
             )
+        if (
+            isinstance(self.groups, bool)
+            or not isinstance(self.groups, numbers.Integral)
+            or self.groups < 1
+        ):
+            raise ValueError(
+                f"InversionUnit {self.name!r}: groups must be an int >= 1, got {self.groups!r}."
+            )
+        object.__setattr__(self, "groups", int(self.groups))
+
+    def factor_floats(self) -> int:
+        """Number of floats of the factor in the factor sync.
+
+        A matrix factor travels as its packed triangle `n(n+1)/2`, a diagonal
+        one as its `n` entries; a grouped factor as each member's.
+        """
+        n = self.dim
+        per_member = n if self.kind == "diagonal" else n * (n + 1) // 2
+        return self.groups * per_member
 
     def result_floats(self, method: str) -> int:
         """Number of floats the owner shares with the other replicas.
 
         A Cholesky-mode inverse is symmetric, so only its packed triangle
         `n(n+1)/2` travels; eigen mode shares the eigenvectors and eigenvalues,
-        `n*n + n`. A diagonal factor shares its `n` entries in either mode.
+        `n*n + n`. A diagonal factor shares its `n` entries in either mode. A
+        grouped factor shares each member's.
         """
         check_method(method)
         n = self.dim
         if self.kind == "diagonal":
-            return n
-        if method == "cholesky":
-            return n * (n + 1) // 2
-        return n * n + n
+            per_member = n
+        elif method == "cholesky":
+            per_member = n * (n + 1) // 2
+        else:
+            per_member = n * n + n
+        return self.groups * per_member

@@ -21,6 +21,7 @@ from kfac_dist.blocks import (
     Eigen,
     Full,
     Kronecker,
+    KronPart,
     factor_dampings,
     invert_factors,
 )
@@ -204,3 +205,56 @@ def test_factor_dampings_of_mixed_approximations_keep_factor_order():
     root = np.sqrt(DAMPING)
     expected = [2 * root, root / 2, DAMPING, root / 2, 2 * root, DAMPING]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+class PartsLayer:
+    """A layer kind with a grouped pair (2 members: A 2×2, G 2×2) and a diagonal-A pair."""
+
+    def kron_parts(self):
+        return [KronPart("dw", (2, 2), 2, 2), KronPart("pw", (3,), 2)]
+
+    def gradient_matrices(self, grads):
+        return [grads[0], grads[1]]
+
+    def split_matrices(self, matrices):
+        return list(matrices)
+
+
+def test_kronecker_parts_give_names_shapes_groups_and_damping_rows():
+    layer, approximation = PartsLayer(), Kronecker()
+    assert approximation.factor_names(layer) == ["dw_A", "dw_G", "pw_A", "pw_G"]
+    assert approximation.factor_shapes(layer) == [(2, 2, 2), (2, 2, 2), (3,), (2, 2)]
+    assert approximation.group_counts(layer) == [2, 2, None, None]
+    assert approximation.weighted_factors(layer) == [True, False, True, False]
+    # Members: dw_A₀, dw_A₁, dw_G₀, dw_G₁, pw_A, pw_G.
+    assert approximation.damping_rows(layer) == [[0, 2], [1, 3], [4, 5]]
+    assert approximation.group_counts(StubLayer()) == [None, None]
+    assert approximation.damping_rows(StubLayer()) == [[0, 1]]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[CHOLESKY, EIGEN])
+def test_kronecker_parts_precondition_each_member_pair_with_its_own_factors(method):
+    layer, approximation = PartsLayer(), Kronecker()
+    a_dw, g_dw = np.stack([_spd(2), _spd(2, 3.0)]), np.stack([_spd(2), _spd(2, 0.5)])
+    a_pw, g_pw = RNG.uniform(0.2, 2.0, size=3), _spd(2)
+    factors = [a_dw, g_dw, a_pw, g_pw]
+    dampings = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # per member, in member order
+    payloads, _ = invert_factors(
+        [tf.constant(f) for f in factors], tf.constant(dampings), method, [2, 2, None, None]
+    )
+    grads = [RNG.normal(size=(2, 2, 2)), RNG.normal(size=(3, 2))]
+    got = approximation.precondition(
+        layer, [tf.constant(g) for g in grads], payloads, tf.constant(DAMPING, tf.float64), method
+    )
+    pairs = [(a_dw[0], g_dw[0], 0.1, 0.3), (a_dw[1], g_dw[1], 0.2, 0.4)]
+    pairs.append((np.diag(a_pw), g_pw, 0.5, 0.6))
+    matrices = [grads[0][0], grads[0][1], grads[1]]
+    results = [got[0].numpy()[0], got[0].numpy()[1], got[1].numpy()]
+    for (a, g, d_a, d_g), matrix, result in zip(pairs, matrices, results, strict=True):
+        if method.name == CHOLESKY:
+            want = np.linalg.inv(a + d_a * np.eye(len(a))) @ matrix
+            want = want @ np.linalg.inv(g + d_g * np.eye(len(g)))
+        else:
+            system = np.kron(a, g) + DAMPING * np.eye(a.size // len(a) * len(g))
+            want = np.linalg.solve(system, matrix.reshape(-1)).reshape(matrix.shape)
+        np.testing.assert_allclose(result, want, rtol=1e-9)

@@ -10,6 +10,7 @@ from kfac_dist.blocks import (
     FULL,
     KRON,
     Block,
+    KronPart,
     factor_dampings,
     invert_factors,
 )
@@ -62,3 +63,60 @@ def test_block_invert_of_a_full_block_uses_lambda():
         inverse.numpy(), np.linalg.inv(factor + DAMPING * np.eye(3)), rtol=1e-10
     )
     assert int(retries) == 0
+
+
+class GroupedStub(Block):
+    """A Kronecker block of two member pairs: A (2, 3, 3), G (2, 2, 2)."""
+
+    def kron_parts(self):
+        return [KronPart("", (3, 3), 2, 2)]
+
+
+def test_factor_dampings_give_each_member_pair_of_a_grouped_block_its_own_pi():
+    blocks = [GroupedStub("g", [], KRON), Block("d", [], DIAGONAL), Block("a", [], KRON)]
+    assert blocks[0].member_counts() == [2, 2]
+    assert blocks[0].damping_rows() == [[0, 2], [1, 3]]
+    # Member order: g/A₀, g/A₁, g/G₀, g/G₁, d, a/A, a/G (a's G is zero: π = 1).
+    means = np.array([2.0, 9.0, 0.5, 1.0, 7.0, 3.0, 0.0])
+    got = factor_dampings(blocks, tf.constant(means), DAMPING).numpy()
+    root = np.sqrt(DAMPING)
+    want = [2 * root, 3 * root, root / 2, root / 3, DAMPING, root, root]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_invert_factors_of_grouped_factors_damp_and_retry_each_member():
+    indefinite = np.diag([-1.0, 2.0, 3.0])  # + 0.5 is indefinite, + 5 is not
+    grouped = np.stack([_spd(3), indefinite])
+    factors = [grouped, _spd(3), np.abs(RNG.normal(size=(2, 4))), np.abs(RNG.normal(size=4))]
+    groups = [2, None, 2, None]
+    # One damping per member, in member order.
+    dampings = np.array([0.25, 0.5, 0.125, 1.0, 0.0625, 0.75])
+    payloads, retries = invert_factors(
+        [tf.constant(f) for f in factors], tf.constant(dampings), CHOLESKY, groups
+    )
+    members = [grouped[0], grouped[1], factors[1], *factors[2], factors[3]]
+    want = []
+    for i, (member, damping) in enumerate(zip(members, dampings)):
+        if member.ndim == 1:
+            want.append(1.0 / (member + damping))
+        else:
+            extra = damping * (10.0 if i == 1 else 1.0)  # the indefinite member retried once
+            want.append(np.linalg.inv(member + extra * np.eye(3)))
+    got = [*payloads[0][0].numpy(), payloads[1][0].numpy(), *payloads[2][0].numpy()]
+    got.append(payloads[3][0].numpy())
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10)
+    assert [tuple(p[0].shape) for p in payloads] == [(2, 3, 3), (3, 3), (2, 4), (4,)]
+    assert [int(r) for r in retries] == [1, 0, 0, 0]
+
+
+def test_invert_factors_eigen_payloads_of_grouped_factors_are_stacked():
+    grouped = np.stack([_spd(3), _spd(3, 2.0)])
+    diagonal = np.abs(RNG.normal(size=(2, 4)))
+    payloads, _ = invert_factors([tf.constant(grouped), tf.constant(diagonal)], None, EIGEN, [2, 2])
+    (values, vectors), (diagonal_values, empty) = payloads
+    assert tuple(values.shape) == (2, 3) and tuple(vectors.shape) == (2, 3, 3)
+    for v, q, member in zip(values.numpy(), vectors.numpy(), grouped):
+        np.testing.assert_allclose(q @ np.diag(v) @ q.T, member, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(diagonal_values.numpy(), diagonal)
+    assert tuple(empty.shape) == (0, 0)

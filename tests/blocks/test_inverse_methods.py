@@ -172,3 +172,35 @@ def test_eigen_kronecker_solve_is_the_exactly_damped_kronecker_system(diagonal_i
     system = np.kron(dense_a, g) + DAMPING * np.eye(12)
     expected = np.linalg.solve(system, matrix.reshape(-1)).reshape(4, 3)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+
+
+def test_payload_shapes_of_grouped_factors_stack_each_members():
+    assert CHOL.payload_shapes((3, 5, 5), 3) == [(3, 5, 5)]
+    assert CHOL.payload_shapes((3, 5), 3) == [(3, 5)]
+    assert EIG.payload_shapes((3, 5, 5), 3) == [(3, 5), (3, 5, 5)]
+    assert EIG.payload_shapes((3, 5), 3) == [(3, 5), (0, 0)]
+    # Without groups, the shape is the factor's own.
+    assert EIG.payload_shapes((5, 5)) == [(5,), (5, 5)]
+
+
+@pytest.mark.parametrize("method", [CHOL, EIG], ids=["cholesky", "eigen"])
+@pytest.mark.parametrize("diagonal_input", [False, True], ids=["full_a", "diagonal_a"])
+def test_grouped_kronecker_solve_is_each_members_solve(method, diagonal_input):
+    groups = 3
+    a_members = [RNG.uniform(0.1, 2.0, size=4) if diagonal_input else _spd(4) for _ in range(3)]
+    g_members = [_spd(2) for _ in range(groups)]
+    matrices = RNG.normal(size=(groups, 4, 2))
+    dampings = tf.constant([0.2] * groups, tf.float64)
+    a_payload, _ = method.invert_stack(tf.constant(np.stack(a_members)), dampings)
+    g_payload, _ = method.invert_stack(tf.constant(np.stack(g_members)), dampings)
+    got = method.solve_kronecker(
+        a_payload, g_payload, tf.constant(matrices), tf.constant(DAMPING, tf.float64)
+    ).numpy()
+    for j in range(groups):
+        want = method.solve_kronecker(
+            _payload(method, a_members[j], 0.2),
+            _payload(method, g_members[j], 0.2),
+            tf.constant(matrices[j]),
+            tf.constant(DAMPING, tf.float64),
+        ).numpy()
+        np.testing.assert_allclose(got[j], want, rtol=1e-10)

@@ -198,10 +198,14 @@ def test_load_model_knows_the_autoencoder_example():
 def test_load_model_builds_applications_at_the_given_input_shape():
     model = load_model("MobileNetV2", (32, 32, 3))
     assert model.input_shape == (None, 32, 32, 3)
-    # Depthwise convolutions have no Kronecker block: diagonal on request.
-    with pytest.warns(UserWarning, match="DepthwiseConv2D"):
-        units = model_units(model, unsupported_layers="diagonal")
-    assert any(u.kind == "diagonal" and "depthwise" in u.name for u in units)
+    # Every layer has a structured block (unsupported layers are an error); a
+    # depthwise convolution's per-channel pairs are one grouped unit per factor.
+    units = model_units(model)
+    depthwise = [u for u in units if u.name.endswith("depthwise/A")]
+    assert len(depthwise) == 17
+    assert {(u.dim, u.kind) for u in depthwise} == {(9, "matrix")}  # 3×3, no bias
+    assert max(u.groups for u in depthwise) == 960
+    assert all(u.groups == 1 for u in units if "depthwise" not in u.name)
 
 
 def test_load_model_reads_a_saved_keras_file(tmp_path):

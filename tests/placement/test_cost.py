@@ -63,3 +63,20 @@ def test_placement_modules_import_tensorflow_only_inside_functions():
                 continue
             for module in modules:
                 assert module.split(".")[0] not in ("tensorflow", "keras"), path.name
+
+
+def test_flop_cost_of_a_grouped_unit_is_its_groups_times_a_member():
+    for method in ("cholesky", "eigen"):
+        model = FlopCostModel(method)
+        member = model(InversionUnit("d/A", "d", 6))
+        assert model(InversionUnit("dw/A", "dw", 6, groups=7)) == 7 * member
+    assert FlopCostModel()(InversionUnit("g/A", "g", 6, "diagonal", groups=7)) == 42.0
+
+
+def test_measured_cost_model_times_a_grouped_unit_as_one_batch():
+    model = MeasuredCostModel("cholesky", repeats=1)
+    single = model(InversionUnit("a/A", "a", 3))
+    grouped = model(InversionUnit("dw/A", "dw", 3, groups=4))
+    assert 0 < single < 10 and 0 < grouped < 10
+    assert set(model._seconds) == {("matrix", 3, 1), ("matrix", 3, 4)}
+    assert model(InversionUnit("dw2/A", "dw2", 3, groups=4)) == grouped

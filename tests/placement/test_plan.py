@@ -183,3 +183,23 @@ def test_plan_built_directly_stores_plain_int_owners():
     plan = PlacementPlan(dense_units((3, 2)), np.array([1, 0]), [64.0, 8.0], 2, "np")
     assert plan.owners == (1, 0)
     assert all(type(owner) is int for owner in plan.owners)
+
+
+def test_a_grouped_unit_sizes_are_its_members_and_groups_is_validated():
+    unit = InversionUnit("dw/A", "dw", 4, groups=np.int64(3))
+    assert type(unit.groups) is int and unit.groups == 3
+    assert InversionUnit("d/A", "d", 4).groups == 1
+    assert unit.result_floats("cholesky") == 3 * 10
+    assert unit.result_floats("eigen") == 3 * 20
+    assert unit.factor_floats() == 3 * 10
+    diagonal = InversionUnit("g/A", "g", 4, "diagonal", groups=5)
+    assert diagonal.result_floats("eigen") == diagonal.factor_floats() == 20
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"'dw/A'.*groups must be an int >= 1"):
+            InversionUnit("dw/A", "dw", 4, groups=bad)
+
+
+def test_a_grouped_unit_costs_its_groups_times_a_member():
+    units = [InversionUnit("dw/A", "dw", 10, groups=8), InversionUnit("d/A", "d", 20)]
+    plan = make_plan(units, 2, "balanced")
+    assert plan.costs == (8 * 1000.0, 8000.0)

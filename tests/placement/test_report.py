@@ -6,6 +6,7 @@ import pytest
 
 from kfac_dist.placement.plan import make_plan
 from kfac_dist.placement.report import (
+    factor_sync_bytes,
     format_bytes,
     format_placement_table,
     inverse_sharing,
@@ -174,3 +175,22 @@ def test_broadcast_sharing_is_one_collective_per_owner_whatever_the_factor_count
         sharing_collectives=sharing.collectives,
     )
     assert f"(broadcast, {num_replicas} collectives)" in table
+
+
+def test_a_grouped_unit_is_one_row_entry_with_its_members_bytes():
+    units = [
+        InversionUnit("dw/A", "dw", 10, groups=960),
+        InversionUnit("dw/G", "dw", 1, groups=960),
+        InversionUnit("dense/A", "dense", 4),
+    ]
+    plan = make_plan(units, 2)
+    info = plan_to_dict(plan, bytes_per_factor_sync=factor_sync_bytes(units))
+    assert [(u["name"], u["dim"], u["groups"]) for u in info["units"]] == [
+        ("dw/A", 10, 960),
+        ("dw/G", 1, 960),
+        ("dense/A", 4, 1),
+    ]
+    # Each member's triangle, the ungrouped factor's, and the two weight sums.
+    assert factor_sync_bytes(units) == (960 * 55 + 960 * 1 + 10 + 2) * 4
+    sharing = inverse_sharing(plan, "eigen", 8, "all_reduce")
+    assert sharing.sent == (960 * (100 + 10) + 960 * 2 + (16 + 4)) * 8

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kfac_dist.blocks.approximations.base import Approximation, LayerKind, PerExample
+from kfac_dist.blocks.approximations.base import Approximation, KronPart, LayerKind, PerExample
 from kfac_dist.blocks.approximations.diagonal import Diagonal
 from kfac_dist.blocks.approximations.full import Full
 from kfac_dist.blocks.approximations.kronecker import Kronecker
@@ -17,6 +17,7 @@ __all__ = [
     "Approximation",
     "Diagonal",
     "Full",
+    "KronPart",
     "Kronecker",
     "LayerKind",
     "PerExample",

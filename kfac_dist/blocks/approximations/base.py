@@ -6,18 +6,38 @@ their payloads precondition the block's gradients. It reads the layer
 through `LayerKind`: a Kronecker-factored approximation through the
 layer's Kronecker interface, a per-example one through its per-example
 gradients. Approximations hold no state: one instance serves every block.
+
+A factor may be grouped: g equal-sized members on a leading axis, a block
+diagonal factor of g blocks (see `linalg.members`). Dampings are computed
+per member: `damping_rows` says which members of a block share one
+damping computation (a Kronecker pair (A_j, G_j)).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import tensorflow as tf
 
 from kfac_dist.blocks.inverse_methods import InverseMethod, Payload
 from kfac_dist.blocks.records import Record
+
+
+class KronPart(NamedTuple):
+    """One Kronecker pair (A, G) of a layer kind with several or grouped pairs.
+
+    `input_shape` is the shape of one member of A ((n, n), or (n,) when
+    diagonal), `output_dim` the side of one member of G, `groups` the number
+    of members (None: A and G are single factors). `name` prefixes the
+    factor names ("" for a block's only part).
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    output_dim: int
+    groups: int | None = None
 
 
 class LayerKind(Protocol):
@@ -51,6 +71,19 @@ class LayerKind(Protocol):
         """Inverse of `gradient_matrix`: one tensor per variable."""
         ...
 
+    # --- ... with several or grouped Kronecker pairs (optional) ----------------
+    def kron_parts(self) -> list[KronPart] | None:
+        """The Kronecker pairs, when not the one ungrouped pair of `kron_dims` (None)."""
+        ...
+
+    def gradient_matrices(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """One gradient matrix per part: (in, out), or (g, in, out) for a grouped part."""
+        ...
+
+    def split_matrices(self, matrices: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrices`: one tensor per variable."""
+        ...
+
     # --- the per-example interface -------------------------------------------
     def per_example_gradients(
         self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]
@@ -66,8 +99,8 @@ class Approximation(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def factor_names(self) -> list[str]:
-        """One name per factor (in variable and unit names)."""
+    def factor_names(self, layer: LayerKind | None = None) -> list[str]:
+        """One name per factor (in variable and unit names) of `layer`'s block."""
 
     @abc.abstractmethod
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
@@ -95,19 +128,34 @@ class Approximation(abc.ABC):
     ) -> list[tf.Tensor]:
         """F̂⁻¹ applied to the block's gradients (one tensor per variable)."""
 
-    def weighted_factors(self) -> list[bool]:
+    def group_counts(self, layer: LayerKind) -> list[int | None]:
+        """Each factor's number of groups (None: not grouped; none is by default)."""
+        return [None] * len(self.factor_names(layer))
+
+    def weighted_factors(self, layer: LayerKind | None = None) -> list[bool]:
         """Which factors carry the sample weights (the curvature divides them by the mean weight).
 
         None by default: per-example statistics carry the weights through
         the pseudo-loss alone.
         """
-        return [False] * len(self.factor_names())
+        return [False] * len(self.factor_names(layer))
+
+    def damping_rows(self, layer: LayerKind) -> list[list[int]]:
+        """The members whose dampings are computed together, as positions in the block.
+
+        A block's members are numbered factor by factor (a grouped factor's
+        g members in order, an ungrouped factor one member). Each row is one
+        call's worth of `factor_dampings`; every row of an approximation has
+        the same length. By default, one row of all of the block's factors.
+        """
+        return [list(range(len(self.factor_names(layer))))]
 
     def factor_dampings(self, mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float) -> tf.Tensor:
-        """The damping of each factor of k blocks of this approximation, before inversion.
+        """The damping of each member in k rows (`damping_rows`) of this approximation.
 
-        `mean_eigenvalues` (k, factors per block), tr(F)/dim(F) of each
-        factor; returns the same shape. By default every factor gets λ.
+        `mean_eigenvalues` (k, row length), tr(F)/dim(F) of each member (a
+        factor that is not grouped is its only member); returns the same
+        shape. By default every member gets λ.
         """
         return tf.fill(mean_eigenvalues.shape.as_list(), tf.cast(damping, mean_eigenvalues.dtype))
 

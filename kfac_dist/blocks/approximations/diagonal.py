@@ -13,7 +13,7 @@ class Diagonal(PerExample):
 
     name = DIAGONAL
 
-    def factor_names(self) -> list[str]:
+    def factor_names(self, layer: LayerKind | None = None) -> list[str]:
         return [self.name]
 
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:

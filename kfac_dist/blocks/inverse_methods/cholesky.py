@@ -5,17 +5,15 @@ Each factor is inverted with the damping its approximation gives it (see
 block, λ on a diagonal or full one), retrying with more damping when the
 damped factor is not numerically positive definite. The payload is the
 damped inverse itself, so a Kronecker block is preconditioned by two
-matrix products.
+matrix products (batched over the group axis of grouped factors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import tensorflow as tf
 
 from kfac_dist import linalg
-from kfac_dist.blocks.inverse_methods.base import InverseMethod, Payload
+from kfac_dist.blocks.inverse_methods.base import InverseMethod, Payload, grouped_shapes
 from kfac_dist.options import CHOLESKY
 
 
@@ -25,16 +23,18 @@ class Cholesky(InverseMethod):
     name = CHOLESKY
     needs_factor_damping = True
 
-    def payload_shapes(self, factor_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        return [factor_shape]
+    def payload_shapes(
+        self, factor_shape: tuple[int, ...], groups: int | None = None
+    ) -> list[tuple[int, ...]]:
+        return grouped_shapes([linalg.member_shape(factor_shape, groups)], groups)
 
-    def invert(
-        self, factors: Sequence[tf.Tensor], dampings: tf.Tensor | None
-    ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
+    def invert_stack(
+        self, stack: tf.Tensor, dampings: tf.Tensor | None
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
         if dampings is None:
             raise ValueError("Cholesky inverses need each factor's damping.")
-        inverses, tries = linalg.damped_inverses(factors, dampings)
-        return [[inverse] for inverse in inverses], tf.unstack(tries, num=len(factors))
+        inverses, tries = linalg.damped_inverses_of_stack(stack, dampings)
+        return [inverses], tries
 
     def solve(self, payload: Payload, vector: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
         (inverse,) = payload
@@ -54,7 +54,7 @@ class Cholesky(InverseMethod):
 
 
 def _apply_left(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
-    """A⁻¹ M, where a diagonal A⁻¹ is stored as its diagonal."""
-    if inverse.shape.rank == 1:
-        return inverse[:, tf.newaxis] * matrix
+    """A⁻¹ M, where a diagonal A⁻¹ is stored as its diagonal (a batch of them: (g, n))."""
+    if inverse.shape.rank == matrix.shape.rank - 1:
+        return inverse[..., tf.newaxis] * matrix
     return tf.matmul(inverse, matrix)

@@ -2,17 +2,16 @@
 
 The payload is (eigenvalues, eigenvectors) of the undamped factor, so a new
 damping takes effect at once, without a new decomposition. A Kronecker block
-is solved as (A ⊗ G + λI)⁻¹ through both eigenbases.
+is solved as (A ⊗ G + λI)⁻¹ through both eigenbases (member by member, as
+a batch, for grouped factors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import tensorflow as tf
 
 from kfac_dist import linalg
-from kfac_dist.blocks.inverse_methods.base import InverseMethod, Payload
+from kfac_dist.blocks.inverse_methods.base import InverseMethod, Payload, grouped_shapes
 from kfac_dist.options import EIGEN
 
 
@@ -22,16 +21,19 @@ class Eigen(InverseMethod):
     name = EIGEN
     needs_factor_damping = False
 
-    def payload_shapes(self, factor_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        if len(factor_shape) == 1:
-            return [factor_shape, (0, 0)]
-        return [(factor_shape[0],), factor_shape]
+    def payload_shapes(
+        self, factor_shape: tuple[int, ...], groups: int | None = None
+    ) -> list[tuple[int, ...]]:
+        member = linalg.member_shape(factor_shape, groups)
+        if len(member) == 1:
+            return grouped_shapes([member, (0, 0)], groups)
+        return grouped_shapes([(member[0],), member], groups)
 
-    def invert(
-        self, factors: Sequence[tf.Tensor], dampings: tf.Tensor | None
-    ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
-        payloads = [[values, vectors] for values, vectors in linalg.eigendecompositions(factors)]
-        return payloads, [tf.constant(0, tf.int32)] * len(factors)
+    def invert_stack(
+        self, stack: tf.Tensor, dampings: tf.Tensor | None
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
+        values, vectors = linalg.eigendecompositions_of_stack(stack)
+        return [values, vectors], tf.zeros([stack.shape[0]], tf.int32)
 
     def solve(self, payload: Payload, vector: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
         values, vectors = payload
@@ -54,7 +56,9 @@ class Eigen(InverseMethod):
         diagonal_a = _is_diagonal(vectors_a)
         coords = matrix if diagonal_a else tf.matmul(vectors_a, matrix, transpose_a=True)
         coords = tf.matmul(coords, vectors_g)
-        scale = values_a[:, tf.newaxis] * values_g[tf.newaxis, :] + tf.cast(damping, matrix.dtype)
+        scale = values_a[..., :, tf.newaxis] * values_g[..., tf.newaxis, :] + tf.cast(
+            damping, matrix.dtype
+        )
         coords = coords / scale
         out = coords if diagonal_a else tf.matmul(vectors_a, coords)
         return tf.matmul(out, vectors_g, transpose_b=True)
@@ -62,4 +66,4 @@ class Eigen(InverseMethod):
 
 def _is_diagonal(vectors: tf.Tensor) -> bool:
     """Whether the payload is a diagonal factor's (its identity eigenvectors left out)."""
-    return vectors.shape[0] == 0
+    return vectors.shape.num_elements() == 0
