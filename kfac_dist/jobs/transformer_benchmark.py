@@ -89,9 +89,10 @@ ADAMW_GRID = tuple({"learning_rate": lr} for lr in (1e-3, 3e-3))
 # steps, rms_rate 0.2: the Moonlight scaling that lets it share AdamW's
 # learning rates and weight decay), the head left to its AdamW part as its
 # docstring advises. It uses AdamW itself for every variable that is not 2-D
-# (biases, LayerNormalization, and MultiHeadAttention's 3-D EinsumDense
+# (dense biases, LayerNormalization, and MultiHeadAttention's 3-D EinsumDense
 # kernels) and for paths holding "embedding" (token, position and patch
-# embeddings here): Muon proper updates the MLP kernels.
+# embeddings here): Muon proper updates the MLP kernels and, by Keras' rank
+# rule, the 2-D (heads, key_dim) biases of the query/key/value projections.
 MUON_FIXED = {"exclude_layers": ["head"]}
 MUON_GRID = tuple({"learning_rate": lr} for lr in (3e-3, 1e-2))
 # K-FAC: momentum 0.9 with the KL clip (norm_constraint) bounding the whole
@@ -796,8 +797,9 @@ def benchmark_markdown(result: dict) -> str:
         f"- AdamW (`keras.optimizers.AdamW`, weight decay 0.004, Keras' default): "
         f"{_grid_text(grids['adamw'])}.",
         f"- Muon (`keras.optimizers.Muon`, its defaults, `exclude_layers=['head']`): "
-        f"{_grid_text(grids['muon'])}. Muon proper updates only the 2-D MLP kernels: "
-        "MultiHeadAttention's EinsumDense kernels are 3-D and the embeddings match "
+        f"{_grid_text(grids['muon'])}. Muon proper takes the 2-D variables: the MLP "
+        "kernels and (Keras' rule is the rank) the (heads, key_dim) query/key/value "
+        "biases; MultiHeadAttention's kernels are 3-D and the embeddings match "
         "'embedding', so Muon's own AdamW part takes them.",
         f"- K-FAC ({_point_text(kfac_fixed)}; every layer a structured block, "
         f"`unsupported_layers='error'`): {_grid_text(grids['kfac'])}.",
