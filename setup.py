@@ -39,6 +39,7 @@ setup(
             "kfac-benchmark-placement=kfac_dist.jobs.placement_benchmark:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
+            "kfac-benchmark-transformer=kfac_dist.jobs.transformer_benchmark:main",
             "kfac-tune-placement=kfac_dist.jobs.tuner:main",
         ]
     },
