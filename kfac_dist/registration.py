@@ -37,6 +37,8 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,
+    keras.layers.GroupNormalization: ScaleShiftBlock,
+    keras.layers.RMSNormalization: ScaleShiftBlock,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
 
