@@ -39,6 +39,7 @@ setup(
             "kfac-benchmark-placement=kfac_dist.jobs.placement_benchmark:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
+            "kfac-coverage=kfac_dist.jobs.coverage:main",
             "kfac-tune-placement=kfac_dist.jobs.tuner:main",
         ]
     },
