@@ -264,3 +264,37 @@ def test_every_subset_model_is_fully_structured():
         if fraction != 1.0:
             failures[name] = f"{100 * fraction:.2f}% structured"
     assert not failures, "\n".join(f"{name}: {why}" for name, why in failures.items())
+
+
+def test_the_command_writes_the_json_and_its_section_of_the_markdown(tmp_path, capsys):
+    """--coverage-only on an application that builds and one that cannot: both are in
+    the JSON and the section; the markdown's other sections are left as they were."""
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    output = tmp_path / "coverage.json"
+    status = coverage.main(
+        [
+            "--models",
+            "MobileNetV3Small",
+            "InceptionV3",
+            "--coverage-only",
+            "--output",
+            str(output),
+            "--write",
+            "--benchmarks",
+            str(benchmarks),
+        ]
+    )
+    assert status == 0
+    report = json.loads(output.read_text())
+    first, second = report["results"]
+    assert first["model"] == "MobileNetV3Small" and first["error"] is None
+    assert first["coverage"]["total_params"] == first["params"] > 0
+    assert first["coverage"]["fallback_layers"]  # DepthwiseConv2D, until it has a block
+    assert second["stage"] == "build" and second["coverage"] is None
+    text = benchmarks.read_text()
+    assert text.startswith("# Benchmarks\n\n## Other\n\nkept\n\n" + coverage.HEADING)
+    assert "| MobileNetV3Small |" in text and "- InceptionV3: build failed" in text
+    assert "- not trained (coverage only in this run): MobileNetV3Small\n" in text
+    assert "python scripts/coverage.py --models MobileNetV3Small InceptionV3" in text
+    assert coverage.HEADING in capsys.readouterr().out
