@@ -40,6 +40,7 @@ setup(
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
             "kfac-benchmark-transformer=kfac_dist.jobs.transformer_benchmark:main",
+            "kfac-coverage=kfac_dist.jobs.coverage:main",
             "kfac-tune-placement=kfac_dist.jobs.tuner:main",
         ]
     },

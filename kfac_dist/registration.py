@@ -61,6 +61,8 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.SimpleRNN: recurrent.recurrent_block,
     keras.layers.LSTM: recurrent.recurrent_block,
     keras.layers.GRU: recurrent.recurrent_block,
+    keras.layers.GroupNormalization: ScaleShiftBlock,
+    keras.layers.RMSNormalization: ScaleShiftBlock,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
 #: Why a layer of a supported class is still not covered (its factory returned None).

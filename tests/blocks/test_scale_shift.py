@@ -310,3 +310,236 @@ def test_renorm_and_synchronized_batch_norm_models_train_with_fit(replicas):
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
     assert {"renorm", "synced"} <= {b.name for b in opt.curvature.blocks}
     assert int(opt.curvature.inversions.numpy()) > 0
+
+
+# --- GroupNormalization, RMSNormalization, UnitNormalization -------------------
+
+# name: (input shape, layer arguments, channel axis of γ)
+GROUP_CASES = {
+    "gn": ((B, 2, 3, 4), dict(groups=2), -1),  # image: groups of 2 channels over (H, W)
+    "gn_instance": ((B, 3, 4), dict(groups=-1), -1),  # one channel a group
+    "gn_one_group": ((B, 3, 4), dict(groups=1, center=False), -1),
+    "gn_channels_first": ((B, 4, 3), dict(groups=2, axis=1), 1),
+    "rms": ((B, 3, 4), dict(), -1),
+    "rms_two_axes": ((B, 3, 4), dict(axis=(-2, -1)), None),
+}
+
+
+def _norm_layer(kind: str, seed=0):
+    shape, kwargs, _ = GROUP_CASES[kind]
+    if kind.startswith("gn"):
+        layer = keras.layers.GroupNormalization(**kwargs)
+    else:
+        layer = keras.layers.RMSNormalization(**kwargs)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    return layer
+
+
+def _scale_variable(layer):
+    return layer.scale if isinstance(layer, keras.layers.RMSNormalization) else layer.gamma
+
+
+def _numpy_group_normalized(kind, x):
+    """x̂ from the layers' definitions: per example and group of channels (ε = 1e-3),
+    or x / rms(x) over the normalised axes (ε = 1e-6)."""
+    shape, kwargs, channel_axis = GROUP_CASES[kind]
+    if kind.startswith("rms"):
+        axes = tuple(kwargs.get("axis", (-1,)))
+        return x / np.sqrt(np.mean(x**2, axis=axes, keepdims=True) + 1e-6)
+    channels = shape[channel_axis]
+    groups = channels if kwargs["groups"] == -1 else kwargs["groups"]
+    moved = np.moveaxis(x, channel_axis, -1)
+    grouped = moved.reshape(*moved.shape[:-1], groups, channels // groups)
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)  # all but example, group
+    mean = grouped.mean(axes, keepdims=True)
+    var = grouped.var(axes, keepdims=True)
+    x_hat = ((grouped - mean) / np.sqrt(var + 1e-3)).reshape(moved.shape)
+    return np.moveaxis(x_hat, -1, channel_axis)
+
+
+def _broadcast(param, kind, ndim):
+    """γ or β shaped to broadcast against the input."""
+    _, _, channel_axis = GROUP_CASES[kind]
+    if channel_axis is None:
+        return param
+    shape = [1] * ndim
+    shape[channel_axis] = param.shape[0]
+    return param.reshape(shape)
+
+
+def _group_per_example_numpy(layer, kind, x_hat, grads):
+    """[dγ_i, dβ_i] of every column and example: Σ over every axis γ is shared on."""
+    _, _, channel_axis = GROUP_CASES[kind]
+    ndim = x_hat.ndim  # grads is (C, *x.shape)
+    if channel_axis is None:
+        kept = set(range(ndim - 2, ndim))  # γ of shape (T, d): nothing shared
+    else:
+        kept = {channel_axis % ndim}
+    shared = tuple(a + 1 for a in range(1, ndim) if a not in kept)
+    parts = [np.sum(grads * x_hat, axis=shared).reshape(C * B, -1)]
+    if getattr(layer, "beta", None) is not None:
+        parts.append(np.sum(grads, axis=shared).reshape(C * B, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def _group_recorded(kind, approx, seed=0):
+    layer = _norm_layer(kind, seed)
+    block = ScaleShiftBlock(layer, approx)
+    rng = np.random.default_rng(seed + 1)
+    shape = GROUP_CASES[kind][0]
+    x = (rng.normal(size=shape) * 2.0 + 0.5).astype(np.float32)
+    output, record = block.record(layer.call, tf.constant(x))
+    grads = rng.normal(size=(C, *shape))
+    return layer, block, x.astype(np.float64), output, record, grads
+
+
+def test_group_and_rms_normalization_variables_are_gamma_beta_and_scale():
+    """GroupNormalization's weights are `gamma` and `beta`, RMSNormalization's `scale`
+    (γ, no shift); a `scale` flag (True on GroupNormalization) is not a variable."""
+    names = {
+        kind: [v.name for v in ScaleShiftBlock(_norm_layer(kind)).variables]
+        for kind in ("gn", "gn_one_group", "rms", "rms_two_axes")
+    }
+    assert names == {
+        "gn": ["gamma", "beta"],
+        "gn_one_group": ["gamma"],
+        "rms": ["scale"],
+        "rms_two_axes": ["scale"],
+    }
+    assert ScaleShiftBlock(_norm_layer("rms_two_axes")).num_params == 12
+
+
+@pytest.mark.parametrize("kind", list(GROUP_CASES))
+def test_group_recorded_normalized_input_matches_layer_definition(kind):
+    layer, _, x, output, record, _ = _group_recorded(kind, None)
+    x_hat = _numpy_group_normalized(kind, x)
+    np.testing.assert_allclose(record.extras["normalized"].numpy(), x_hat, rtol=1e-4, atol=1e-5)
+    gamma = _broadcast(_scale_variable(layer).numpy(), kind, x.ndim)
+    beta = layer.beta.numpy() if getattr(layer, "beta", None) is not None else np.zeros(1)
+    np.testing.assert_allclose(
+        output.numpy(), gamma * x_hat + _broadcast(beta, kind, x.ndim), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("kind", list(GROUP_CASES))
+@pytest.mark.parametrize("approx", [DIAGONAL, FULL])
+def test_group_statistics_average_per_example_scale_and_shift_gradients(kind, approx):
+    layer, block, x, _, record, grads = _group_recorded(kind, approx)
+    (stat,) = block.statistics([record], [tf.constant(grads, tf.float32)], B)
+    per_example = _group_per_example_numpy(layer, kind, _numpy_group_normalized(kind, x), grads)
+    assert per_example.shape[1] == block.num_params
+    if approx == DIAGONAL:
+        expected = np.sum(per_example**2, axis=0) / B
+    else:
+        expected = per_example.T @ per_example / B
+    assert tuple(stat.shape) == block.factor_shapes()[0]
+    np.testing.assert_allclose(stat.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gn", "gn_channels_first", "rms_two_axes"])
+def test_group_per_example_reference_matches_autodiff_of_the_layer(kind):
+    """dγ_i, dβ_i of ⟨g_i, s_i⟩ through the layer: both normalise each example alone,
+    so a batch of one gives example i's gradient."""
+    layer, _, x, _, _, grads = _group_recorded(kind, DIAGONAL)
+    per_example = _group_per_example_numpy(layer, kind, _numpy_group_normalized(kind, x), grads)
+    for i in range(B):
+        with tf.GradientTape() as tape:
+            s = layer.call(tf.constant(x[i : i + 1], tf.float32))
+            pseudo = tf.reduce_sum(tf.constant(grads[0, i : i + 1], tf.float32) * s)
+        autodiff = tape.gradient(pseudo, layer.trainable_variables)
+        np.testing.assert_allclose(
+            np.concatenate([g.numpy().reshape(-1) for g in autodiff]),
+            per_example[i],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_unit_normalization_has_no_weights_and_needs_no_block():
+    """Keras 3's UnitNormalization (x/‖x‖) has no variables, trainable or not: a model
+    with it registers its other layers and nothing for it."""
+    import kfac_dist as kfac
+
+    layer = keras.layers.UnitNormalization()
+    layer.build((B, 3))
+    assert layer.weights == []
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), layer, keras.layers.Dense(2)]
+    )
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, loss="mse")
+    assert [type(b).__name__ for b in opt.curvature.blocks] == ["DenseBlock", "DenseBlock"]
+
+
+def _explicit_ggn(model, x, y, loss):
+    """JᵀHJ over every trainable weight, J and H by autodiff (no curvature code)."""
+    with tf.GradientTape(persistent=True) as tape:
+        output = model(x, training=True)
+    n = int(np.prod(output.shape))
+    j = np.concatenate(
+        [tape.jacobian(output, v).numpy().reshape(n, -1) for v in model.trainable_variables],
+        axis=1,
+    )
+    out = tf.constant(output.numpy())
+    with tf.GradientTape() as outer:
+        outer.watch(out)
+        with tf.GradientTape() as inner:
+            inner.watch(out)
+            value = loss(y, out)
+        grad = inner.gradient(value, out)
+    h = outer.jacobian(grad, out).numpy().reshape(n, n)
+    return j.T @ h @ j
+
+
+@pytest.mark.parametrize("norm", ["group", "rms"])
+def test_exact_full_group_and_rms_blocks_equal_the_explicit_ggn(float64, norm):
+    """Exact mode: the "full" block of (γ, β) is its diagonal block of JᵀHJ."""
+    import kfac_dist as kfac
+
+    rng = np.random.default_rng(11)
+    keras.utils.set_random_seed(11)
+    layer = (
+        keras.layers.GroupNormalization(groups=2, name="norm")
+        if norm == "group"
+        else keras.layers.RMSNormalization(name="norm")
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((3, 4)),
+            keras.layers.Dense(4, activation="tanh"),
+            layer,
+            keras.layers.Dense(2),
+        ]
+    )
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape))
+    x = rng.normal(size=(B, 3, 4)).astype(np.float32).astype(np.float64)
+    y = rng.normal(size=(B, 3, 2)).astype(np.float32).astype(np.float64)
+    loss = keras.losses.MeanSquaredError()
+    ggn = _explicit_ggn(model, tf.constant(x), tf.constant(y), loss)
+    opt = kfac.Kfac(
+        learning_rate=1e-3,
+        damping=1e-3,
+        model=model,
+        loss=loss,
+        estimation_mode="exact",
+        fisher_approx={"norm": FULL},
+        cov_ema_decay=0.0,
+        invert_every=1,
+        momentum=0.0,
+    )
+    model.compile(optimizer=opt, loss=loss)
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0, shuffle=False)
+    names = [b.name for b in opt.curvature.blocks]
+    assert names == [model.layers[0].name, "norm", model.layers[2].name]
+    start = len(model.layers[0].trainable_variables[0].numpy().reshape(-1)) + 4
+    size = sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+    factors = [f.numpy() for f in opt.curvature.factors()]
+    norm_factor = factors[2]  # Dense's A and G come first
+    expected = ggn[start : start + size, start : start + size]
+    assert norm_factor.shape == expected.shape
+    np.testing.assert_allclose(
+        norm_factor, expected, rtol=1e-6, atol=1e-10 * np.abs(expected).max()
+    )
