@@ -5,8 +5,8 @@ trainable variable exactly once (against the model's own list and
 parameter count, not the job's), five steps of `fit` with K-FAC lower the
 loss, and the structured fraction is reported. The last test is the goal:
 every model registers with `unsupported_layers="error"` and is 100%
-structured once the normalisation layers ask for "full" blocks; it fails
-while a layer kind has no block of its own.
+structured once the normalisation layers ask for "full" blocks (it fails
+as soon as a layer kind has no block of its own).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def test_the_command_writes_the_json_and_its_section_of_the_markdown(tmp_path, c
     first, second = report["results"]
     assert first["model"] == "MobileNetV3Small" and first["error"] is None
     assert first["coverage"]["total_params"] == first["params"] > 0
-    assert first["coverage"]["fallback_layers"]  # DepthwiseConv2D, until it has a block
+    assert first["coverage"]["fallback_layers"] == {}  # its DepthwiseConv2D has a block
     assert second["stage"] == "build" and second["coverage"] is None
     text = benchmarks.read_text()
     assert text.startswith("# Benchmarks\n\n## Other\n\nkept\n\n" + coverage.HEADING)
