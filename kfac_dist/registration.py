@@ -104,7 +104,7 @@ class LayerCollection:
         self.losses: dict[str | int, tuple[object, float]] = {}
 
     def register_layer(self, layer: keras.layers.Layer, fisher_approx: str | None = None) -> Block:
-        """Registers a supported layer (Dense, EinsumDense, Conv1D/2D, Embedding, BN, LN)."""
+        """Registers a supported layer (any class in `BLOCK_OF_LAYER`)."""
         block = _block_for(layer, fisher_approx)
         if block is None:
             raise UnsupportedLayerError(_unsupported_message([(layer, None)]))
