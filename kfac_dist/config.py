@@ -39,6 +39,10 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
 
 
+#: The factor sync's largest transient buffer by default (see `Kfac(sync_chunk_bytes=...)`).
+DEFAULT_SYNC_CHUNK_BYTES = 64 * 2**20
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class KfacConfig:
     """Every `Kfac` argument but the model and the name (see `Kfac` for each one's meaning).
@@ -67,6 +71,7 @@ class KfacConfig:
     cov_ema_decay: float = 0.95
     cov_update_every: int = 1
     invert_every: int = 10
+    stagger_inverses: bool = False
     estimation_mode: str = options.SAMPLED
     fisher_approx: Any = None
     kron_sharing: str = options.EXPAND
@@ -76,6 +81,7 @@ class KfacConfig:
     placement: Any = "round_robin"
     factor_sync: str = options.LAZY
     inverse_sharing: str = "auto"
+    sync_chunk_bytes: int | None = DEFAULT_SYNC_CHUNK_BYTES
     seed: int | None = None
     collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S
     gradient_accumulation_steps: int | None = None
@@ -161,6 +167,11 @@ class KfacConfig:
         _one_of("factor_sync", self.factor_sync, options.FACTOR_SYNC_MODES)
         _one_of("inverse_sharing", self.inverse_sharing, options.SHARING_METHODS)
         _require(
+            self.sync_chunk_bytes is None or int(self.sync_chunk_bytes) >= 1,
+            f"sync_chunk_bytes must be >= 1 (or None: one collective), "
+            f"got {self.sync_chunk_bytes}.",
+        )
+        _require(
             self.collective_timeout is None or float(self.collective_timeout) > 0,
             f"collective_timeout must be > 0 seconds (or None: wait forever), "
             f"got {self.collective_timeout}.",
@@ -190,6 +201,10 @@ class KfacConfig:
             "cov_ema_decay": float(self.cov_ema_decay),
             "cov_update_every": int(self.cov_update_every),
             "invert_every": int(self.invert_every),
+            "stagger_inverses": bool(self.stagger_inverses),
+            "sync_chunk_bytes": None
+            if self.sync_chunk_bytes is None
+            else int(self.sync_chunk_bytes),
             "collective_timeout": None
             if self.collective_timeout is None
             else float(self.collective_timeout),

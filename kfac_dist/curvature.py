@@ -22,6 +22,7 @@ shape), checked and kept apart, one by one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeAlias, cast
 
@@ -79,7 +80,7 @@ def inversion_units(blocks: Sequence[Block]) -> list[InversionUnit]:
 class BatchStatistics(NamedTuple):
     """One replica's batch statistics between the train step and the fold."""
 
-    statistics: list[tf.Tensor]  # means over the local batch, one stack per factor group
+    statistics: list[tf.Tensor]  # means over the local batch, one per factor
     weights: tf.Tensor  # [examples, sum of sample weights]
     finite: tf.Tensor  # whether every statistic is finite (local)
 
@@ -97,6 +98,8 @@ class Curvature:
         cov_ema_decay: float,
         factor_sync: str = LAZY,
         sharing: str = "auto",
+        sync_chunk_bytes: int | None = None,
+        num_slots: int = 1,
     ):
         self.blocks = list(blocks)
         self.context = context
@@ -104,6 +107,7 @@ class Curvature:
         self.cov_ema_decay = cov_ema_decay
         self.factor_sync = factor_sync
         self.sharing_choice = sharing
+        self.sync_chunk_bytes = sync_chunk_bytes
         self.units = inversion_units(self.blocks)
         factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
         # Each factor's number of groups (None: not grouped), and where its
@@ -125,20 +129,19 @@ class Curvature:
             context.num_replicas,
             placement,
             cost_model=FlopCostModel(inverse_method),
+            num_slots=num_slots,
         )
 
     # --- state ------------------------------------------------------------
     def build(self, add_variable: AddVariable) -> None:
         """Creates the state with `add_variable(shape, name, dtype)` (per-replica)."""
-        self.factor_sums = []
-        self.good_sums = []
-        for block in self.blocks:
-            for name, shape in zip(block.factor_names(), block.factor_shapes()):
-                self.factor_sums.append(add_variable(shape, f"{block.name}_{name}_sum"))
-                self.good_sums.append(add_variable(shape, f"{block.name}_{name}_good"))
+        self.factor_sums = [
+            add_variable(shape, f"{block.name}_{name}_sum")
+            for block in self.blocks
+            for name, shape in zip(block.factor_names(), block.factor_shapes())
+        ]
         # Moving sums of [examples, sample weights], as the factors are folded.
         self.weight_sum = add_variable((2,), "weight_sum")
-        self.good_weight = add_variable((2,), "weight_good")
         self.payloads = []
         for block in self.blocks:
             for name, shapes in zip(
@@ -196,17 +199,14 @@ class Curvature:
         b = tf.cast(batch_size, curvature_dtype())
         weights = tf.stack([b, b if weight_total is None else tf.cast(weight_total, b.dtype)])
         has_examples = b > 0
-        stacks = grouping.stacks([tf.cast(s, b.dtype) for s in statistics], self.factor_groups)
-        stacks = [tf.where(has_examples, s, tf.zeros_like(s)) for s in stacks]
-        return BatchStatistics(stacks, weights, _all_finite(stacks))
+        cast = [tf.cast(s, b.dtype) for s in statistics]
+        cast = [tf.where(has_examples, s, tf.zeros_like(s)) for s in cast]
+        return BatchStatistics(cast, weights, _all_finite(cast))
 
     def empty_statistics(self) -> BatchStatistics:
         """What a step without statistics hands to `fold` (never folded)."""
         dtype = curvature_dtype()
-        zeros = [
-            tf.zeros([len(group), *self.factor_sums[group[0]].shape], dtype)
-            for group in self.factor_groups
-        ]
+        zeros = [tf.zeros(s.shape, dtype) for s in self.factor_sums]
         return BatchStatistics(zeros, tf.zeros([2], dtype), tf.constant(True))
 
     def fold(self, batch: BatchStatistics, apply: tf.Tensor) -> None:
@@ -214,126 +214,237 @@ class Curvature:
 
         `apply` must be identical on every replica (the caller decides it on
         all-reduced values), so a non-finite batch on one replica leaves every
-        replica's sums as they were.
+        replica's sums as they were. The batch is validated before it is
+        folded, so no copy of the sums is kept to fall back on; factor by
+        factor, so the step holds one folded factor at a time. A fold that
+        would overflow a finite sum keeps that sum (and counts in
+        `skipped_statistics`).
         """
         decay = tf.constant(self.cov_ema_decay, curvature_dtype())
         b = batch.weights[0]
 
         def fold() -> tf.Operation:
-            groups = self.factor_groups
-            sums = grouping.stacks(self.factor_sums, groups)
-            folded = [decay * s + ((1.0 - decay) * b) * f for s, f in zip(sums, batch.statistics)]
-            _assign(self.factor_sums, grouping.unstacked(folded, groups, len(self.factor_sums)))
+            overflows = []
+            for total, statistic in zip(self.factor_sums, batch.statistics):
+                folded = decay * total + ((1.0 - decay) * b) * statistic
+                finite = tf.reduce_all(tf.math.is_finite(folded))
+                total.assign(tf.where(finite, folded, total))
+                overflows.append(tf.logical_not(finite))
             self.weight_sum.assign(decay * self.weight_sum + (1.0 - decay) * batch.weights)
+            self.skipped_statistics.assign_add(tf.cast(tf.reduce_any(overflows), tf.int64))
             return tf.no_op()
 
         tf.cond(apply, fold, tf.no_op)
         if self.factor_sync == EVERY_UPDATE:
             self.sync()
 
-    def sync(self) -> tf.Tensor:
-        """One packed all-reduce of the local sums; returns whether they were finite.
+    def sync(self, factors: Sequence[int] | None = None) -> tf.Tensor:
+        """All-reduces the local sums of `factors` (default: all); returns whether finite.
 
-        Symmetric factors travel as triangles. Non-finite synced sums are seen
-        identically by every replica, which all fall back to the last good
-        sums without another collective.
+        Symmetric factors travel as triangles, packed into chunks of at most
+        `sync_chunk_bytes` (a factor larger than that travels alone), one
+        collective per chunk, one chunk after the other: the transient
+        buffers stay bounded whatever the model. A chunk whose sum is not
+        finite (seen identically by every replica) leaves each replica's
+        local sums as they were: their total is unchanged, so nothing is
+        lost but this sync, and no copy of the sums is needed to fall back on.
         """
-        groups = self.factor_groups
-        sums = grouping.stacks(self.factor_sums, groups)
-        if self.context.num_replicas == 1:
-            # Nothing to exchange: only keep (or fall back to) the last good sums.
-            finite = _all_finite([*sums, self.weight_sum])
-            synced, weight_sum = sums, self.weight_sum.value
-        else:
-            # Triangles of matrix factors (of each member of a grouped one).
-            matrix = [self._is_matrix(group) for group in groups]
-            wire = [linalg.pack_symmetric(s) if m else s for s, m in zip(sums, matrix)]
-            summed = self.context.all_reduce_sum([*wire, self.weight_sum.value], FACTOR_SYNC)
-            finite = _all_finite(summed)
-            share = 1.0 / self.context.num_replicas
-            synced = [
-                (linalg.unpack_symmetric(v, s.shape[-1]) if m else v) * share
-                for v, s, m in zip(summed[:-1], sums, matrix)
-            ]
-            weight_sum = summed[-1] * share
-        # Non-finite: every replica falls back to the last good sums. One select
-        # per stack rather than a conditional over every variable.
-        good = grouping.stacks(self.good_sums, groups)
-        chosen = [tf.where(finite, v, g) for v, g in zip(synced, good)]
-        chosen = grouping.unstacked(chosen, groups, len(self.factor_sums))
-        chosen.append(tf.where(finite, weight_sum, self.good_weight.value))
-        _assign([*self.factor_sums, self.weight_sum], chosen)
-        _assign([*self.good_sums, self.good_weight], chosen)
-        self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        return finite
+        indices = list(range(len(self.factor_sums))) if factors is None else list(factors)
+        return self._sync(indices, [])[0]
 
-    def factors(self) -> list[tf.Tensor]:
-        """The synced factors S/W (valid right after a sync).
+    def _sync(
+        self, factors: list[int], extras: list[tf.Tensor]
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """`sync(factors)`; `extras` ride in the first chunk, returned as every replica's mean."""
+        if self.context.num_replicas == 1:
+            # Nothing to exchange: the sums are the global sums, finite by `fold`.
+            sums = [self.factor_sums[f] for f in factors] + [self.weight_sum]
+            return _all_finite([*sums, *extras]), extras
+        share = 1.0 / self.context.num_replicas
+        finite_chunks: list[tf.Tensor] = []
+        extras_mean: list[tf.Tensor] = []
+        previous: list[tf.Operation] = []
+        for chunk in self._sync_chunks(factors):
+            # One chunk at a time: the next is packed only once this one is written.
+            with tf.control_dependencies(previous):
+                variables = [self.factor_sums[f] for f in chunk]
+                wire = [self._to_triangles(f, v.value) for f, v in zip(chunk, variables)]
+                first = not finite_chunks
+                if first:
+                    variables.append(self.weight_sum)
+                    wire.extend([self.weight_sum.value, *extras])
+                summed = self.context.all_reduce_sum(wire, FACTOR_SYNC)
+                finite = _all_finite(summed)
+                writes = []
+                for position, variable in enumerate(variables):
+                    value = summed[position]
+                    if position < len(chunk):
+                        value = self._from_triangles(chunk[position], value)
+                    writes.append(variable.assign(tf.where(finite, value * share, variable)))
+                if first:
+                    extras_mean = [v * share for v in summed[len(variables) :]]
+            previous = writes
+            finite_chunks.append(finite)
+        finite = tf.reduce_all(finite_chunks)
+        self.skipped_statistics.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        return finite, extras_mean
+
+    def _sync_chunks(self, factors: Sequence[int]) -> list[list[int]]:
+        """`factors` in order, cut into chunks of at most `sync_chunk_bytes` on the wire."""
+        itemsize = curvature_dtype().size
+        limit = self.sync_chunk_bytes
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for f in factors:
+            nbytes = self._wire_floats(f) * itemsize
+            if chunks[-1] and limit is not None and size + nbytes > limit:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(f)
+            size += nbytes
+        return chunks
+
+    @property
+    def largest_sync_chunk_bytes(self) -> int:
+        """The bytes of the factor sync's largest chunk (its weights included)."""
+        itemsize = curvature_dtype().size
+        chunks = self._sync_chunks(range(len(self.factor_sums)))
+        sizes = [sum(self._wire_floats(f) for f in chunk) for chunk in chunks]
+        sizes[0] += int(np.prod(self.weight_sum.shape))
+        return max(sizes) * itemsize
+
+    def _wire_floats(self, factor: int) -> int:
+        shape = self.factor_sums[factor].shape
+        if self._is_matrix([factor]):
+            return linalg.member_count(self._groups[factor]) * linalg.triangle_size(shape[-1])
+        return int(np.prod(shape))
+
+    def _to_triangles(self, factor: int, value: tf.Tensor) -> tf.Tensor:
+        return linalg.pack_symmetric(value) if self._is_matrix([factor]) else value
+
+    def _from_triangles(self, factor: int, value: tf.Tensor) -> tf.Tensor:
+        if not self._is_matrix([factor]):
+            return value
+        return linalg.unpack_symmetric(value, self.factor_sums[factor].shape[-1])
+
+    def factors(self, indices: Sequence[int] | None = None) -> list[tf.Tensor]:
+        """The synced factors S/W of `indices` (default: all), valid right after a sync.
 
         Factors that carry the sample weights (`Block.weighted_factors`: the
         Kronecker input factors) are also divided by the mean sample weight:
         with the weights on G through the pseudo-loss, A ⊗ G is then the
-        weighted GGN (exact for a linear layer under weighted MSE).
+        weighted GGN (exact for a linear layer under weighted MSE). Only the
+        factors asked for are read.
         """
         examples, weights = tf.unstack(self.weight_sum.value)
         examples = tf.maximum(examples, 1e-30)
         mean_weight = tf.where(weights > 0, weights / examples, tf.ones_like(weights))
-        groups = self.factor_groups
-        out = []
-        for group, sums in zip(groups, grouping.stacks(self.factor_sums, groups)):
-            factors = sums / examples
-            weighted = [self._weighted[p] for p in group]
-            if any(weighted):
-                mask = tf.reshape(tf.constant(weighted), [-1] + [1] * (factors.shape.rank - 1))
-                factors = tf.where(mask, factors / mean_weight, factors)
-            out.append(factors)
-        return grouping.unstacked(out, groups, len(self.factor_sums))
+        indices = range(len(self.factor_sums)) if indices is None else indices
+        return [
+            self.factor_sums[f] / (examples * mean_weight if self._weighted[f] else examples)
+            for f in indices
+        ]
 
-    def _dampings(self, factors: Sequence[tf.Tensor], damping: Damping) -> tf.Tensor:
-        """Each member's Cholesky damping (see `blocks.factor_dampings`), in a few ops.
+    def _mean_eigenvalues(self, diagonal_means: tf.Tensor | None = None) -> tf.Tensor:
+        """Each member's tr(F)/dim(F), in member order.
 
-        In member order: factor by factor, a grouped factor's members in order.
+        Read from the sums' diagonals (a few floats per member, no factor
+        copied); `diagonal_means` are those of the global sums when the
+        factors were not all synced (staggered updates), else the local ones
+        serve (after a full sync every replica holds S/N and W/N).
         """
-        groups = self.factor_groups
-        means = tf.concat(
-            [
-                linalg.mean_eigenvalues(linalg.members_of_stack(s, self._stack_groups(group)))
-                for s, group in zip(grouping.stacks(factors, groups), groups)
-            ],
-            axis=0,
+        if diagonal_means is None:
+            diagonal_means = self._local_diagonal_means()
+        examples, weights = tf.unstack(self.weight_sum.value)
+        examples = tf.maximum(examples, 1e-30)
+        mean_weight = tf.where(weights > 0, weights / examples, tf.ones_like(weights))
+        weighted = np.concatenate(
+            [[self._weighted[f]] * linalg.member_count(g) for f, g in enumerate(self._groups)]
         )
-        stacked_order = np.concatenate([self._members_of(group) for group in groups])
-        in_member_order = np.argsort(stacked_order)
-        return factor_dampings(self.blocks, tf.gather(means, in_member_order), damping)
+        scale = tf.where(tf.constant(weighted.astype(bool)), examples * mean_weight, examples)
+        return diagonal_means / scale
+
+    def _local_diagonal_means(self) -> tf.Tensor:
+        """The mean of each member's diagonal of this replica's sums, in member order."""
+        means = []
+        for total, groups in zip(self.factor_sums, self._groups):
+            members = linalg.members(total.value, groups)
+            diagonals = members if members.shape.rank == 2 else tf.linalg.diag_part(members)
+            means.append(tf.reduce_mean(diagonals, axis=-1))
+        return tf.concat(means, axis=0)
+
+    def _dampings(self, damping: Damping, diagonal_means: tf.Tensor | None = None) -> tf.Tensor:
+        """Each member's Cholesky damping (see `blocks.factor_dampings`), in member order."""
+        return factor_dampings(self.blocks, self._mean_eigenvalues(diagonal_means), damping)
 
     # --- inverses ---------------------------------------------------------------
-    def update_inverses(self, damping: Damping) -> None:
-        """Syncs (unless synced on every update), then inverts and shares."""
-        finite = tf.constant(True) if self.factor_sync == EVERY_UPDATE else self.sync()
-        tf.cond(finite, lambda: self._invert_and_share(damping), tf.no_op)
+    def update_inverses(self, damping: Damping, slot: tf.Tensor | None = None) -> None:
+        """Syncs (unless synced on every update), then inverts and shares.
 
-    def _invert_and_share(self, damping: Damping) -> tf.Operation:
-        payloads = self.owned_payloads(self.factors(), damping, self.context.replica_id())
-        self.install(self.share(payloads))
+        `slot` (staggered updates, see `PlacementPlan.slots`): only the
+        units of that slot, or every unit when it is `plan.num_slots` (the
+        first step). Each slot syncs its own factors, with the diagonals of
+        every factor riding along (the dampings need every pair's traces),
+        then inverts and shares its own units.
+        """
+        if slot is None or self.plan.num_slots == 1:
+            self._update_units(list(range(len(self.units))), damping, staggered=False)
+            return
+        branches = [
+            functools.partial(self._update_units, self.plan.in_slot(s), damping, staggered=True)
+            for s in range(self.plan.num_slots)
+        ]
+        everything = list(range(len(self.units)))
+        branches.append(functools.partial(self._update_units, everything, damping, staggered=False))
+        tf.switch_case(tf.cast(slot, tf.int32), branches)
+
+    def _update_units(self, units: list[int], damping: Damping, staggered: bool) -> tf.Operation:
+        if self.factor_sync == EVERY_UPDATE:
+            finite, diagonal_means = tf.constant(True), None
+        elif staggered:
+            finite, diagonal_means = self._sync_with_diagonals(units)
+        else:
+            finite, diagonal_means = self.sync(units), None
+        tf.cond(finite, lambda: self._invert_and_share(units, damping, diagonal_means), tf.no_op)
+        return tf.no_op()
+
+    def _sync_with_diagonals(self, factors: list[int]) -> tuple[tf.Tensor, tf.Tensor]:
+        """`sync(factors)`, with every factor's diagonal means summed in the same collective."""
+        finite, (means,) = self._sync(factors, [self._local_diagonal_means()])
+        return finite, means
+
+    def _invert_and_share(
+        self, units: list[int], damping: Damping, diagonal_means: tf.Tensor | None
+    ) -> tf.Operation:
+        payloads = self.owned_payloads(
+            damping, self.context.replica_id(), units, diagonal_means=diagonal_means
+        )
+        self.install(self.share(payloads, units), units)
         return tf.no_op()
 
     def owned_payloads(
-        self, factors: Sequence[tf.Tensor], damping: Damping, replica: tf.Tensor | int
+        self,
+        damping: Damping,
+        replica: tf.Tensor | int,
+        units: Sequence[int] | None = None,
+        diagonal_means: tf.Tensor | None = None,
     ) -> Payloads:
-        """Each unit's payload if this replica owns it (or all do), else zeros.
+        """The payload of each of `units` (default: all) this replica owns (or all do), else zeros.
 
-        Under MirroredStrategy each replica traces its own step with its id
-        a constant: only its own inversions enter its graph. Where the id is
+        Returned by unit position (None for units not asked for). Under
+        MirroredStrategy each replica traces its own step with its id a
+        constant: only its own inversions enter its graph. Where the id is
         a run-time tensor (TPU, one compiled step for every replica), one
         `tf.switch_case` holds every owner's inversions, one branch per
         replica, instead of a conditional per factor.
         """
+        units = list(range(len(self.units))) if units is None else list(units)
         needs_damping = inverse_method(self.inverse_method).needs_factor_damping
-        dampings = self._dampings(factors, damping) if needs_damping else None
-        shared = self.shared_units
-        payloads: list[list[tf.Tensor] | None] = [None] * len(factors)
-        unshared = sorted(set(range(len(factors))) - set(shared))
-        for unit, payload in zip(unshared, self._invert(factors, dampings, unshared)):
+        dampings = self._dampings(damping, diagonal_means) if needs_damping else None
+        shared = [u for u in units if u in set(self.shared_units)]
+        payloads: list[list[tf.Tensor] | None] = [None] * len(self.units)
+        unshared = [u for u in units if u not in set(shared)]
+        for unit, payload in zip(unshared, self._invert(dampings, unshared)):
             payloads[unit] = payload
         if not shared:
             return cast(Payloads, payloads)
@@ -341,7 +452,7 @@ class Curvature:
         def owner_branch(owner: int) -> Callable[[], Payloads]:
             def branch() -> Payloads:
                 own = [u for u in shared if self.plan.owners[u] == owner]
-                inverted = dict(zip(own, self._invert(factors, dampings, own)))
+                inverted = dict(zip(own, self._invert(dampings, own)))
                 zeros: dict[tuple[int, ...], tf.Tensor] = {}
                 for u in shared:
                     for v in self.payloads[u]:
@@ -365,15 +476,13 @@ class Curvature:
             payloads[unit] = list(payload)
         return cast(Payloads, payloads)
 
-    def _invert(
-        self, factors: Sequence[tf.Tensor], dampings: tf.Tensor | None, units: list[int]
-    ) -> Payloads:
-        """The payloads of `units` (factor indices), counted."""
+    def _invert(self, dampings: tf.Tensor | None, units: list[int]) -> Payloads:
+        """The payloads of `units` (factor indices), counted; reads only their factors."""
         if not units:
             return []
         unit_dampings = None if dampings is None else tf.gather(dampings, self._members_of(units))
         payloads, retries = invert_factors(
-            [factors[u] for u in units],
+            self.factors(units),
             unit_dampings,
             self.inverse_method,
             [self._groups[u] for u in units],
@@ -420,27 +529,36 @@ class Curvature:
     def sharing_method(self) -> str | None:
         return self.sharing.method
 
-    def _owned_wire_size(self, replica: int) -> int:
+    def _shared_of(self, units: Sequence[int] | None) -> list[int]:
+        """The shared units among `units` (default: every unit), in order."""
+        shared = self.shared_units
+        if units is None:
+            return shared
+        wanted = set(units)
+        return [u for u in shared if u in wanted]
+
+    def _owned_wire_size(self, replica: int, shared: Sequence[int]) -> int:
         return sum(
             self.units[u].result_floats(self.inverse_method)
-            for u in self.shared_units
+            for u in shared
             if self.plan.owners[u] == replica
         )
 
-    def share(self, payloads: Payloads) -> Payloads:
-        """One collective brings every owner's payloads to every replica."""
-        if not self.shared_units:
+    def share(self, payloads: Payloads, units: Sequence[int] | None = None) -> Payloads:
+        """One collective brings the owners' payloads of `units` (default: all) to every replica."""
+        shared = self._shared_of(units)
+        if not shared:
             return payloads
         if self.sharing_method == "broadcast":
-            return self._broadcast_from_owners(payloads)
-        buffer = self.pack_for_sharing(payloads, self.context.replica_id())
+            return self._broadcast_from_owners(payloads, shared)
+        buffer = self.pack_for_sharing(payloads, self.context.replica_id(), shared)
         if self.sharing_method == "all_reduce":
             received = self.context.all_reduce_sum([buffer], INVERSE_SHARE)[0]
         else:
             received = self.context.all_gather(buffer, INVERSE_SHARE)
-        return self.unpack_shared(payloads, received)
+        return self.unpack_shared(payloads, received, shared)
 
-    def _broadcast_from_owners(self, payloads: Payloads) -> Payloads:
+    def _broadcast_from_owners(self, payloads: Payloads, shared: Sequence[int]) -> Payloads:
         """Each owner broadcasts all its shared payloads in one packed buffer.
 
         One collective per owner, whatever the number of factors: sharing
@@ -450,7 +568,7 @@ class Curvature:
         payloads = list(payloads)
         replica = self.context.replica_id()
         for owner in range(self.context.num_replicas):
-            units = [u for u in self.shared_units if self.plan.owners[u] == owner]
+            units = [u for u in shared if self.plan.owners[u] == owner]
             if not units:
                 continue
             flat = self._to_wire(payloads, units)
@@ -458,20 +576,23 @@ class Curvature:
             payloads = self._from_wire(received, units, payloads)
         return payloads
 
-    def pack_for_sharing(self, payloads: Payloads, replica: tf.Tensor | int) -> tf.Tensor:
-        """This replica's flat sharing buffer (static shape; no collective).
+    def pack_for_sharing(
+        self, payloads: Payloads, replica: tf.Tensor | int, shared: Sequence[int] | None = None
+    ) -> tf.Tensor:
+        """This replica's flat sharing buffer of `shared` (default: all shared units).
 
-        All-reduce: every shared payload, zeros where another replica owns it.
-        All-gather: this replica's own payloads, padded to the largest.
+        Static shape, no collective. All-reduce: every shared payload, zeros
+        where another replica owns it. All-gather: this replica's own
+        payloads, padded to the largest.
         """
-        shared = self.shared_units
+        shared = self._shared_of(shared)
         if self.sharing_method == "all_reduce":
             return self._to_wire(payloads, shared)
-        largest = max(self._owned_wire_size(r) for r in range(self.context.num_replicas))
+        largest = max(self._owned_wire_size(r, shared) for r in range(self.context.num_replicas))
 
         def packer(replica: int) -> Callable[[], tf.Tensor]:
             own = [u for u in shared if self.plan.owners[u] == replica]
-            padding = largest - self._owned_wire_size(replica)
+            padding = largest - self._owned_wire_size(replica, shared)
             return lambda: tf.pad(self._to_wire(payloads, own), [[0, padding]])
 
         static_replica = tf.get_static_value(replica)
@@ -480,9 +601,11 @@ class Curvature:
         branches = [packer(r) for r in range(self.context.num_replicas)]
         return tf.switch_case(replica, branches)
 
-    def unpack_shared(self, payloads: Payloads, received: tf.Tensor) -> Payloads:
-        """Payloads with every shared unit taken from the collective's result."""
-        shared = self.shared_units
+    def unpack_shared(
+        self, payloads: Payloads, received: tf.Tensor, shared: Sequence[int] | None = None
+    ) -> Payloads:
+        """Payloads with the units of `shared` (default: all shared) read from the collective."""
+        shared = self._shared_of(shared)
         if self.sharing_method == "all_reduce":
             return self._from_wire(received, shared, payloads)
         for r in range(self.context.num_replicas):
@@ -544,7 +667,7 @@ class Curvature:
             payloads[u] = tensors
         return payloads
 
-    def install(self, payloads: Payloads) -> None:
+    def install(self, payloads: Payloads, units: Sequence[int] | None = None) -> None:
         """Writes the shared payloads; a non-finite one keeps the previous inverse.
 
         An inversion with no well-conditioned retry is NaN (see
@@ -555,7 +678,8 @@ class Curvature:
         one stack.
         """
         failures = []
-        for group in self._wire_groups(range(len(self.payloads))):
+        units = range(len(self.payloads)) if units is None else units
+        for group in self._wire_groups(list(units)):
             new = [
                 tf.stack([payloads[u][i] for u in group]) for i in range(len(payloads[group[0]]))
             ]
@@ -576,7 +700,8 @@ class Curvature:
                 mask = tf.reshape(ok, [*ok.shape] + [1] * (value.shape.rank - ok.shape.rank))
                 kept = tf.where(mask, value, grouping.stacks(variables, [range(len(group))])[0])
                 _assign(variables, tf.unstack(kept, num=len(group)))
-        self.inversion_failures.assign_add(tf.add_n(failures))
+        if failures:
+            self.inversion_failures.assign_add(tf.add_n(failures))
 
     # --- preconditioning ----------------------------------------------------------
     def precondition(

@@ -119,6 +119,12 @@ class Kfac(keras.optimizers.Optimizer):
         cov_ema_decay: ε in [0, 1) of the factors' moving average, default 0.95.
         cov_update_every: factor statistics every k steps, default 1.
         invert_every: inverse update every k steps, default 10.
+        stagger_inverses: spread each inverse update over the `invert_every`
+            steps of its period (default False): every unit is inverted at
+            one fixed step of the period (all of them at the first step),
+            chosen from the inversion costs alone, so that no step stalls
+            on the whole update and every replica count inverts the same
+            units at the same steps. Recommended for large models (convnets).
         estimation_mode: "sampled" (default), "empirical" or "exact".
         fisher_approx: {layer name or class: "kron" | "diagonal" | "full"}.
         kron_sharing: how the Kronecker blocks of `Dense` and `EinsumDense`
@@ -139,6 +145,10 @@ class Kfac(keras.optimizers.Optimizer):
             inverses; otherwise all-gather when its padded buffer is no larger
             than the all-reduce's, else all-reduce), "all_reduce",
             "all_gather" or "broadcast".
+        sync_chunk_bytes: the largest buffer of the factor sync, default 64
+            MiB: the factor sums travel in chunks of at most this size, one
+            collective each, one after the other (a factor larger than that
+            travels alone). None: one collective for all.
         seed: seed of the sampled Fisher. None draws one; under
             MultiWorkerMirroredStrategy every worker then uses the chief's
             draw (the seed is a variable, broadcast when created inside
@@ -311,6 +321,8 @@ class Kfac(keras.optimizers.Optimizer):
             cov_ema_decay=config.cov_ema_decay,
             factor_sync=config.factor_sync,
             sharing=config.inverse_sharing,
+            sync_chunk_bytes=config.sync_chunk_bytes,
+            num_slots=config.invert_every if config.stagger_inverses else 1,
         )
         add = curvature_lib.per_replica_variable(self)
         self._curvature.build(add)

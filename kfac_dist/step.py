@@ -318,6 +318,9 @@ def _curvature_schedule(
     """(statistics, whether to fold them, whether to invert) for this update."""
     if inputs is None:
         return kfac.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
+    if kfac.curvature.plan.num_slots > 1:
+        # Staggered: every step inverts its slot's units (all of them at the first).
+        return inputs.statistics, inputs.is_statistics_step, tf.constant(True)
     is_inverse_step = tf.equal(inputs.index % kfac.config.invert_every, 0)
     return inputs.statistics, inputs.is_statistics_step, is_inverse_step
 
@@ -364,7 +367,12 @@ def _directions(
     # all-reduce of the factor sums, each owner inverts the factors the
     # placement gave it, and one sharing phase brings every inverse to every replica.
     def update_inverses() -> tf.Operation:
-        curvature.update_inverses(kfac.damping_value())
+        slot = None
+        if inputs is not None and curvature.plan.num_slots > 1:
+            slots = curvature.plan.num_slots
+            index = tf.cast(inputs.index, tf.int64)
+            slot = tf.where(tf.equal(index, 0), tf.constant(slots, tf.int64), index % slots)
+        curvature.update_inverses(kfac.damping_value(), slot)
         return tf.no_op()
 
     with tf.name_scope(INVERSE_UPDATE_SCOPE):

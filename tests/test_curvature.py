@@ -236,23 +236,27 @@ def test_update_inverses_on_one_replica_gives_numpys_payloads(float64, method):
     assert int(curvature.inversion_failures.numpy()) == 0
 
 
-def test_a_non_finite_sync_falls_back_to_the_last_good_sums(float64):
+def test_a_fold_that_would_overflow_keeps_that_factors_sum_and_no_copy_is_kept(float64):
     blocks = _blocks()
     curvature = single_replica_curvature(blocks, CHOLESKY)
-    _fold_once(curvature, _statistics(blocks), 8.0)
-    assert bool(curvature.sync())
-    good = [v.numpy().copy() for v in [*curvature.factor_sums, curvature.weight_sum]]
-    _fold_once(curvature, _statistics(blocks), 8.0)
-    # One entry of one member of the grouped depthwise A overflows.
-    bad = curvature.factor_sums[2].numpy()
-    bad[1, 0, 0] = np.inf
-    curvature.factor_sums[2].assign(bad)
-    assert not bool(curvature.sync())
-    for variable, want in zip([*curvature.factor_sums, curvature.weight_sum], good):
-        np.testing.assert_array_equal(variable.numpy(), want)
-    for variable, want in zip(curvature.good_sums, good):
-        np.testing.assert_array_equal(variable.numpy(), want)
+    statistics = _statistics(blocks)
+    _fold_once(curvature, statistics, 8.0)
+    before = [v.numpy().copy() for v in curvature.factor_sums]
+    # Finite statistics whose fold overflows one member of the grouped depthwise A.
+    huge = [s.copy() for s in statistics]
+    huge[2][1, 0, 0] = 1e308
+    _fold_once(curvature, huge, 8.0)
+    np.testing.assert_array_equal(curvature.factor_sums[2].numpy(), before[2])
+    decay = curvature.cov_ema_decay
+    for f in [f for f in range(len(before)) if f != 2]:
+        want = decay * before[f] + (1 - decay) * 8.0 * statistics[f]
+        np.testing.assert_allclose(curvature.factor_sums[f].numpy(), want, rtol=1e-12)
     assert int(curvature.skipped_statistics.numpy()) == 1
+    assert bool(curvature.sync())
+    # One copy of the factors: the sums, the weights, the inverses, nothing else.
+    names = [v.name for v in curvature.factor_sums]
+    assert not [n for n in names if "good" in n]
+    assert not hasattr(curvature, "good_sums")
 
 
 def test_a_member_whose_inverse_fails_keeps_its_previous_inverse_alone(float64):

@@ -115,15 +115,14 @@ def inverse_sharing(
 class ReplicaMemory:
     """K-FAC memory on one replica, in bytes: persistent state apart from buffers.
 
-    The state persists between steps: the factor sums (with the sums of
-    examples and weights), their last-good copies (the fallback when a sync
-    is not finite) and the inverse payloads. The buffers live only during one collective:
-    the packed factor sums handed to the factor sync and the packed payloads
-    handed to the inverse sharing.
+    The state persists between steps: the factor sums (one copy, with the
+    sums of examples and weights) and the inverse payloads. The buffers
+    live only during one collective: the largest chunk of packed factor
+    sums handed to the factor sync and the packed payloads handed to the
+    inverse sharing.
     """
 
     factor_sums: int
-    last_good: int
     inverses: int
     sync_buffer: int
     share_buffer: int
@@ -134,7 +133,7 @@ class ReplicaMemory:
 
     @property
     def state(self) -> int:
-        return self.factor_sums + self.last_good + self.inverses
+        return self.factor_sums + self.inverses
 
     @property
     def buffers(self) -> int:
@@ -220,6 +219,16 @@ def format_placement_table(
         f"max share {100 * info['max_share']:.1f}% "
         f"(lower bound {100 * info['lower_bound_share']:.1f}%)"
     )
+    if plan.num_slots > 1:
+        lines.append(
+            f"staggered over {plan.num_slots} steps (all units at the first step); "
+            "step of the period: units inverted, share of the work"
+        )
+        for slot in info["slots"]:
+            lines.append(
+                f"  step {slot['slot']}: {len(slot['units'])} units, "
+                f"{100 * slot['share']:.1f}% ({_abbreviate(slot['units'], names_width)})"
+            )
     traffic = []
     if bytes_per_factor_sync is not None:
         traffic.append(f"factor sync {format_bytes(bytes_per_factor_sync)} per sync")
@@ -311,8 +320,21 @@ def plan_to_dict(
                 "groups": unit.groups,
                 "cost": cost,
                 "owner": owner,
+                "slot": slot,
             }
-            for unit, cost, owner in zip(plan.units, plan.costs, plan.owners, strict=True)
+            for unit, cost, owner, slot in zip(
+                plan.units, plan.costs, plan.owners, plan.slots, strict=True
+            )
+        ],
+        "num_slots": plan.num_slots,
+        "slots": [
+            {
+                "slot": slot,
+                "units": [plan.units[i].name for i in plan.in_slot(slot)],
+                "cost": cost,
+                "share": cost / total if total > 0 else 0.0,
+            }
+            for slot, cost in enumerate(plan.slot_costs)
         ],
         "replicas": replicas,
         "replicated_units": [plan.units[i].name for i in plan.replicated()],
@@ -334,7 +356,6 @@ def _memory_line(memory: ReplicaMemory) -> str:
     return (
         f"memory per replica: state {format_bytes(memory.state)} "
         f"(factor sums {format_bytes(memory.factor_sums)}, "
-        f"last good {format_bytes(memory.last_good)}, "
         f"inverses {format_bytes(memory.inverses)}); "
         f"buffers {format_bytes(memory.buffers)} "
         f"(factor sync {format_bytes(memory.sync_buffer)}, "
@@ -364,10 +385,10 @@ def curvature_report(curvature: Curvature, as_dict: bool = False) -> str | dict[
 
     One row per replica: the factors it inverts and shares, their cost
     under the plan's cost model and its share of the total, and its K-FAC
-    memory — the persistent state (factor sums, their last-good copies,
-    inverse payloads) apart from the transient buffers of the factor sync
-    and of the inverse sharing. The footer gives the bytes each replica
-    hands in to those two collectives.
+    memory — the persistent state (factor sums, inverse payloads) apart
+    from the transient buffers of the factor sync (its largest chunk) and
+    of the inverse sharing. The footer gives the bytes each replica hands
+    in to those two collectives.
     """
     plan = curvature.plan
     dtype = np.dtype(curvature.weight_sum.dtype)
@@ -378,9 +399,8 @@ def curvature_report(curvature: Curvature, as_dict: bool = False) -> str | dict[
     # Every replica holds every factor and every (shared) inverse.
     memory = ReplicaMemory(
         factor_sums=_variable_bytes([*curvature.factor_sums, curvature.weight_sum]),
-        last_good=_variable_bytes([*curvature.good_sums, curvature.good_weight]),
         inverses=_variable_bytes([v for p in curvature.payloads for v in p]),
-        sync_buffer=sync_bytes,
+        sync_buffer=curvature.largest_sync_chunk_bytes if plan.num_replicas > 1 else 0,
         share_buffer=sharing.buffer,
     )
     reported: dict[str, Any] = dict(

@@ -210,29 +210,74 @@ def test_factors_identical_on_replicas_after_sync_and_extra_sync_is_noop():
         np.testing.assert_allclose(local_a[0], local_b[0], rtol=1e-6)
 
 
-def test_nonfinite_synced_factors_restore_the_last_good_ones_on_every_replica():
+def test_a_nonfinite_sync_keeps_every_replicas_own_sums_and_the_inverses():
     model, opt = build(2, invert_every=1)
     model.fit(X[:64], Y[:64], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     strategy = model.distribute_strategy
     curvature = opt.curvature
-    good = [v.numpy().copy() for v in curvature.good_sums]
+    inverses = [v.numpy().copy() for p in curvature.payloads for v in p]
     skipped = int(curvature.skipped_statistics.numpy())
 
     @tf.function(autograph=False)
-    def overflow_then_sync():
+    def overflow_then_update():
         def step():
-            # Finite on each replica, infinite once summed.
-            curvature.factor_sums[0].assign(tf.fill(curvature.factor_sums[0].shape, 3e38))
-            return curvature.sync()
+            # Finite on each replica (different on each), infinite once summed.
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            curvature.factor_sums[0].assign(
+                tf.fill(curvature.factor_sums[0].shape, 2e38 + 1e37 * tf.cast(replica, tf.float32))
+            )
+            local = [tf.identity(v.value) for v in curvature.factor_sums]
+            with tf.control_dependencies(local):
+                curvature.update_inverses(opt.damping_value())
+            return local, [tf.identity(v.value) for v in curvature.factor_sums]
 
         return strategy.run(step)
 
-    finite = strategy.experimental_local_results(overflow_then_sync())
-    assert not any(bool(f) for f in finite)
-    for var, want in zip(curvature.factor_sums, good):
-        for local in strategy.experimental_local_results(var.value):
-            np.testing.assert_array_equal(local.numpy(), want)
+    before, after = overflow_then_update()
+    # The chunk that overflowed is not written: each replica keeps its own
+    # sums, whose total is unchanged; no inverse is computed from them.
+    for b, a in zip(before, after):
+        for local_b, local_a in zip(
+            strategy.experimental_local_results(b), strategy.experimental_local_results(a)
+        ):
+            np.testing.assert_array_equal(local_a.numpy(), local_b.numpy())
+    got = [v.numpy() for p in curvature.payloads for v in p]
+    for g, want in zip(got, inverses):
+        np.testing.assert_array_equal(g, want)
     assert int(curvature.skipped_statistics.numpy()) == skipped + 1
+
+
+def test_a_chunked_factor_sync_equals_one_collective_and_counts_each_chunk():
+    model, opt = build(2, invert_every=1)
+    model.fit(X[:64], Y[:64], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    strategy = model.distribute_strategy
+    curvature = opt.curvature
+    wire = [curvature._wire_floats(f) * 4 for f in range(len(curvature.factor_sums))]
+    curvature.sync_chunk_bytes = max(wire)  # about one factor per chunk
+    chunks = curvature._sync_chunks(range(len(wire)))
+    assert len(chunks) > 2 and [f for c in chunks for f in c] == list(range(len(wire)))
+    assert curvature.largest_sync_chunk_bytes <= max(wire) + 8
+
+    @tf.function(autograph=False)
+    def scatter_then_sync():
+        def step():
+            replica = tf.cast(
+                tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32
+            )
+            for v in curvature.factor_sums:
+                v.assign(v * (1.0 + replica))
+            curvature.sync()
+            return [tf.identity(v.value) for v in curvature.factor_sums]
+
+        return strategy.run(step)
+
+    before = [v.numpy().copy() for v in curvature.factor_sums]  # replica 0's, synced
+    calls = opt.context.counts(0)["factor_sync"]["calls"]
+    synced = scatter_then_sync()
+    assert opt.context.counts(0)["factor_sync"]["calls"] == calls + len(chunks)
+    for value, want in zip(synced, before):
+        for local in strategy.experimental_local_results(value):
+            np.testing.assert_allclose(local.numpy(), want * 1.5, rtol=1e-6)
 
 
 def test_uneven_replica_batches_give_the_global_batch_factors():

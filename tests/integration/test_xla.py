@@ -86,12 +86,12 @@ def test_placement_branches_and_sharing_compile_with_a_tensor_replica_id(sharing
     assert curvature.sharing_method == sharing
 
     @tf.function(jit_compile=True, autograph=False)
-    def owned_and_packed(factors, replica):
-        payloads = curvature.owned_payloads(factors, opt.damping_value(), replica)
+    def owned_and_packed(replica):
+        payloads = curvature.owned_payloads(opt.damping_value(), replica)
         return curvature.pack_for_sharing(payloads, replica)
 
     @tf.function(jit_compile=True, autograph=False)
-    def unpacked(factors, received):
+    def unpacked(received):
         like = [[tf.zeros(v.shape, v.dtype) for v in p] for p in curvature.payloads]
         return curvature.unpack_shared(like, received)
 
@@ -99,18 +99,15 @@ def test_placement_branches_and_sharing_compile_with_a_tensor_replica_id(sharing
     def step():
         def replica_step():
             curvature.sync()
-            factors = curvature.factors()
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             # Reference: the uncompiled path of an inverse update.
-            expected = curvature.share(
-                curvature.owned_payloads(factors, opt.damping_value(), replica)
-            )
-            buffer = owned_and_packed(factors, replica)
+            expected = curvature.share(curvature.owned_payloads(opt.damping_value(), replica))
+            buffer = owned_and_packed(replica)
             if sharing == "all_reduce":
                 received = curvature.context.all_reduce_sum([buffer], "inverse_share")[0]
             else:
                 received = curvature.context.all_gather(buffer, "inverse_share")
-            got = unpacked(factors, received)
+            got = unpacked(received)
             shared = curvature.shared_units
             return [expected[u] for u in shared], [got[u] for u in shared]
 

@@ -89,7 +89,6 @@ def expected_bytes(num_replicas, placement, method, sharing):
         "factors": FLOAT * factors,
         "inverses": FLOAT * inverses,
         "factor_sums": FLOAT * (factors + WEIGHT_FLOATS),
-        "last_good": FLOAT * (factors + WEIGHT_FLOATS),
         "sync": FLOAT * (sum(triangle(n) for n in matrices) + diagonals + WEIGHT_FLOATS),
         "sharing": sharing,
         "share": FLOAT * sent,
@@ -178,16 +177,15 @@ def test_report_bytes_match_the_layer_shapes(num_replicas, placement, method, sh
     for replica in info["replicas"]:
         memory = replica["memory"]
         assert memory["factor_sums"] == want["factor_sums"]
-        assert memory["last_good"] == want["last_good"]
         assert memory["inverses"] == want["inverses"]
-        assert memory["sync_buffer"] == want["sync"]
+        # One replica syncs nothing; a tiny model's sync is one chunk.
+        assert memory["sync_buffer"] == (want["sync"] if num_replicas > 1 else 0)
         assert memory["share_buffer"] == want["share_buffer"]
         assert replica["state_bytes"] == memory["state"]
-        assert memory["state"] == want["factor_sums"] + want["last_good"] + want["inverses"]
-        # Persistent K-FAC state: two copies of the factors (sums and last
-        # good, with a scalar weight each) and one of the inverses, which
-        # stays within twice (factors + inverses).
-        assert memory["state"] <= 2 * (want["factors"] + want["inverses"])
+        # Persistent K-FAC state: one copy of the factors (with the weights)
+        # and one of the inverses.
+        assert memory["state"] == want["factor_sums"] + want["inverses"]
+        assert memory["state"] == FLOAT * WEIGHT_FLOATS + want["factors"] + want["inverses"]
 
 
 @pytest.mark.parametrize("num_replicas, placement, method, sharing", CASES)
@@ -234,7 +232,7 @@ def test_report_table_shows_owners_bytes_and_memory():
         "owned",
         "units",
     ]
-    state = format_bytes(want["factor_sums"] + want["last_good"] + want["inverses"])
+    state = format_bytes(want["factor_sums"] + want["inverses"])
     buffers = format_bytes(want["sync"] + want["share_buffer"])
     for replica, owned in enumerate(OWNED[2, "round_robin"]):
         row = lines[2 + replica]
