@@ -2,8 +2,8 @@
 
 Counts CollectiveReduce / CollectiveGather / CollectiveBcast* ops in the
 graph itself and every function it calls (tf.cond and tf.while bodies,
-nested tf.functions), not the project's own counters. A `tf.cond` runs one
-branch, so it counts as its busiest branch; a while body counts once (one
+nested tf.functions), not the project's own counters. A `tf.cond` (or a
+`tf.switch_case`) runs one branch, so it counts as its busiest branch; a while body counts once (one
 iteration). Ops under K-FAC's inverse-update scope count per inverse
 update, the rest per step. Under MirroredStrategy each replica's ops appear
 once per local replica: divide by their number.
@@ -65,6 +65,16 @@ def _count(nodes, library) -> Collectives:
             branches = [
                 _count(library[node.attr[a].func.name].node_def, library)
                 for a in _BRANCHES[node.op]
+            ]
+            busiest = Collectives(
+                max(b.per_step for b in branches), max(b.per_inverse_update for b in branches)
+            )
+            if INVERSE_UPDATE_SCOPE in node.name:
+                busiest = Collectives(0, busiest.per_step + busiest.per_inverse_update)
+            total += busiest
+        elif node.op in ("Case", "StatelessCase"):
+            branches = [
+                _count(library[f.name].node_def, library) for f in node.attr["branches"].list.func
             ]
             busiest = Collectives(
                 max(b.per_step for b in branches), max(b.per_inverse_update for b in branches)

@@ -165,6 +165,71 @@ def test_traced_graph_has_adams_collectives_per_step_and_one_sync_and_sharing_pe
         assert opt.curvature.sharing.collectives >= 1
 
 
+@functools.cache
+def trained_staggered(num_replicas: int, placement: str = "round_robin", sharing: str = "auto"):
+    model, opt = build(
+        num_replicas, placement=placement, inverse_sharing=sharing, stagger_inverses=True
+    )
+    history = []
+    for step in range(STEPS):
+        batch = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        model.fit(X[batch], Y[batch], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        history.append([v.numpy().copy() for p in opt.curvature.payloads for v in p])
+    return model, opt, history
+
+
+@pytest.mark.parametrize(
+    "num_replicas, placement, sharing",
+    [(2, "round_robin", "auto"), (4, "balanced", "auto"), (2, "round_robin", "broadcast")],
+)
+def test_staggered_inverses_train_like_one_replica_with_the_same_inverses_at_each_step(
+    num_replicas, placement, sharing
+):
+    reference, ref_opt, ref_history = trained_staggered(1)
+    model, opt, history = trained_staggered(num_replicas, placement, sharing)
+    assert opt.curvature.plan.slots == ref_opt.curvature.plan.slots
+    for got, want in zip(history, ref_history):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    for got, want in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_staggered_inverses_invert_each_unit_at_its_slot_and_all_at_the_first_step():
+    _, opt, history = trained_staggered(2)
+    plan = opt.curvature.plan
+    assert plan.num_slots == INVERT_EVERY and len(set(plan.slots)) > 1
+    payload_units = [u for u, p in enumerate(opt.curvature.payloads) for _ in p]
+    first = history[0]
+    assert all(np.any(p != 0) for p in first)  # every unit at the first step
+    for step in range(1, STEPS):
+        changed = {
+            u
+            for u, before, after in zip(payload_units, history[step - 1], history[step])
+            if not np.array_equal(before, after)
+        }
+        assert changed == set(plan.in_slot(step % INVERT_EVERY))
+    # Each replica inverted its own units of each slot: none twice, none missed.
+    computed = opt.context.strategy.experimental_local_results(opt.curvature.inversions.value)
+    per_period = len(plan.units) * (1 + (STEPS - 1) // INVERT_EVERY)
+    assert sum(int(c) for c in computed) >= per_period
+
+
+def test_staggered_graph_has_adams_collectives_per_step_and_one_slot_sync_and_sharing():
+    model, opt, _ = trained_staggered(2)
+    got = count_collectives(model.train_function).per_replica(2)
+    adam = adam_collectives(2)
+    assert got.per_step == adam.per_step
+    # The busiest step (the first: every unit) syncs in one chunk and shares once.
+    assert got.per_inverse_update == 1 + opt.curvature.sharing.collectives
+    counts = opt.context.counts(0)
+    assert counts[strategies.FACTOR_SYNC]["calls"] == STEPS
+    report = opt.placement_report()
+    assert f"staggered over {INVERT_EVERY} steps" in report
+    info = opt.placement_report(as_dict=True)
+    assert [u["slot"] for u in info["units"]] == list(opt.curvature.plan.slots)
+
+
 def test_all_gather_sends_fewer_bytes_than_all_reduce_when_padding_is_small():
     _, gather = trained(4, "balanced", "lazy", "all_gather")
     _, reduce = trained(4, "balanced", "lazy", "all_reduce")
