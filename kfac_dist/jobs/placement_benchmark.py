@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
         inverse_method=args.inverse_method,
     )
     section = tuner.benchmark_markdown(benchmark)
-    networks = NETWORKS
+    networks: tuple[Network, ...] = NETWORKS
     if args.network:
         networks = tuple(
             Network(f"α = {alpha:g} µs, β = {beta:g} GB/s", alpha * 1e-6, beta * 1e9)
@@ -310,7 +310,7 @@ def _rows(
     """The results grouped into table rows, (method, sharing, f) in order, one per count."""
     keys = list(dict.fromkeys((r.method, _mode(r), r.replication) for r in results))
     by_key = {(r.method, _mode(r), r.replication, r.num_replicas): r for r in results}
-    return [[by_key[(*key, n)] for n in counts] for key in keys]
+    return [[by_key[key + (n,)] for n in counts] for key in keys]
 
 
 def _row_label(result: CommunicationCost) -> str:
