@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 
 from kfac_dist.options import SHARING_METHODS
 from kfac_dist.placement.cost import FlopCostModel
-from kfac_dist.placement.plan import PlacementPlan, make_plan
+from kfac_dist.placement.plan import PlacementPlan, make_plan, spread_over_slots
 from kfac_dist.placement.report import SYNC_WEIGHT_FLOATS
 from kfac_dist.placement.units import InversionUnit, check_method
 
@@ -333,20 +333,9 @@ def distribute_blocks(
 
 # --- one inverse update's traffic ----------------------------------------------------
 def stagger_slots(units: Sequence[InversionUnit], invert_every: int, method: str) -> list[int]:
-    """Each unit's slot in `[0, invert_every)`: greedy by inversion flops, the costliest
-    first, each to the slot with the least so far, so that every step inverts about
-    1/k of the work (and syncs and shares about 1/k of the bytes)."""
-    if isinstance(invert_every, bool) or not isinstance(invert_every, int) or invert_every < 1:
-        raise ValueError(f"invert_every must be an int >= 1, got {invert_every!r}.")
+    """Each unit's slot in `[0, invert_every)`, as the runtime's plan spreads them by flops."""
     cost = FlopCostModel(method)
-    costs = [cost(unit) for unit in units]
-    slots = [0] * len(units)
-    heap = [(0.0, slot) for slot in range(invert_every)]
-    for i in sorted(range(len(units)), key=lambda i: (-costs[i], i)):
-        load, slot = heapq.heappop(heap)
-        slots[i] = slot
-        heapq.heappush(heap, (load + costs[i], slot))
-    return slots
+    return list(spread_over_slots([cost(unit) for unit in units], invert_every))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,8 +442,8 @@ class ReplicaFootprint:
     """K-FAC memory on the replica that holds the most, in bytes.
 
     `factor_sums`: one copy of every factor sum (full matrices,
-    `stored_factor_floats`) and the 2 weight sums; the last-good copy the
-    runtime keeps as a fallback would double it and is not counted.
+    `stored_factor_floats`) and the 2 weight sums (the runtime keeps no
+    other copy).
     `inverses`: the inverse payloads it holds (`stored_inverse_floats`). `transient`: its
     largest buffer alive during one collective (factor sync chunk, sharing
     buffer, or the distributed blocks' preconditioned gradients).
