@@ -29,12 +29,10 @@ class StatisticSums:
     """Σᵢ bᵢ·Fᵢ and Σᵢ [bᵢ, Σwᵢ] over one update's micro-batches, per replica."""
 
     def __init__(self, curvature: Curvature, add_variable: Callable[..., keras.Variable]) -> None:
-        # One sum per group of equally shaped factors, as the statistics come.
+        # One sum per factor, as the statistics come.
         self.sums = [
-            add_variable(
-                (len(group), *curvature.factor_sums[group[0]].shape), f"statistics_{i}_accumulated"
-            )
-            for i, group in enumerate(curvature.factor_groups)
+            add_variable(tuple(total.shape), f"statistics_{i}_accumulated")
+            for i, total in enumerate(curvature.factor_sums)
         ]
         self.weights = add_variable((2,), "weight_accumulated")
 
