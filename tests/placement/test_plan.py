@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kfac_dist.placement.cost import FlopCostModel
-from kfac_dist.placement.plan import PlacementPlan, make_plan
+from kfac_dist.placement.plan import PlacementPlan, make_plan, spread_over_slots
 from kfac_dist.placement.units import InversionUnit
 
 
@@ -203,3 +203,49 @@ def test_a_grouped_unit_costs_its_groups_times_a_member():
     units = [InversionUnit("dw/A", "dw", 10, groups=8), InversionUnit("d/A", "d", 20)]
     plan = make_plan(units, 2, "balanced")
     assert plan.costs == (8 * 1000.0, 8000.0)
+
+
+def test_slots_spread_the_work_longest_first_and_depend_on_the_costs_alone():
+    costs = [1000.0, 500.0, 400.0, 300.0, 200.0, 100.0, 50.0]
+    slots = spread_over_slots(costs, 3)
+    loads = [sum(c for c, s in zip(costs, slots) if s == k) for k in range(3)]
+    # LPT by hand: 1000→0, 500→1, 400→2, 300→2 (400 < 500), 200→1 (500 < 700),
+    # 100→1 (700 = 700: the lower slot), 50→2.
+    assert slots == (0, 1, 2, 2, 1, 1, 2)
+    assert max(loads) <= sum(costs) / 3 + max(costs)
+    units = [InversionUnit(f"b{i}/A", f"b{i}", d) for i, d in enumerate([40, 30, 28, 25, 20, 15])]
+    plans = [make_plan(units, n, "balanced", num_slots=4) for n in (1, 2, 4)]
+    assert len({plan.slots for plan in plans}) == 1  # the same steps on every replica count
+    assert plans[0].slot_costs == plans[2].slot_costs
+    assert sum(plans[0].slot_costs) == plans[0].total_cost
+
+
+def test_each_slot_is_placed_over_the_replicas_on_its_own():
+    units = [InversionUnit(f"b{i}/A", f"b{i}", 10) for i in range(8)]
+    plan = make_plan(units, 2, "round_robin", num_slots=2)
+    for slot in range(2):
+        members = plan.in_slot(slot)
+        assert len(members) == 4
+        # Round robin within the slot: every step's inversions are split evenly.
+        assert sorted(plan.owners[i] for i in members) == [0, 0, 1, 1]
+    unstaggered = make_plan(units, 2, "round_robin")
+    assert unstaggered.slots == (0,) * 8 and unstaggered.num_slots == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(slots=(0, 3), num_slots=2), "slots must lie in"),
+        (dict(slots=(0,), num_slots=2), "one slot per unit"),
+        (dict(num_slots=0), "num_slots"),
+    ],
+)
+def test_plan_rejects_bad_slots(kwargs, match):
+    units = (InversionUnit("a/A", "a", 2), InversionUnit("a/G", "a", 2))
+    with pytest.raises(ValueError, match=match):
+        PlacementPlan(units, (0, 0), (1.0, 1.0), 1, "round_robin", **kwargs)
+
+
+def test_spread_over_slots_rejects_a_bad_count():
+    with pytest.raises(ValueError, match="num_slots must be an int >= 1"):
+        spread_over_slots([1.0], 0)
