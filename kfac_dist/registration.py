@@ -168,7 +168,7 @@ def _block_for(layer: Any, fisher_approx: str | None) -> Block | None:
     """The block of a supported layer whose forward pass is the one the block models.
 
     A subclass that overrides `call` computes something else from the same
-    variables (a scaled output, a tied reverse embedding): its block's
+    variables (a scaled output, another projection): its block's
     factors would be wrong, so it is treated as unsupported (None).
     """
     _add_optional_layers()

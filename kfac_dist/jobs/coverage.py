@@ -284,6 +284,20 @@ def build_bert_classifier() -> keras.Model:
     )
 
 
+def hub_note() -> str:
+    """What the keras-hub section's models are, for its text."""
+    import keras_hub
+
+    sizes = ", ".join(f"{k}={v}" for k, v in _hub_sizes().items())
+    return (
+        f"keras-hub {keras_hub.__version__}: `GPT2Backbone` and `BertBackbone` with {sizes}, "
+        "randomly initialised, under `GPT2CausalLM` (logits from the tied token embedding "
+        "used in reverse) and `BertTextClassifier` (no preprocessors); a batch of random "
+        "token ids, next-token or class labels. Their step times are of a few milliseconds "
+        "on a shared machine: the ratio is coarse."
+    )
+
+
 def hub_batch(model: keras.Model, batch: int, seed: int) -> tuple[Any, Any]:
     """Random token ids (segment 0, no padding) for a keras-hub model, and labels per
     output position (each next token for the LM, a class for the classifier)."""
@@ -554,6 +568,7 @@ def markdown(
     where: str,
     command: str = "python scripts/coverage.py --models NAME ... --write",
     heading: str = HEADING,
+    note: str = "",
 ) -> str:
     """The BENCHMARKS.md section: one row per model registered, then the rest and why."""
     lines = [
@@ -565,6 +580,7 @@ def markdown(
         "",
         f"Run {when} on {where}. Settings: {json.dumps(settings)}.",
         "",
+        *([note, ""] if note else []),
         "Parameters (of the trainable variables) by what K-FAC's registration covers "
         "them with: a structured block (Kronecker or full), a diagonal block by design "
         "(the scale and shift of a normalisation layer), or the generic diagonal "
@@ -702,7 +718,9 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
     hub_settings = {**settings, "input_size": None, "sequence": HUB_SEQUENCE}
     sections = [markdown(applications, settings, when, machine(), command)] if applications else []
     if hub:
-        sections.append(markdown(hub, hub_settings, when, machine(), command, HUB_HEADING))
+        sections.append(
+            markdown(hub, hub_settings, when, machine(), command, HUB_HEADING, hub_note())
+        )
     for section in sections:
         print(section)
     if args.output:

@@ -98,6 +98,23 @@ def test_tied_factors_pool_the_rows_of_both_uses(float64, vocab_factor):
     np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-12)
 
 
+def test_sample_weights_weight_the_counts_and_the_reverse_hidden_states(float64):
+    """The logits' gradients carry the weights already (the pseudo-loss); the counts and
+    the reverse use's hidden states take them here, as a Dense block's inputs do."""
+    block = ReversibleEmbeddingBlock(_layer(), vocab_factor="full")
+    records, grads, ids, h, g_emb, g_rev, _, _ = _recorded(block)
+    weights = np.array([0.5, 2.0, 0.0, 1.5])
+    u, w = block.statistics(records, grads, B, tf.constant(weights))
+    counts = np.zeros(VOCAB)
+    np.add.at(counts, ids.ravel(), np.repeat(weights, T))
+    weighted_h = (h * weights[:, None, None]).reshape(-1, WIDTH)
+    expected_u = (np.diag(counts) + _gram(g_rev)) / B
+    expected_w = (_gram(g_emb) + h.reshape(-1, WIDTH).T @ weighted_h) / (ids.size + h.size // WIDTH)
+    np.testing.assert_allclose(u.numpy(), expected_u, rtol=1e-12)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-12)
+    assert block.weighted_factors() == [True, False]
+
+
 def test_small_vocabularies_get_a_full_side_and_large_ones_a_diagonal(float64):
     assert ReversibleEmbeddingBlock(_layer()).vocab_factor == "full"
     large = keras.layers.ReversibleEmbedding(reversible.FULL_VOCABULARY_MAX + 1, 2)
