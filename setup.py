@@ -13,6 +13,11 @@ EXAMPLES = [
     "tensorboard>=2.21,<2.22",
 ]
 
+# keras-hub's models (GPT-2, BERT: ReversibleEmbedding, PositionEmbedding); its
+# tested release installs next to TensorFlow 2.21 without changing it (0.32 brings
+# tensorflow-text 2.21, tokenizers, sentencepiece, kagglehub).
+HUB = ["keras-hub>=0.32,<0.33"]
+
 setup(
     name="kfac-dist",
     version="0.1.0",
@@ -49,7 +54,9 @@ setup(
         # The tests run the examples as users get them (tfds included), and the
         # static checks (tests/repository/test_static_checks.py): mypy's and ruff's results
         # change between releases, so each is held to the range it passes on.
-        "test": ["pytest>=8", "mypy>=2.0,<3", "ruff>=0.17,<0.18", *EXAMPLES],
+        # keras-hub too: tests/jobs/test_coverage_hub.py trains its tiny models.
+        "test": ["pytest>=8", "mypy>=2.0,<3", "ruff>=0.17,<0.18", *EXAMPLES, *HUB],
+        "hub": HUB,
         "tpu": ["cloud-tpu-client>=0.10"],
     },
 )

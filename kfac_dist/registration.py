@@ -9,6 +9,7 @@ user opts into a diagonal block for it.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,8 @@ from kfac_dist.blocks import (
     EinsumDenseBlock,
     EmbeddingBlock,
     GenericDiagonalBlock,
+    PositionEmbeddingBlock,
+    ReversibleEmbeddingBlock,
     ScaleShiftBlock,
     SeparableConvBlock,
     conv_block,
@@ -56,6 +59,8 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.SeparableConv2D: SeparableConvBlock,
     keras.layers.EinsumDense: einsum_dense.einsum_dense_block,
     keras.layers.Embedding: EmbeddingBlock,
+    # Also keras-hub's (a subclass with Keras' `call`): both uses of the table.
+    keras.layers.ReversibleEmbedding: ReversibleEmbeddingBlock,
     keras.layers.BatchNormalization: ScaleShiftBlock,
     keras.layers.LayerNormalization: ScaleShiftBlock,
     keras.layers.SimpleRNN: recurrent.recurrent_block,
@@ -65,6 +70,12 @@ BLOCK_OF_LAYER: dict[type, BlockFactory] = {
     keras.layers.RMSNormalization: ScaleShiftBlock,
 }
 SUPPORTED_LAYER_NAMES = ", ".join(cls.__name__ for cls in BLOCK_OF_LAYER)
+#: Layers of optional packages, (module, attribute path, factory): added to
+#: BLOCK_OF_LAYER once the module is imported. Importing keras-hub takes
+#: seconds, and a model holding its layers has imported it already.
+OPTIONAL_LAYERS: tuple[tuple[str, str, BlockFactory], ...] = (
+    ("keras_hub", "layers.PositionEmbedding", PositionEmbeddingBlock),
+)
 #: Why a layer of a supported class is still not covered (its factory returned None).
 WHY_UNSUPPORTED: dict[type, Callable[[Any], str | None]] = {
     keras.layers.EinsumDense: einsum_dense.why_unsupported,
@@ -157,15 +168,26 @@ def _block_for(layer: Any, fisher_approx: str | None) -> Block | None:
     """The block of a supported layer whose forward pass is the one the block models.
 
     A subclass that overrides `call` computes something else from the same
-    variables (a scaled output, a tied reverse embedding): its block's
+    variables (a scaled output, another projection): its block's
     factors would be wrong, so it is treated as unsupported (None).
     """
+    _add_optional_layers()
     for cls, make_block in BLOCK_OF_LAYER.items():
         if isinstance(layer, cls) and getattr(type(layer), "call", None) is getattr(
             cls, "call", None
         ):
             return make_block(layer, fisher_approx)
     return None
+
+
+def _add_optional_layers() -> None:
+    """Registers the OPTIONAL_LAYERS whose package is imported (a look-up in sys.modules)."""
+    for module_name, attribute, make_block in OPTIONAL_LAYERS:
+        cls: Any = sys.modules.get(module_name)
+        for name in attribute.split("."):
+            cls = getattr(cls, name, None)
+        if isinstance(cls, type):
+            BLOCK_OF_LAYER.setdefault(cls, make_block)
 
 
 def _describe(layer: Any, parent: Any) -> str:

@@ -288,16 +288,28 @@ def test_subclass_overriding_call_is_not_taken_for_the_standard_layer():
         registration.collect_blocks(model)
 
 
-def test_keras_reversible_embedding_is_not_taken_for_an_embedding():
+def test_keras_reversible_embedding_gets_its_own_block_not_the_embeddings():
     # Its call also maps hidden states back to logits (reverse=True), with the
-    # same table: the Embedding block's token-count factor would be wrong.
+    # same table: the Embedding block's token-count factor alone would be wrong.
     inputs = keras.Input((4,), dtype="int32")
     embedding = keras.layers.ReversibleEmbedding(9, 3, name="tied")
     logits = embedding(embedding(inputs), reverse=True)
     model = keras.Model(inputs, logits)
-    with pytest.raises(
-        registration.UnsupportedLayerError, match="'tied' \\(ReversibleEmbedding\\)"
-    ):
+    (block,) = registration.collect_blocks(model)
+    assert type(block) is blocks.ReversibleEmbeddingBlock and block.layer is embedding
+
+
+class ScaledEmbedding(keras.layers.ReversibleEmbedding):
+    """A ReversibleEmbedding (so an Embedding) whose call computes something else."""
+
+    def call(self, inputs, reverse=False):
+        return 2.0 * super().call(inputs, reverse=reverse)
+
+
+def test_a_reversible_embedding_subclass_overriding_call_is_taken_for_neither_base():
+    inputs = keras.Input((4,), dtype="int32")
+    model = keras.Model(inputs, ScaledEmbedding(9, 3, name="scaled")(inputs))
+    with pytest.raises(registration.UnsupportedLayerError, match="'scaled' \\(ScaledEmbedding\\)"):
         registration.collect_blocks(model)
 
 

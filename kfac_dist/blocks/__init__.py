@@ -4,7 +4,8 @@
 diagonal, full) and `inverse_methods/` the ways a factor is inverted
 (Cholesky, eigen), each on an abstract base with a registry; the layer
 kinds (`dense`, `einsum_dense`, `conv`, `conv_transpose`, `grouped_conv`,
-`depthwise`, `separable`, `embedding`, `scale_shift`, `recurrent`, and
+`depthwise`, `separable`, `embedding`, `reversible_embedding`,
+`position_embedding`, `scale_shift`, `recurrent`, and
 `diagonal` for arbitrary variables) say what they record and how their
 variables map onto a block. `Block` is the unit the rest of the package sees.
 """
@@ -46,8 +47,10 @@ from kfac_dist.blocks.inverse_methods import (
     InverseMethod,
     inverse_method,
 )
+from kfac_dist.blocks.position_embedding import PositionEmbeddingBlock
 from kfac_dist.blocks.records import Record
 from kfac_dist.blocks.recurrent import KroneckerPair, RecurrentBlock
+from kfac_dist.blocks.reversible_embedding import ReversibleEmbeddingBlock
 from kfac_dist.blocks.scale_shift import ScaleShiftBlock
 from kfac_dist.blocks.separable import SeparableConvBlock
 
@@ -82,8 +85,10 @@ __all__ = [
     "KroneckerPair",
     "LayerKind",
     "PerExample",
+    "PositionEmbeddingBlock",
     "Record",
     "RecurrentBlock",
+    "ReversibleEmbeddingBlock",
     "ScaleShiftBlock",
     "SeparableConvBlock",
     "conv_block",

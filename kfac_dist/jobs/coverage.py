@@ -3,6 +3,7 @@
     python scripts/coverage.py                              # every application, print only
     python scripts/coverage.py --models MobileNetV2 ResNet50 --output coverage.json
     python scripts/coverage.py --models MobileNet --write   # also update BENCHMARKS.md
+    python scripts/coverage.py --models keras_hub.GPT2CausalLM keras_hub.BertTextClassifier
 
 Each model is built offline (`weights=None`, `classes=10`, no classifier
 activation) at `--input-size`, and registered as `Kfac` registers it with
@@ -20,6 +21,13 @@ process: whether the loss went down, and each optimizer's median step time
 after the first (measured here, never asserted by the tests). A model that
 cannot be built at that size, or whose registration or training fails, is
 reported with the reason and the run goes on.
+
+Where keras-hub is installed, its tiny randomly initialised models
+(HUB_MODELS: a GPT-2 causal LM, whose logits are its token embedding used
+in reverse, and a BERT classifier, built from the backbones' constructors
+with explicit sizes, no preset and no download) are measured the same way
+on random token ids, in a section of their own (HUB_HEADING); `--models`
+names them as `keras_hub.<task>`, and the default run adds them.
 
 The flags are parsed before TensorFlow loads (`--help` answers at once).
 `scripts/coverage.py` and the console script `kfac-coverage` call `main`.
@@ -54,6 +62,7 @@ DESCRIPTION = (
     "K-FAC's blocks cover, and whether a few steps of fit lower the loss."
 )
 HEADING = "## Layer coverage of keras.applications"
+HUB_HEADING = "## Layer coverage of keras-hub models"
 
 # What a variable is covered by (see the module docstring).
 STRUCTURED, DIAGONAL, FALLBACK, UNCOVERED = "structured", "diagonal", "fallback", "uncovered"
@@ -233,6 +242,89 @@ def build_application(name: str, input_size: int, **kwargs: Any) -> keras.Model:
     )
 
 
+# keras-hub's models, tiny: vocabulary, sequence length, width, layers, heads.
+HUB_VOCABULARY, HUB_SEQUENCE, HUB_WIDTH, HUB_LAYERS, HUB_HEADS = 64, 16, 16, 1, 2
+HUB_PREFIX = "keras_hub."
+
+
+def hub_available() -> bool:
+    """Whether keras-hub can be imported (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("keras_hub") is not None
+
+
+def _hub_sizes() -> dict[str, int]:
+    return {
+        "vocabulary_size": HUB_VOCABULARY,
+        "num_layers": HUB_LAYERS,
+        "num_heads": HUB_HEADS,
+        "hidden_dim": HUB_WIDTH,
+        "intermediate_dim": 2 * HUB_WIDTH,
+        "max_sequence_length": HUB_SEQUENCE,
+    }
+
+
+def build_gpt2_causal_lm() -> keras.Model:
+    """A tiny `GPT2Backbone` under `GPT2CausalLM` (no preprocessor): the logits are the
+    token embedding used in reverse, so the tied table has two uses."""
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(**_hub_sizes())
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def build_bert_classifier() -> keras.Model:
+    """A tiny `BertBackbone` under `BertTextClassifier` (no preprocessor), CLASSES logits."""
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(**_hub_sizes())
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=CLASSES, preprocessor=None, activation=None
+    )
+
+
+def hub_note() -> str:
+    """What the keras-hub section's models are, for its text."""
+    import keras_hub
+
+    sizes = ", ".join(f"{k}={v}" for k, v in _hub_sizes().items())
+    return (
+        f"keras-hub {keras_hub.__version__}: `GPT2Backbone` and `BertBackbone` with {sizes}, "
+        "randomly initialised, under `GPT2CausalLM` (logits from the tied token embedding "
+        "used in reverse) and `BertTextClassifier` (no preprocessors); a batch of random "
+        "token ids, next-token or class labels. Their step times are of a few milliseconds "
+        "on a shared machine: the ratio is coarse."
+    )
+
+
+def hub_batch(model: keras.Model, batch: int, seed: int) -> tuple[Any, Any]:
+    """Random token ids (segment 0, no padding) for a keras-hub model, and labels per
+    output position (each next token for the LM, a class for the classifier)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (batch, HUB_SEQUENCE)
+    x = {
+        "token_ids": rng.integers(0, HUB_VOCABULARY, size=shape).astype(np.int32),
+        "padding_mask": np.ones(shape, np.int32),
+    }
+    names = {spec.name for spec in model.inputs}
+    if "segment_ids" in names:
+        x["segment_ids"] = np.zeros(shape, np.int32)
+    (output,) = model.outputs
+    classes = int(output.shape[-1])
+    labels = (batch, *([HUB_SEQUENCE] if len(output.shape) == 3 else []))
+    return x, rng.integers(0, classes, size=labels).astype(np.int32)
+
+
+#: keras-hub's models by their `--models` name: (builder, batch).
+HUB_MODELS: dict[str, tuple[Callable[[], keras.Model], Callable[..., tuple[Any, Any]]]] = {
+    f"{HUB_PREFIX}GPT2CausalLM": (build_gpt2_causal_lm, hub_batch),
+    f"{HUB_PREFIX}BertTextClassifier": (build_bert_classifier, hub_batch),
+}
+
+
 def random_batch(model: keras.Model, batch: int, seed: int) -> tuple[Any, Any]:
     """One batch for `model`: standard normal inputs (token ids in [0, VOCABULARY) for
     an integer input) and labels in [0, CLASSES) for each output position."""
@@ -319,8 +411,9 @@ def train(model: keras.Model, optimizer: Any, x: Any, y: Any, steps: int) -> Tra
             times.append(time.perf_counter() - self.start)
 
     model.compile(optimizer=optimizer, loss=_loss())
+    examples = len(keras.tree.flatten(x)[0])  # x may be a dict of inputs
     history = model.fit(
-        x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0, callbacks=[StepTimer()]
+        x, y, batch_size=examples, epochs=steps, shuffle=False, verbose=0, callbacks=[StepTimer()]
     )
     return Training([float(v) for v in history.history["loss"]], times)
 
@@ -378,6 +471,7 @@ def measure(
     train_models: bool = True,
     max_train_params: float | None = None,
     kfac_settings: dict[str, Any] | None = None,
+    batch_fn: Callable[..., tuple[Any, Any]] | None = None,
 ) -> Result:
     """The coverage (and, with `train_models`, K-FAC's and Adam's training) of the
     model `build` makes; every failure is caught and reported in the result.
@@ -385,7 +479,8 @@ def measure(
     `build` is called under a fixed seed, a second time for Adam, so that both
     start from the same weights. Models over `max_train_params` are registered
     without building K-FAC (its factors could be too large for the machine).
-    `kfac_settings` replace entries of KFAC_SETTINGS.
+    `kfac_settings` replace entries of KFAC_SETTINGS; `batch_fn(model, batch, seed)`
+    makes the batch (default `random_batch`).
     """
     import keras
 
@@ -419,7 +514,7 @@ def measure(
     if result.not_trained:
         return result
     try:
-        x, y = random_batch(model, batch, seed)
+        x, y = (batch_fn or random_batch)(model, batch, seed)
         result.kfac = train(model, optimizer, x, y, steps)
     except Exception as error:  # noqa: BLE001
         result.error, result.stage = _reason(error), "kfac"
@@ -472,10 +567,12 @@ def markdown(
     when: str,
     where: str,
     command: str = "python scripts/coverage.py --models NAME ... --write",
+    heading: str = HEADING,
+    note: str = "",
 ) -> str:
     """The BENCHMARKS.md section: one row per model registered, then the rest and why."""
     lines = [
-        HEADING,
+        heading,
         "",
         "```",
         f"{command}  # kfac_dist/jobs/coverage.py",
@@ -483,6 +580,7 @@ def markdown(
         "",
         f"Run {when} on {where}. Settings: {json.dumps(settings)}.",
         "",
+        *([note, ""] if note else []),
         "Parameters (of the trainable variables) by what K-FAC's registration covers "
         "them with: a structured block (Kronecker or full), a diagonal block by design "
         "(the scale and shift of a normalisation layer), or the generic diagonal "
@@ -531,8 +629,9 @@ def build_parser(output: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--models",
         nargs="+",
-        help="keras.applications names (default: every application; on a small machine "
-        f"pick some, e.g. {' '.join(CHEAP_MODELS[:4])})",
+        help="keras.applications names, or keras-hub's models as keras_hub.<task> "
+        f"({', '.join(HUB_MODELS)}) (default: every application, and keras-hub's models "
+        f"when it is installed; on a small machine pick some, e.g. {' '.join(CHEAP_MODELS[:4])})",
     )
     parser.add_argument("--input-size", type=int, default=32, help="input height = width")
     parser.add_argument("--batch", type=int, default=8)
@@ -572,7 +671,7 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
     `--write` updates by default."""
     args = build_parser(default_output(script)).parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow
-    names = args.models or application_names()
+    names = args.models or application_names() + (list(HUB_MODELS) if hub_available() else [])
     settings = {
         "input_size": args.input_size,
         "batch": args.batch,
@@ -593,9 +692,13 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
         keras.backend.clear_session(free_memory=True)  # the models before are done with
         start = time.perf_counter()
         trained = not args.coverage_only and (args.train is None or name in args.train)
+        build, batch_fn = HUB_MODELS.get(
+            name, (functools.partial(build_application, name, args.input_size), None)
+        )
         result = measure(
             name,
-            functools.partial(build_application, name, args.input_size),
+            build,
+            batch_fn=batch_fn,
             batch=args.batch,
             steps=args.steps,
             seed=args.seed,
@@ -610,8 +713,16 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
         print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
     when = datetime.date.today().isoformat()
     command = " ".join(["python scripts/coverage.py", *(sys.argv[1:] if argv is None else argv)])
-    section = markdown(results, settings, when, machine(), command)
-    print(section)
+    applications = [r for r in results if r.model not in HUB_MODELS]
+    hub = [r for r in results if r.model in HUB_MODELS]
+    hub_settings = {**settings, "input_size": None, "sequence": HUB_SEQUENCE}
+    sections = [markdown(applications, settings, when, machine(), command)] if applications else []
+    if hub:
+        sections.append(
+            markdown(hub, hub_settings, when, machine(), command, HUB_HEADING, hub_note())
+        )
+    for section in sections:
+        print(section)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(
@@ -626,7 +737,8 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
             )
         print(f"results written to {args.output}")
     if args.write:
-        write_markdown_section(args.benchmarks, section)
+        for section in sections:
+            write_markdown_section(args.benchmarks, section)
         print(f"written to {os.path.normpath(args.benchmarks)}")
     return 0
 
