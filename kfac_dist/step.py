@@ -379,19 +379,28 @@ def _directions(
         tf.cond(is_inverse_step, update_inverses, tf.no_op)
 
     # 7. Precondition each block's gradients: P∇ = F̂⁻¹∇.
+    # A block variable without a gradient (Keras leaves it out of the update:
+    # a use of a shared layer the model never calls) counts as a zero gradient.
     position = {index: i for i, index in enumerate(kfac.variable_indices(variables))}
-    block_grads = [[grads[position[i]] for i in indices] for indices in state.block_indices]
+    block_grads = [
+        [
+            grads[position[i]] if i in position else tf.zeros_like(state.velocities[i])
+            for i in indices
+        ]
+        for indices in state.block_indices
+    ]
     preconditioned = curvature.precondition(block_grads, kfac.damping)
     directions = list(grads)
     inner = tf.constant(0.0, curvature_dtype())  # ⟨P∇, ∇⟩
     for indices, block_grad, block_pre in zip(state.block_indices, block_grads, preconditioned):
         for i, g, p in zip(indices, block_grad, block_pre):
-            directions[position[i]] = tf.cast(p, g.dtype)
-            inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
+            if i in position:
+                directions[position[i]] = tf.cast(p, g.dtype)
+                inner += tf.reduce_sum(tf.cast(p * g, inner.dtype))
 
     # 8. The step size: the KL clip of the whole step μv − lr·P∇ (regular
     # momentum), or the quadratic model's (α, μ).
-    registered = [position[i] for indices in state.block_indices for i in indices]
+    registered = [position[i] for indices in state.block_indices for i in indices if i in position]
     loss_before = None
     if config.uses_qmodel:
         state.kl_clip.assign(tf.ones_like(state.kl_clip))
@@ -538,7 +547,9 @@ def _accumulated_directions(
     statistics = statistic_sums.add(statistics)
     is_update_step = tf.equal((kfac._iterations + 1) % steps, 0)  # noqa: SLF001
     position = {index: i for i, index in enumerate(kfac.variable_indices(variables))}
-    registered = [position[i] for indices in kfac.state.block_indices for i in indices]
+    registered = [
+        position[i] for indices in kfac.state.block_indices for i in indices if i in position
+    ]
 
     def apply() -> tuple:
         means = [total / tf.cast(steps, total.dtype) for total in sums]

@@ -351,3 +351,35 @@ def test_one_step_on_both_untied_uses_reaches_least_squares(float64):
     np.testing.assert_allclose(layer.embeddings.numpy(), means, rtol=1e-6, atol=1e-8)
     solution = np.linalg.lstsq(h.reshape(-1, WIDTH), y_rev.reshape(-1, VOCAB), rcond=None)[0]
     np.testing.assert_allclose(layer.reverse_embeddings.numpy(), solution, rtol=1e-6, atol=1e-8)
+
+
+def test_a_block_variable_without_a_gradient_is_left_alone_and_the_rest_trains():
+    """An untied table used only in reverse: Keras gives its embeddings no gradient."""
+
+    class ReverseOnly(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.table = keras.layers.ReversibleEmbedding(8, 4, tie_weights=False)
+
+        def build(self, shape):
+            self.table.build((None,))
+
+        def call(self, h):
+            return self.table(h, reverse=True)
+
+    keras.utils.set_random_seed(0)
+    model = ReverseOnly()
+    model.build((None, 4))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = kfac.Kfac(learning_rate=0.1, damping=0.1, model=model, loss=loss, invert_every=1)
+    model.compile(optimizer=opt, loss=loss)
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 8, size=16)
+    embeddings, reverse = model.table.embeddings, model.table.reverse_embeddings
+    before = embeddings.numpy().copy(), reverse.numpy().copy()
+    first = model.evaluate(x, y, verbose=0)
+    with pytest.warns(UserWarning, match="Gradients do not exist"):
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    np.testing.assert_array_equal(embeddings.numpy(), before[0])
+    assert not np.allclose(reverse.numpy(), before[1])
+    assert model.evaluate(x, y, verbose=0) < first
