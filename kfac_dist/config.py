@@ -82,6 +82,7 @@ class KfacConfig:
     factor_sync: str = options.LAZY
     inverse_sharing: str = "auto"
     sync_chunk_bytes: int | None = DEFAULT_SYNC_CHUNK_BYTES
+    inverse_replication: float = 1.0
     seed: int | None = None
     collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S
     gradient_accumulation_steps: int | None = None
@@ -167,6 +168,11 @@ class KfacConfig:
         _one_of("factor_sync", self.factor_sync, options.FACTOR_SYNC_MODES)
         _one_of("inverse_sharing", self.inverse_sharing, options.SHARING_METHODS)
         _require(
+            0 <= float(self.inverse_replication) <= 1,
+            f"inverse_replication must be in [0, 1] (1: every replica holds every inverse, "
+            f"0: each only its own), got {self.inverse_replication}.",
+        )
+        _require(
             self.sync_chunk_bytes is None or int(self.sync_chunk_bytes) >= 1,
             f"sync_chunk_bytes must be >= 1 (or None: one collective), "
             f"got {self.sync_chunk_bytes}.",
@@ -202,6 +208,7 @@ class KfacConfig:
             "cov_update_every": int(self.cov_update_every),
             "invert_every": int(self.invert_every),
             "stagger_inverses": bool(self.stagger_inverses),
+            "inverse_replication": float(self.inverse_replication),
             "sync_chunk_bytes": None
             if self.sync_chunk_bytes is None
             else int(self.sync_chunk_bytes),

@@ -22,8 +22,9 @@ shape), checked and kept apart, one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias, cast
 
 import keras
@@ -32,6 +33,7 @@ import tensorflow as tf
 
 from kfac_dist import grouping, linalg
 from kfac_dist.blocks import CHOLESKY, Block, factor_dampings, inverse_method, invert_factors
+from kfac_dist.distributed_preconditioning import DistributedBlocks
 from kfac_dist.linalg import curvature_dtype
 from kfac_dist.options import EVERY_UPDATE, FACTOR_SYNC_MODES, LAZY
 from kfac_dist.placement import (
@@ -100,6 +102,7 @@ class Curvature:
         sharing: str = "auto",
         sync_chunk_bytes: int | None = None,
         num_slots: int = 1,
+        inverse_replication: float = 1.0,
     ):
         self.blocks = list(blocks)
         self.context = context
@@ -110,6 +113,7 @@ class Curvature:
         self.sync_chunk_bytes = sync_chunk_bytes
         self.units = inversion_units(self.blocks)
         factor_shapes = [shape for block in self.blocks for shape in block.factor_shapes()]
+        self.factor_shapes = factor_shapes
         # Each factor's number of groups (None: not grouped), and where its
         # members start in member order (dampings are per member).
         self._groups = [g for block in self.blocks for g in block.group_counts()]
@@ -131,6 +135,17 @@ class Curvature:
             cost_model=FlopCostModel(inverse_method),
             num_slots=num_slots,
         )
+        #: Each unit's payload shapes under the inverse method.
+        self.payload_shapes = [
+            shapes for block in self.blocks for shapes in block.payload_shapes(self.inverse_method)
+        ]
+        # Distributed blocks: both factors owned by the block's owner, never shared.
+        self.distributed = DistributedBlocks(self, inverse_replication)
+        if self.distributed.active:
+            owners = list(self.plan.owners)
+            for unit, owner in self.distributed.unit_owners.items():
+                owners[unit] = owner
+            self.plan = dataclasses.replace(self.plan, owners=tuple(owners))
 
     # --- state ------------------------------------------------------------
     def build(self, add_variable: AddVariable) -> None:
@@ -142,14 +157,16 @@ class Curvature:
         ]
         # Moving sums of [examples, sample weights], as the factors are folded.
         self.weight_sum = add_variable((2,), "weight_sum")
-        self.payloads = []
-        for block in self.blocks:
-            for name, shapes in zip(
-                block.factor_names(), block.payload_shapes(self.inverse_method)
-            ):
-                self.payloads.append(
-                    [add_variable(s, f"{block.name}_{name}_inv{i}") for i, s in enumerate(shapes)]
-                )
+        # A distributed unit's payloads live in its owner's buffer, not here.
+        names = [f"{block.name}_{name}" for block in self.blocks for name in block.factor_names()]
+        self.payloads = [
+            []
+            if unit in self.distributed.unit_owners
+            else [add_variable(s, f"{name}_inv{i}") for i, s in enumerate(shapes)]
+            for unit, (name, shapes) in enumerate(zip(names, self.payload_shapes))
+        ]
+        if self.distributed.active:
+            self.distributed.build()
         self.skipped_statistics = add_variable((), "skipped_statistics", "int64")
         self.inversions = add_variable((), "inversions_computed", "int64")
         self.inversion_retries = add_variable((), "inversion_retries", "int64")
@@ -174,12 +191,20 @@ class Curvature:
             np.int32
         )
 
-    def _block_slices(self) -> Iterator[tuple[Block, slice]]:
-        start = 0
-        for block in self.blocks:
-            count = len(block.factor_names())
-            yield block, slice(start, start + count)
-            start += count
+    def block_factor_slices(self) -> list[slice]:
+        """Each block's factors (and units), as a slice of the factor order."""
+        starts = np.cumsum([0, *(len(block.factor_names()) for block in self.blocks)])
+        return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+    def needs_inverses(self) -> tf.Tensor:
+        """Whether every inverse must be computed at this step, whatever the schedule.
+
+        Only distributed inverses can be missing (they are not saved: a
+        restored job recomputes them); the answer is the same on every replica.
+        """
+        if not self.distributed.active:
+            return tf.constant(False)
+        return self.distributed.needs_inverses()
 
     # --- statistics -----------------------------------------------------------
     def batch_statistics(
@@ -416,10 +441,13 @@ class Curvature:
     def _invert_and_share(
         self, units: list[int], damping: Damping, diagonal_means: tf.Tensor | None
     ) -> tf.Operation:
-        payloads = self.owned_payloads(
-            damping, self.context.replica_id(), units, diagonal_means=diagonal_means
-        )
-        self.install(self.share(payloads, units), units)
+        replica = self.context.replica_id()
+        payloads = self.owned_payloads(damping, replica, units, diagonal_means=diagonal_means)
+        distributed = self.distributed.unit_owners
+        replicated = [u for u in units if u not in distributed]
+        self.install(self.share(payloads, replicated), replicated)
+        if self.distributed.active:
+            self.distributed.hold(payloads, [u for u in units if u in distributed], replica)
         return tf.no_op()
 
     def owned_payloads(
@@ -441,7 +469,8 @@ class Curvature:
         units = list(range(len(self.units))) if units is None else list(units)
         needs_damping = inverse_method(self.inverse_method).needs_factor_damping
         dampings = self._dampings(damping, diagonal_means) if needs_damping else None
-        shared = [u for u in units if u in set(self.shared_units)]
+        owner_only = set(self.shared_units) | set(self.distributed.unit_owners)
+        shared = [u for u in units if u in owner_only]
         payloads: list[list[tf.Tensor] | None] = [None] * len(self.units)
         unshared = [u for u in units if u not in set(shared)]
         for unit, payload in zip(unshared, self._invert(dampings, unshared)):
@@ -455,12 +484,12 @@ class Curvature:
                 inverted = dict(zip(own, self._invert(dampings, own)))
                 zeros: dict[tuple[int, ...], tf.Tensor] = {}
                 for u in shared:
-                    for v in self.payloads[u]:
-                        zeros.setdefault(tuple(v.shape), tf.zeros(v.shape, curvature_dtype()))
+                    for shape in self.payload_shapes[u]:
+                        zeros.setdefault(tuple(shape), tf.zeros(shape, curvature_dtype()))
                 return [
                     inverted[u]
                     if u in inverted
-                    else [zeros[tuple(v.shape)] for v in self.payloads[u]]
+                    else [zeros[tuple(shape)] for shape in self.payload_shapes[u]]
                     for u in shared
                 ]
 
@@ -493,10 +522,13 @@ class Curvature:
 
     @property
     def shared_units(self) -> list[int]:
-        """Units computed by one owner and shared (none with one replica)."""
+        """Units computed by one owner and shared (none with one replica, nor distributed)."""
         if self.context.num_replicas == 1:
             return []
-        return [u for u in range(len(self.units)) if self.plan.is_shared(u)]
+        distributed = self.distributed.unit_owners
+        return [
+            u for u in range(len(self.units)) if self.plan.is_shared(u) and u not in distributed
+        ]
 
     @property
     def sharing(self) -> Sharing:
@@ -707,13 +739,22 @@ class Curvature:
     def precondition(
         self, block_grads: Sequence[Sequence[tf.Tensor]], damping: Damping
     ) -> list[list[tf.Tensor]]:
-        """F̂⁻¹∇ for each block's gradients."""
-        out = []
+        """F̂⁻¹∇ for each block's gradients (distributed blocks: from their owners)."""
         damping = tf.cast(damping, curvature_dtype())
-        for (block, factor_slice), grads in zip(self._block_slices(), block_grads):
-            payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
-            cast = [tf.cast(g, curvature_dtype()) for g in grads]
-            result = block.precondition(cast, payloads, damping, self.inverse_method)
+        distributed = {}
+        if self.distributed.active:
+            distributed = self.distributed.precondition(
+                block_grads, damping, self.context.replica_id()
+            )
+        out = []
+        slices = self.block_factor_slices()
+        for b, (block, factor_slice, grads) in enumerate(zip(self.blocks, slices, block_grads)):
+            if b in distributed:
+                result = distributed[b]
+            else:
+                payloads = [[v.value for v in p] for p in self.payloads[factor_slice]]
+                cast = [tf.cast(g, curvature_dtype()) for g in grads]
+                result = block.precondition(cast, payloads, damping, self.inverse_method)
             out.append([tf.cast(r, g.dtype) for r, g in zip(result, grads)])
         return out
 

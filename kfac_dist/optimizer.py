@@ -145,6 +145,14 @@ class Kfac(keras.optimizers.Optimizer):
             inverses; otherwise all-gather when its padded buffer is no larger
             than the all-reduce's, else all-reduce), "all_reduce",
             "all_gather" or "broadcast".
+        inverse_replication: distributed preconditioning (as in KAISA),
+            default 1: every replica holds every inverse. Below 1, the blocks
+            with the most inverse memory per gradient float are held by their
+            owner alone, which preconditions their gradients every step (one
+            more all-reduce per step, of those gradients), until each replica
+            holds at most f·total + (1−f)·total/N of the inverses; 0: each
+            replica holds only its own. A restored job recomputes these
+            inverses at its first step.
         sync_chunk_bytes: the largest buffer of the factor sync, default 64
             MiB: the factor sums travel in chunks of at most this size, one
             collective each, one after the other (a factor larger than that
@@ -323,6 +331,7 @@ class Kfac(keras.optimizers.Optimizer):
             sharing=config.inverse_sharing,
             sync_chunk_bytes=config.sync_chunk_bytes,
             num_slots=config.invert_every if config.stagger_inverses else 1,
+            inverse_replication=config.inverse_replication,
         )
         add = curvature_lib.per_replica_variable(self)
         self._curvature.build(add)

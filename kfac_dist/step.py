@@ -366,17 +366,22 @@ def _directions(
     # 6. Sync, inversion and sharing, on inverse-update steps: one packed
     # all-reduce of the factor sums, each owner inverts the factors the
     # placement gave it, and one sharing phase brings every inverse to every replica.
+    # Inverses this process has not computed yet (distributed ones after a
+    # restore) are computed now, whatever the schedule.
+    needs_inverses = curvature.needs_inverses()
+
     def update_inverses() -> tf.Operation:
         slot = None
         if inputs is not None and curvature.plan.num_slots > 1:
             slots = curvature.plan.num_slots
             index = tf.cast(inputs.index, tf.int64)
-            slot = tf.where(tf.equal(index, 0), tf.constant(slots, tf.int64), index % slots)
+            every = tf.logical_or(tf.equal(index, 0), needs_inverses)
+            slot = tf.where(every, tf.constant(slots, tf.int64), index % slots)
         curvature.update_inverses(kfac.damping_value(), slot)
         return tf.no_op()
 
     with tf.name_scope(INVERSE_UPDATE_SCOPE):
-        tf.cond(is_inverse_step, update_inverses, tf.no_op)
+        tf.cond(tf.logical_or(is_inverse_step, needs_inverses), update_inverses, tf.no_op)
 
     # 7. Precondition each block's gradients: P∇ = F̂⁻¹∇.
     # A block variable without a gradient (Keras leaves it out of the update:

@@ -399,7 +399,9 @@ def curvature_report(curvature: Curvature, as_dict: bool = False) -> str | dict[
     # Every replica holds every factor and every (shared) inverse.
     memory = ReplicaMemory(
         factor_sums=_variable_bytes([*curvature.factor_sums, curvature.weight_sum]),
-        inverses=_variable_bytes([v for p in curvature.payloads for v in p]),
+        # Distributed inverses: each replica's own, in a buffer sized for the largest.
+        inverses=_variable_bytes([v for p in curvature.payloads for v in p])
+        + curvature.distributed.size * dtype.itemsize,
         sync_buffer=curvature.largest_sync_chunk_bytes if plan.num_replicas > 1 else 0,
         share_buffer=sharing.buffer,
     )
@@ -410,10 +412,29 @@ def curvature_report(curvature: Curvature, as_dict: bool = False) -> str | dict[
         sharing_collectives=sharing.collectives,
         memory_per_replica=[memory] * plan.num_replicas,
     )
+    distributed = curvature.distributed
+    preconditioned = (
+        (sum(curvature.blocks[b].num_params for b in distributed.owners) + 1) * dtype.itemsize
+        if distributed.active
+        else 0
+    )
     if not as_dict:
-        return format_placement_table(plan, **reported)
+        table = format_placement_table(plan, **reported)
+        if not distributed.active:
+            return table
+        names = ", ".join(curvature.blocks[b].name for b in sorted(distributed.owners))
+        return (
+            f"{table}\ndistributed preconditioning (inverse_replication="
+            f"{distributed.replication:g}): {len(distributed.owners)} blocks held by their "
+            f"owner only ({names}); preconditioned gradients "
+            f"{format_bytes(preconditioned)} per step"
+        )
     return {
         **plan_to_dict(plan, **reported),
+        "distributed_blocks": {
+            curvature.blocks[b].name: owner for b, owner in sorted(distributed.owners.items())
+        },
+        "bytes_per_step_preconditioned": preconditioned,
         "inverse_method": curvature.inverse_method,
         "factor_sync": curvature.factor_sync,
         "dtype": dtype.name,

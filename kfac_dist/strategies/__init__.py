@@ -10,6 +10,7 @@ from kfac_dist.strategies.base import (
     GRADIENTS,
     INVERSE_SHARE,
     KINDS,
+    PRECONDITIONED,
     CrossReplicaContext,
 )
 from kfac_dist.strategies.collective import CollectiveContext
@@ -52,6 +53,7 @@ def resolve(
 
 __all__ = [
     "ADAPTIVE",
+    "PRECONDITIONED",
     "FACTOR_SYNC",
     "GRADIENTS",
     "INVERSE_SHARE",

@@ -19,7 +19,9 @@ GRADIENTS = "gradients"
 FACTOR_SYNC = "factor_sync"
 INVERSE_SHARE = "inverse_share"
 ADAPTIVE = "adaptive"
-KINDS = (GRADIENTS, FACTOR_SYNC, INVERSE_SHARE, ADAPTIVE)
+#: The distributed blocks' preconditioned gradients (`distributed_preconditioning`).
+PRECONDITIONED = "preconditioned"
+KINDS = (GRADIENTS, FACTOR_SYNC, INVERSE_SHARE, ADAPTIVE, PRECONDITIONED)
 
 
 def _local_counter(name: str) -> tf.Variable:

@@ -230,6 +230,108 @@ def test_staggered_graph_has_adams_collectives_per_step_and_one_slot_sync_and_sh
     assert [u["slot"] for u in info["units"]] == list(opt.curvature.plan.slots)
 
 
+@functools.cache
+def trained_distributed(num_replicas: int, replication: float, stagger: bool = False):
+    model, opt = build(num_replicas, inverse_replication=replication, stagger_inverses=stagger)
+    model.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    return model, opt
+
+
+DISTRIBUTED = [(2, 0.0, False), (4, 0.0, False), (4, 0.5, True), (2, 0.0, True)]
+
+
+@pytest.mark.parametrize("num_replicas, replication, stagger", DISTRIBUTED)
+def test_distributed_preconditioning_trains_like_one_replica(num_replicas, replication, stagger):
+    reference, _ = trained_distributed(1, 1.0, stagger)
+    model, opt = trained_distributed(num_replicas, replication, stagger)
+    distributed = opt.curvature.distributed
+    assert distributed.active
+    for got, want in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_replicas, replication, stagger", DISTRIBUTED)
+def test_distributed_inverses_are_held_by_their_owner_alone(num_replicas, replication, stagger):
+    _, opt = trained_distributed(num_replicas, replication, stagger)
+    curvature = opt.curvature
+    distributed = curvature.distributed
+    _, everywhere = trained_distributed(1, 1.0, stagger)
+    total = sum(v.shape.num_elements() for p in everywhere.curvature.payloads for v in p)
+    # No payload variable for a distributed unit; each replica's buffer is
+    # its own units' payloads, within the bound the option sets.
+    for unit, owner in distributed.unit_owners.items():
+        assert curvature.payloads[unit] == []
+        assert curvature.plan.owners[unit] == owner
+    replicated = sum(v.shape.num_elements() for p in curvature.payloads for v in p)
+    bound = replication * total + (1 - replication) * total / num_replicas
+    slices = everywhere.curvature.block_factor_slices()
+    largest_block = max(
+        sum(v.shape.num_elements() for p in everywhere.curvature.payloads[s] for v in p)
+        for s in slices
+    )
+    for replica in range(num_replicas):
+        # The bound, unless one block alone exceeds it (it cannot be split).
+        assert replicated + distributed.held_floats(replica) <= max(bound, largest_block)
+    assert replicated + distributed.size < total
+    held = opt.context.strategy.experimental_local_results(distributed.held)
+    holders = [r for r in range(num_replicas) if distributed.held_floats(r)]
+    assert len(holders) == len(set(distributed.owners.values())) >= 1
+    for replica in holders:
+        own = held[replica].numpy()[: distributed.held_floats(replica)]
+        assert np.all(np.isfinite(own)) and np.any(own != 0)
+    info = opt.placement_report(as_dict=True)
+    params = sum(curvature.blocks[b].num_params for b in distributed.owners)
+    assert info["bytes_per_step_preconditioned"] == 4 * (params + 1)
+    assert info["replicas"][0]["memory"]["inverses"] == 4 * (replicated + distributed.size)
+    assert "distributed preconditioning" in opt.placement_report()
+
+
+@pytest.mark.parametrize("num_replicas, replication, stagger", DISTRIBUTED[:2])
+def test_distributed_preconditioning_adds_one_all_reduce_per_step(
+    num_replicas, replication, stagger
+):
+    model, opt = trained_distributed(num_replicas, replication, stagger)
+    got = count_collectives(model.train_function).per_replica(num_replicas)
+    adam = adam_collectives(num_replicas)
+    assert got.per_step == adam.per_step + 1
+    assert got.per_inverse_update == 1 + opt.curvature.sharing.collectives * bool(
+        opt.curvature.shared_units
+    )
+    counts = opt.context.counts(0)
+    assert counts[strategies.PRECONDITIONED]["calls"] == STEPS
+    info = opt.placement_report(as_dict=True)
+    assert (
+        counts[strategies.PRECONDITIONED]["bytes"] == STEPS * info["bytes_per_step_preconditioned"]
+    )
+
+
+def test_a_fresh_process_recomputes_the_distributed_inverses_at_its_first_step():
+    model, opt = build(2, inverse_replication=0.0)
+    model.fit(X[:32], Y[:32], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    distributed = opt.curvature.distributed
+    strategy = model.distribute_strategy
+    # What a restore leaves: no held inverses (they are not saved), not ready.
+    for local in strategy.experimental_local_results(distributed.held):
+        local.assign(tf.zeros_like(local))
+    for local in strategy.experimental_local_results(distributed.ready):
+        local.assign(False)
+    inversions = [
+        int(c) for c in strategy.experimental_local_results(opt.curvature.inversions.value)
+    ]
+    assert int(opt.iterations.numpy()) % INVERT_EVERY != 0  # not an inverse step by schedule
+    model.fit(X[32:48], Y[32:48], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    after = [int(c) for c in strategy.experimental_local_results(opt.curvature.inversions.value)]
+    for replica in range(2):
+        owned = len(opt.curvature.plan.owned_by(replica))
+        assert after[replica] == inversions[replica] + owned
+        buffer = strategy.experimental_local_results(distributed.held)[replica].numpy()
+        assert np.any(buffer[: distributed.held_floats(replica)] != 0)
+    assert all(bool(r) for r in strategy.experimental_local_results(distributed.ready))
+    # The buffer is not part of what is saved.
+    saved = {v.path for v in opt.variables}
+    assert not any("held" in path for path in saved)
+
+
 def test_all_gather_sends_fewer_bytes_than_all_reduce_when_padding_is_small():
     _, gather = trained(4, "balanced", "lazy", "all_gather")
     _, reduce = trained(4, "balanced", "lazy", "all_reduce")
