@@ -302,6 +302,7 @@ class Kfac(keras.optimizers.Optimizer):
             unsupported_layers=config.unsupported_layers,
             layer_collection=config.layer_collection,
             variables=var_list,
+            max_factor_dim=config.max_factor_dim,
         )
         self._curvature = curvature_lib.Curvature(
             blocks,
