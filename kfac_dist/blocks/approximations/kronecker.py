@@ -97,6 +97,8 @@ class Kronecker(Approximation):
 
     def factor_splits(self, layer: LayerKind) -> list[linalg.Split | None]:
         bound = max_factor_dim(layer)
+        if bound is None:
+            return [None] * len(self.factor_names(layer))
         return [split for part in _pairs(layer) for split in _pair_splits(part, bound)]
 
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
@@ -112,12 +114,12 @@ class Kronecker(Approximation):
         return shapes
 
     def group_counts(self, layer: LayerKind) -> list[int | None]:
-        splits = iter(self.factor_splits(layer))
-        counts: list[int | None] = []
-        for part in _pairs(layer):
-            for split in (next(splits), next(splits)):
-                counts.append(part.groups if split is None else split.members)
-        return counts
+        parts = kron_parts(layer)
+        groups = [None, None] if parts is None else [g for p in parts for g in (p.groups, p.groups)]
+        return [
+            g if split is None else split.members
+            for g, split in zip(groups, self.factor_splits(layer))
+        ]
 
     def statistics(
         self,
@@ -151,9 +153,8 @@ class Kronecker(Approximation):
         every row gives the same (π√λ, √λ/π).
         """
         rows, start = [], 0
-        counts = iter(self.group_counts(layer))
-        for _ in _pairs(layer):
-            count_a, count_g = (linalg.member_count(next(counts)) for _ in range(2))
+        counts = [linalg.member_count(g) for g in self.group_counts(layer)]
+        for count_a, count_g in zip(counts[::2], counts[1::2]):
             rows += [
                 [start + min(j, count_a - 1), start + count_a + min(j, count_g - 1)]
                 for j in range(max(count_a, count_g))
