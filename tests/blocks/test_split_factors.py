@@ -337,7 +337,8 @@ def test_a_model_trains_identically_when_the_bound_is_above_every_factor(float64
 
 
 @pytest.mark.parametrize("method", [CHOLESKY, EIGEN])
-def test_a_model_trains_under_a_small_bound(float64, method):
+def test_a_model_trains_under_a_small_bound_in_float32(method):
+    """float32: oneDNN's batched matmul (which crashes on broadcast batch shapes) runs it."""
     _, losses, optimizer = _trained(3, method, steps=16)
     shapes = [block.factor_shapes() for block in optimizer.curvature.blocks]
     assert shapes == [[(3, 3, 3), (3, 3, 3)], [(3, 3, 3), (3, 3)]]
@@ -401,3 +402,27 @@ def test_kronecker_approximation_without_a_bound_on_a_stub_splits_nothing():
     assert Kronecker().factor_splits(stub) == [None, None]
     stub.max_factor_dim = 4
     assert Kronecker().factor_shapes(stub) == [(3, 3, 3), (3, 3, 3)]
+
+
+@pytest.mark.parametrize("method", [CHOLESKY, EIGEN])
+@pytest.mark.parametrize("units", [50, 30], ids=["both_split", "A_split"])
+def test_the_split_update_in_float32_matches_float64(method, units):
+    """Eager float32 goes through oneDNN's batched matmul (it crashed on broadcast batch
+    shapes): the update agrees with the float64 one."""
+    updates = []
+    for dtype in ("float32", "float64"):
+        previous = keras.config.floatx()
+        keras.config.set_floatx(dtype)
+        try:
+            block = _dense(99, units, bound=40)  # A 100 → 3 blocks of 34, G 50 → 2 of 25
+            record, grads, _, _ = _record(block)
+            factors = block.statistics([record], [tf.cast(grads, dtype)], B)
+            payloads = [block.invert(i, factors, DAMPING, method)[0] for i in range(2)]
+            rng = np.random.default_rng(8)
+            grad = [tf.constant(rng.normal(size=s), dtype) for s in [(99, units), (units,)]]
+            damping = tf.constant(DAMPING, dtype)
+            updates.append([u.numpy() for u in block.precondition(grad, payloads, damping, method)])
+        finally:
+            keras.config.set_floatx(previous)
+    for low, high in zip(*updates, strict=True):
+        np.testing.assert_allclose(low, high, rtol=2e-3, atol=2e-3 * np.abs(high).max())

@@ -17,8 +17,8 @@ split (`linalg.split_of`): A (n×n) is kept as its k diagonal blocks A_i
 (m×m, zero-padded to k·m), a grouped factor, so A ≈ ⊕_i A_i and, with G
 split into G_j likewise, F ≈ ⊕_{i,j} A_i ⊗ G_j. The gradient matrix, padded
 to (k·m, k_G·m_G), is cut into its (i, j) blocks, Y_ij = A_i⁻¹ X_ij G_j⁻¹
-(Cholesky) or the exact damped solve in each pair's eigenbases (eigen), all
-blocks in one batched product, and the padding is cut off. The damping
+(Cholesky) or the exact damped solve in each pair's eigenbases (eigen), a
+batched product per side over the members, and the padding is cut off. The damping
 stays that of the whole factor: π from tr A / n and tr G / n_G (every
 member of a split factor has the whole factor's mean eigenvalue, see
 `blocks.factor_dampings`), so A_i + π√λ I is exactly the diagonal block of
@@ -205,34 +205,26 @@ def _solve_split(
 ) -> tf.Tensor:
     """(⊕_{i,j} A_i ⊗ G_j)⁻¹ (damped) applied to the (n_in, n_out) matrix, in one batched solve.
 
-    The padded matrix is cut into its (k_A, k_G) grid of (m_A, m_G) blocks;
-    member i of A meets every block of row i, member j of G every block of
-    column j (a factor kept whole is one member of its full side), by
-    broadcasting the payloads over the grid.
+    The padded matrix is read as its (k_A, m_A, k_G, m_G) grid of blocks
+    (`InverseMethod.solve_kronecker_blocks`); a factor kept whole is one
+    member of its full side.
     """
     n_in, n_out = matrix.shape
     a_split = splits[0] or linalg.Split(1, n_in, n_in)
     g_split = splits[1] or linalg.Split(1, n_out, n_out)
     padded = tf.pad(matrix, [[0, a_split.padded - n_in], [0, g_split.padded - n_out]])
     grid = tf.reshape(padded, [a_split.members, a_split.size, g_split.members, g_split.size])
-    grid = tf.transpose(grid, [0, 2, 1, 3])  # (k_A, k_G, m_A, m_G)
-    inputs = [_on_grid(t, splits[0] is not None, axis=0) for t in input_payload]
-    outputs = [_on_grid(t, splits[1] is not None, axis=1) for t in output_payload]
-    solved = method.solve_kronecker(inputs, outputs, grid, damping)
-    back = tf.reshape(tf.transpose(solved, [0, 2, 1, 3]), [a_split.padded, g_split.padded])
-    return back[:n_in, :n_out]
+    inputs = [_as_members(t, splits[0] is not None) for t in input_payload]
+    outputs = [_as_members(t, splits[1] is not None) for t in output_payload]
+    solved = method.solve_kronecker_blocks(inputs, outputs, grid, damping)
+    return tf.reshape(solved, [a_split.padded, g_split.padded])[:n_in, :n_out]
 
 
-def _on_grid(tensor: tf.Tensor, split: bool, axis: int) -> tf.Tensor:
-    """A payload tensor with the (k_A, k_G) grid's axes in front, to broadcast over it.
+def _as_members(tensor: tf.Tensor, split: bool) -> tf.Tensor:
+    """A payload tensor with a members axis in front: a factor kept whole is one member.
 
-    A split factor's members axis takes its side of the grid (`axis`: 0 for
-    A's rows, 1 for G's columns) and the other side is 1; a factor kept
-    whole gets (1, 1). An empty tensor (identity eigenvectors left out)
-    stays as it is.
+    An empty tensor (identity eigenvectors left out) stays as it is.
     """
-    if not tensor.shape.num_elements():
+    if split or not tensor.shape.num_elements():
         return tensor
-    if split:
-        return tf.expand_dims(tensor, 1 - axis)
-    return tensor[tf.newaxis, tf.newaxis]
+    return tensor[tf.newaxis]
