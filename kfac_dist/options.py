@@ -111,5 +111,5 @@ EXPAND, REDUCE = KroneckerSharing
 KRON_SHARINGS = KroneckerSharing.values()
 #: `max_factor_dim`'s default: a matrix factor larger than this is kept as
 #: diagonal blocks no larger (chosen by measurement, BENCHMARKS.md).
-DEFAULT_MAX_FACTOR_DIM: int | None = None
+DEFAULT_MAX_FACTOR_DIM: int | None = 2048
 UNSUPPORTED_LAYER_POLICIES = UnsupportedLayers.values()
