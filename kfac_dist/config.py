@@ -10,6 +10,7 @@ start from here and then live in optimizer variables (`Kfac.damping`, ...).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import keras
@@ -76,6 +77,7 @@ class KfacConfig:
     fisher_approx: Any = None
     kron_sharing: str = options.EXPAND
     inverse_method: str = options.CHOLESKY
+    max_factor_dim: int | None = options.DEFAULT_MAX_FACTOR_DIM
     layer_collection: Any = None
     unsupported_layers: str = "error"
     placement: Any = "round_robin"
@@ -164,6 +166,12 @@ class KfacConfig:
         _one_of("estimation_mode", self.estimation_mode, options.ESTIMATION_MODES)
         _one_of("inverse_method", self.inverse_method, options.INVERSE_METHODS)
         _one_of("kron_sharing", self.kron_sharing, options.KRON_SHARINGS)
+        bound = self.max_factor_dim
+        _require(
+            bound is None
+            or (isinstance(bound, numbers.Integral) and not isinstance(bound, bool) and bound >= 1),
+            f"max_factor_dim must be an int >= 1 (or None: factors kept whole), got {bound!r}.",
+        )
         _one_of("unsupported_layers", self.unsupported_layers, options.UNSUPPORTED_LAYER_POLICIES)
         _one_of("factor_sync", self.factor_sync, options.FACTOR_SYNC_MODES)
         _one_of("inverse_sharing", self.inverse_sharing, options.SHARING_METHODS)
@@ -216,6 +224,7 @@ class KfacConfig:
             if self.collective_timeout is None
             else float(self.collective_timeout),
             "gradient_accumulation_steps": None if steps is None else int(steps),
+            "max_factor_dim": None if bound is None else int(bound),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)

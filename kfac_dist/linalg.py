@@ -14,6 +14,7 @@ algebra (damping, inversion) is done on members.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -35,6 +36,57 @@ DAMPING_RETRY_GROWTH = 10.0
 # An attempt is rejected when its condition number may exceed 1/(this · eps):
 # the inverse of a near-singular damped factor is rounding noise.
 CONDITIONING_TOLERANCE = 10.0
+
+
+class Split(NamedTuple):
+    """A factor of side `dim` kept as `members` diagonal blocks of side `size`.
+
+    `members · size ≥ dim`: the last block is zero-padded, and the padded
+    coordinates take the damping only (their gradient entries are zero,
+    and cut off after preconditioning).
+    """
+
+    members: int
+    size: int
+    dim: int
+
+    @property
+    def padded(self) -> int:
+        """members · size: the side of the zero-padded factor."""
+        return self.members * self.size
+
+
+def split_of(dim: int, max_dim: int | None) -> Split | None:
+    """How a (dim, dim) factor is split under the bound `max_dim` (None: it is not).
+
+    k = ceil(dim / max_dim) blocks of side m = ceil(dim / k) ≤ max_dim: as
+    equal as blocks of one size can be, so the padding is under k.
+    """
+    if max_dim is None or dim <= max_dim:
+        return None
+    members = -(-dim // max_dim)
+    return Split(members, -(-dim // members), dim)
+
+
+def split_rows(rows: tf.Tensor, split: Split | None) -> tf.Tensor:
+    """(R, n) rows as (R, k, m) blocks of coordinates (zero-padded), or as they are."""
+    if split is None:
+        return rows
+    padded = tf.pad(rows, [[0, 0], [0, split.padded - split.dim]])
+    return tf.reshape(padded, [-1, split.members, split.size])
+
+
+def diagonal_blocks(factor: tf.Tensor, split: Split | None) -> tf.Tensor:
+    """The (k, m, m) diagonal blocks of a full (n, n) factor (zero-padded), or it as it is."""
+    if split is None:
+        return factor
+    pad = split.padded - split.dim
+    padded = tf.pad(factor, [[0, pad], [0, pad]]) if pad else factor
+    m = split.size
+    # k slices copy only the k·m² entries kept, not the whole factor.
+    return tf.stack(
+        [padded[i * m : (i + 1) * m, i * m : (i + 1) * m] for i in range(split.members)]
+    )
 
 
 def member_shape(shape: Sequence[int], groups: int | None) -> tuple[int, ...]:

@@ -134,6 +134,21 @@ class Kfac(keras.optimizers.Optimizer):
             inputs averaged and output gradients summed over its positions
             first; exact when the loss sees the positions pooled).
         inverse_method: "cholesky" (default) or "eigen".
+        max_factor_dim: the largest side of a matrix factor, default
+            2048 (None: no bound; the default is measured in
+            BENCHMARKS.md, "Large factors as diagonal blocks"). A Kronecker
+            factor of side n above it is kept as k = ceil(n / max_factor_dim)
+            diagonal blocks of side ceil(n / k) (the last zero-padded), so
+            F ≈ ⊕_{i,j} A_i ⊗ G_j: no inversion and no preconditioning
+            product exceeds the bound, inverting costs k·(n/k)³ instead of
+            n³, and the placement plans the blocks as one unit of k
+            members. The damping stays the whole factor's (π from the whole
+            traces), the cross-block curvature is dropped. A "full" block's
+            Fisher is split likewise; diagonal factors and the members of
+            grouped factors (depthwise and grouped convolutions, each small)
+            never are, nor the recurrent blocks' pairs. Changing it changes
+            the shapes of the factor state: a checkpoint restores under the
+            bound it was saved with.
         layer_collection: a `LayerCollection` of manual registrations.
         unsupported_layers: "error" (default) or "diagonal".
         placement: "round_robin" (default), "balanced", "replicated" or a
@@ -320,6 +335,7 @@ class Kfac(keras.optimizers.Optimizer):
             unsupported_layers=config.unsupported_layers,
             layer_collection=config.layer_collection,
             variables=var_list,
+            max_factor_dim=config.max_factor_dim,
         )
         self._curvature = curvature_lib.Curvature(
             blocks,

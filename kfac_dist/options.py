@@ -109,4 +109,7 @@ REGULAR, QMODEL, QMODEL_FIXED_MU = MomentumType
 MOMENTUM_TYPES = MomentumType.values()
 EXPAND, REDUCE = KroneckerSharing
 KRON_SHARINGS = KroneckerSharing.values()
+#: `max_factor_dim`'s default: a matrix factor larger than this is kept as
+#: diagonal blocks no larger (chosen by measurement, BENCHMARKS.md).
+DEFAULT_MAX_FACTOR_DIM: int | None = 2048
 UNSUPPORTED_LAYER_POLICIES = UnsupportedLayers.values()

@@ -340,6 +340,7 @@ def collect_blocks(
     unsupported_layers: str = "error",
     layer_collection: LayerCollection | None = None,
     variables: Sequence | None = None,
+    max_factor_dim: int | None = None,
 ) -> list[Block]:
     """Blocks covering every trainable variable of `model` exactly once.
 
@@ -352,6 +353,9 @@ def collect_blocks(
     ones K-FAC trains, e.g. its share in a `MultiOptimizer`: only they are
     registered, and a block cannot be split between K-FAC and another
     optimizer.
+
+    `max_factor_dim` bounds every block's factors (`Block.max_factor_dim`):
+    a larger matrix factor is kept as its diagonal blocks.
     """
     variables = list(model.trainable_variables if variables is None else variables)
     blocks = list(layer_collection.blocks) if layer_collection else []
@@ -405,4 +409,5 @@ def collect_blocks(
         # Exactly these kinds: a convolution's patches are not positions of one row.
         if type(block) in KRON_SHARING_BLOCKS and isinstance(block, DenseBlock):
             block.kron_sharing = kron_sharing
+        block.max_factor_dim = max_factor_dim
     return _with_unique_names(blocks)

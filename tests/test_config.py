@@ -47,6 +47,9 @@ def test_weight_decay_is_coupled_only_with_the_quadratic_model():
         ({"learning_rate": 0.1, "damping": 0.1, "factor_sync": "never"}, "factor_sync"),
         ({"learning_rate": 0.1, "damping": 0.1, "inverse_sharing": "x"}, "inverse_sharing"),
         ({"learning_rate": 0.1, "damping": 0.1, "collective_timeout": 0}, "collective_timeout"),
+        ({"learning_rate": 0.1, "damping": 0.1, "max_factor_dim": 0}, "max_factor_dim"),
+        ({"learning_rate": 0.1, "damping": 0.1, "max_factor_dim": 2.5}, "max_factor_dim"),
+        ({"learning_rate": 0.1, "damping": 0.1, "max_factor_dim": True}, "max_factor_dim"),
         (
             {"learning_rate": 0.1, "damping": 0.1, "gradient_accumulation_steps": 1},
             "gradient_accumulation_steps",
@@ -64,6 +67,16 @@ def test_weight_decay_is_coupled_only_with_the_quadratic_model():
 def test_each_invalid_argument_is_named_in_the_error(arguments, named):
     with pytest.raises(ValueError, match=named):
         KfacConfig(**arguments)
+
+
+def test_max_factor_dim_defaults_to_the_measured_bound_and_takes_numpy_ints():
+    import numpy as np
+
+    from kfac_dist.options import DEFAULT_MAX_FACTOR_DIM
+
+    assert KfacConfig(learning_rate=0.1, damping=0.1).max_factor_dim == DEFAULT_MAX_FACTOR_DIM
+    bound = KfacConfig(learning_rate=0.1, damping=0.1, max_factor_dim=np.int64(300))
+    assert bound.max_factor_dim == 300 and type(bound.max_factor_dim) is int
 
 
 def test_config_is_frozen():
@@ -88,7 +101,9 @@ def test_kfac_names_an_unknown_argument():
             "norm_constraint": 0.3,
             "inverse_method": "eigen",
             "gradient_accumulation_steps": 2,
+            "max_factor_dim": 512,
         },
+        {"learning_rate": 0.1, "damping": 0.1, "max_factor_dim": None},
     ],
 )
 def test_get_config_round_trips_every_mode(arguments):

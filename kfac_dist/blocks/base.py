@@ -11,7 +11,9 @@ and how its variables map onto the block.
 
 A factor may be grouped (`group_counts`): g equal-sized members stored on
 a leading axis, one variable and one placement unit for all of them, while
-damping and inversion are per member.
+damping and inversion are per member. A factor larger than the block's
+`max_factor_dim` may be split (`factor_splits`): kept as a grouped factor of
+its diagonal blocks, which are damped as blocks of the whole factor.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class Block:
     #: registered ones for a kind with both the Kronecker and the per-example
     #: interface; a kind that has less names what it supports.
     approximations: tuple[str, ...] = tuple(APPROXIMATION_OF)
+    #: The bound on a factor's side: a matrix factor larger than it is split
+    #: into diagonal blocks no larger (None: no bound). Registration sets it
+    #: from `Kfac(max_factor_dim=...)`, before the factors are made.
+    max_factor_dim: int | None = None
 
     def __init__(self, name: str, variables: Sequence[Any], approx: str | None = None):
         self.name = name
@@ -130,6 +136,10 @@ class Block:
     def group_counts(self) -> list[int | None]:
         """Each factor's number of groups: g members on a leading axis, or None (not grouped)."""
         return self.approximation.group_counts(self)
+
+    def factor_splits(self) -> list[linalg.Split | None]:
+        """Each factor's split into diagonal blocks under `max_factor_dim` (None: kept whole)."""
+        return self.approximation.factor_splits(self)
 
     def member_counts(self) -> list[int]:
         """Each factor's number of members (1 for a factor that is not grouped)."""
@@ -222,12 +232,27 @@ def factor_dampings(
     """
     kinds: dict[type[Approximation], tuple[Approximation, list[list[int]]]] = {}
     position = 0
+    # Members of split factors: each gets its whole factor's tr(F)/dim(F).
+    segments: list[np.ndarray] = []
+    scales: list[np.ndarray] = []
     for block in blocks:
         _, rows = kinds.setdefault(type(block.approximation), (block.approximation, []))
         rows.extend([position + p for p in row] for row in block.damping_rows())
-        position += sum(block.member_counts())
+        for count, split in zip(block.member_counts(), block.factor_splits()):
+            members = np.arange(position, position + count)
+            if split is None:
+                segments.append(members)
+                scales.append(np.ones(count))
+            else:
+                segments.append(np.full(count, position))
+                scales.append(np.full(count, split.size / split.dim))
+            position += count
     if not kinds:
         return tf.fill([0], tf.cast(damping, mean_eigenvalues.dtype))
+    if position and any(np.any(s != 1.0) for s in scales):
+        mean_eigenvalues = _whole_factor_means(
+            mean_eigenvalues, np.concatenate(segments), np.concatenate(scales)
+        )
     parts, order = [], []
     for approximation, rows in kinds.values():
         index = np.array(rows, np.int32)  # (rows, members per row)
@@ -235,10 +260,29 @@ def factor_dampings(
         parts.append(tf.reshape(dampings, [-1]))
         order.append(index.reshape(-1))
     flat = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
-    source = np.argsort(np.concatenate(order), kind="stable").astype(np.int32)
+    # A member in several rows (of a split pair) takes its first row's damping:
+    # all of them give it the same.
+    members, source = np.unique(np.concatenate(order), return_index=True)
+    if not np.array_equal(members, np.arange(position)):
+        raise ValueError("The damping rows must cover every member of the blocks' factors.")
     if np.array_equal(source, np.arange(position)):
         return flat
-    return tf.gather(flat, source)
+    return tf.gather(flat, source.astype(np.int32))
+
+
+def _whole_factor_means(
+    member_means: tf.Tensor, segments: np.ndarray, scales: np.ndarray
+) -> tf.Tensor:
+    """Each member's mean eigenvalue as its factor's: Σ_i tr(F_i) / n over a split factor's blocks.
+
+    `segments` gives each member its factor's first member (its own
+    position when not split), `scales` m/n for a split factor's members
+    (m·tr(F_i)/m summed, over the true side n, not the padded k·m), 1 else.
+    """
+    count = len(segments)
+    scaled = member_means * tf.constant(scales, member_means.dtype)
+    sums = tf.math.unsorted_segment_sum(scaled, tf.constant(segments, tf.int32), count)
+    return tf.gather(sums, tf.constant(segments, tf.int32))
 
 
 def invert_factors(

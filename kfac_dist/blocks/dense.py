@@ -111,7 +111,7 @@ class DenseBlock(Block):
         inputs = concat_rows([self.input_rows(r) for r in records])
         outputs = concat_rows([self.output_rows(g) for g in output_grads])
         weights = row_weights(records, example_weights, self.input_rows)
-        return kron_factors(inputs, outputs, batch_size, weights)
+        return kron_factors(inputs, outputs, batch_size, weights, self.factor_splits())
 
     def _reduced_statistics(
         self,
@@ -144,7 +144,9 @@ class DenseBlock(Block):
             stripped.append(Record(record.inputs, record.outputs))
         reduced = {id(r): a for r, a in zip(stripped, inputs)}
         weights = row_weights(stripped, example_weights, lambda r: reduced[id(r)])
-        return kron_factors(concat_rows(inputs), concat_rows(outputs), batch_size, weights)
+        return kron_factors(
+            concat_rows(inputs), concat_rows(outputs), batch_size, weights, self.factor_splits()
+        )
 
     def per_example_gradients(
         self, records: Sequence[Record], output_grads: Sequence[tf.Tensor]

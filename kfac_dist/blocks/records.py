@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 from keras.src.backend import get_keras_mask
 
-from kfac_dist.linalg import curvature_dtype
+from kfac_dist.linalg import Split, curvature_dtype, split_rows
 
 
 @dataclasses.dataclass
@@ -100,18 +100,29 @@ def kron_factors(
     output_rows: tf.Tensor,
     batch_size: tf.Tensor | int,
     weights: tf.Tensor | None = None,
+    splits: Sequence[Split | None] = (None, None),
 ) -> list[tf.Tensor]:
     """A = (1/b) Σ w ā āᵀ and G = (1/(b·T)) Σ g gᵀ (w = 1 without sample weights).
 
     `input_rows` holds the b·T positions of the local batch; `output_rows`
     the gradients at those positions for each output column (C·b·T rows,
     C = 1 unless the Fisher is summed over output columns exactly).
+    `splits` (A's, G's; see `linalg.split_of`): a split factor is computed
+    as its (k, m, m) diagonal blocks only, k times cheaper than the whole.
     """
+    input_split, output_split = splits
     b = tf.cast(batch_size, input_rows.dtype)
     positions = input_rows.shape[0]  # static when the batch is (no shape op)
     if positions is None:
         positions = tf.cast(tf.shape(input_rows)[0], input_rows.dtype)
     weighted = input_rows if weights is None else input_rows * weights[:, tf.newaxis]
-    a = tf.matmul(input_rows, weighted, transpose_a=True) / b
-    g = tf.matmul(output_rows, output_rows, transpose_a=True) / positions
+    a = _second_moment(input_rows, weighted, input_split) / b
+    g = _second_moment(output_rows, output_rows, output_split) / positions
     return [a, g]
+
+
+def _second_moment(rows: tf.Tensor, weighted: tf.Tensor, split: Split | None) -> tf.Tensor:
+    """rowsᵀ weighted, or its (k, m, m) diagonal blocks for a split factor."""
+    if split is None:
+        return tf.matmul(rows, weighted, transpose_a=True)
+    return tf.einsum("rka,rkb->kab", split_rows(rows, split), split_rows(weighted, split))

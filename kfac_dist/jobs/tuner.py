@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kfac_dist.options import PLACEMENT_POLICIES
+from kfac_dist.options import DEFAULT_MAX_FACTOR_DIM, PLACEMENT_POLICIES
 from kfac_dist.placement.cost import CostModel, FlopCostModel, MeasuredCostModel
 from kfac_dist.placement.plan import PlacementPlan, make_plan
 from kfac_dist.placement.report import (
@@ -83,17 +83,25 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None) -> keras.Mod
     return build(weights=None, **kwargs)
 
 
-def model_units(model: keras.Model, unsupported_layers: str = "error") -> list[InversionUnit]:
+def model_units(
+    model: keras.Model,
+    unsupported_layers: str = "error",
+    max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+) -> list[InversionUnit]:
     """The factors `Kfac` would invert for `model`, block by block (A then G).
 
     Registered as `Kfac` registers them: BatchNormalization is a diagonal
-    block; `unsupported_layers="diagonal"` gives other layers one as well.
+    block; `unsupported_layers="diagonal"` gives other layers one as well;
+    a factor larger than `max_factor_dim` is one unit of its diagonal
+    blocks (Kfac's default bound unless given; None keeps every factor whole).
     """
     from kfac_dist import curvature, registration
 
     if not model.built:
         raise ValueError(f"Model {model.name!r} is not built: call it on data or give it an Input.")
-    blocks = registration.collect_blocks(model, unsupported_layers=unsupported_layers)
+    blocks = registration.collect_blocks(
+        model, unsupported_layers=unsupported_layers, max_factor_dim=max_factor_dim
+    )
     return curvature.inversion_units(blocks)
 
 
@@ -412,6 +420,10 @@ def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(","))
 
 
+def _bound(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The tuner's command line (prog: the name it was started by)."""
     parser = argparse.ArgumentParser(description=DESCRIPTION)
@@ -446,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="what to do with trainable layers K-FAC has no block for",
     )
+    parser.add_argument(
+        "--max-factor-dim",
+        type=_bound,
+        default=DEFAULT_MAX_FACTOR_DIM,
+        help="Kfac's max_factor_dim: larger factors are planned as their diagonal blocks "
+        f"(default {DEFAULT_MAX_FACTOR_DIM}, Kfac's; 'none' keeps every factor whole)",
+    )
     parser.add_argument("--names-width", type=int, default=60)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
@@ -456,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads TensorFlow
     model = load_model(args.model, args.input_shape)
-    units = model_units(model, args.unsupported_layers)
+    units = model_units(model, args.unsupported_layers, args.max_factor_dim)
     cost_model = (
         MeasuredCostModel(args.inverse_method, repeats=args.repeats) if args.measure else None
     )

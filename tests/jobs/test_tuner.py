@@ -60,8 +60,14 @@ def triangle(n):
 
 
 @pytest.fixture(scope="module")
-def resnet50_units():
-    return model_units(load_model("ResNet50"))
+def resnet50_model():
+    return load_model("ResNet50")
+
+
+@pytest.fixture(scope="module")
+def resnet50_units(resnet50_model):
+    """Every factor kept whole (max_factor_dim=None), as they were before the bound."""
+    return model_units(resnet50_model, max_factor_dim=None)
 
 
 # --- choosing a policy ---------------------------------------------------------------
@@ -236,6 +242,18 @@ def test_one_resnet50_conv_factor_is_about_a_fifth_of_the_cost(resnet50_units):
     unit, share = benchmark.largest_unit
     assert (unit.dim, unit.kind) == (3 * 3 * 512 + 1, "matrix")
     assert 0.20 < share < 0.23
+
+
+@pytest.mark.parametrize("bound", [2048, 1024, 512])
+def test_split_factors_take_the_largest_unit_below_an_eighth_of_resnet50(resnet50_model, bound):
+    """Under max_factor_dim each large factor is one unit of its blocks, now under 1/8."""
+    units = model_units(resnet50_model, max_factor_dim=bound)
+    assert max(u.dim for u in units if u.kind == "matrix") <= bound
+    conv5 = next(u for u in units if u.name == "conv5_block1_2_conv/A")
+    assert conv5.groups * conv5.dim >= 4609 and conv5.groups == -(-4609 // bound)
+    plan = make_plan(units, 8, "balanced", FlopCostModel())
+    assert max(plan.costs) / plan.total_cost < 1 / 8
+    assert plan.max_share <= 1.01 / 8
 
 
 @pytest.mark.parametrize("num_replicas", BENCHMARK_REPLICAS)

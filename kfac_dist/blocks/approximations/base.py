@@ -11,6 +11,11 @@ A factor may be grouped: g equal-sized members on a leading axis, a block
 diagonal factor of g blocks (see `linalg.members`). Dampings are computed
 per member: `damping_rows` says which members of a block share one
 damping computation (a Kronecker pair (A_j, G_j)).
+
+A factor larger than the block's `max_factor_dim` may be split
+(`factor_splits`): kept as the k diagonal blocks of one block-diagonal
+approximation of it, a grouped factor of k members, so that no inversion
+and no preconditioning product exceeds the bound (`linalg.split_of`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ from typing import ClassVar, NamedTuple, Protocol
 
 import tensorflow as tf
 
+from kfac_dist import linalg
 from kfac_dist.blocks.inverse_methods import InverseMethod, Payload
 from kfac_dist.blocks.records import Record
+
+
+def max_factor_dim(layer: object) -> int | None:
+    """The block's bound on a factor's side (None: no bound; a layer kind without one has none)."""
+    bound = getattr(layer, "max_factor_dim", None)
+    return None if bound is None else int(bound)
 
 
 class KronPart(NamedTuple):
@@ -132,6 +144,14 @@ class Approximation(abc.ABC):
         """Each factor's number of groups (None: not grouped; none is by default)."""
         return [None] * len(self.factor_names(layer))
 
+    def factor_splits(self, layer: LayerKind) -> list[linalg.Split | None]:
+        """Each factor's split into diagonal blocks (None: kept whole; none is by default).
+
+        A split factor is grouped: `group_counts` gives its number of
+        blocks, `factor_shapes` its (k, m, m) shape.
+        """
+        return [None] * len(self.factor_names(layer))
+
     def weighted_factors(self, layer: LayerKind | None = None) -> list[bool]:
         """Which factors carry the sample weights (the curvature divides them by the mean weight).
 
@@ -173,11 +193,17 @@ class PerExample(Approximation):
     ) -> list[tf.Tensor]:
         """The second moment of the per-example gradients (weights ride on the pseudo-loss)."""
         per_example = layer.per_example_gradients(records, output_grads)
-        return [self.second_moment(per_example, tf.cast(batch_size, per_example.dtype))]
+        split = self.factor_splits(layer)[0]
+        return [self.second_moment(per_example, tf.cast(batch_size, per_example.dtype), split)]
 
     @abc.abstractmethod
-    def second_moment(self, per_example: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
-        """(1/b) Σ ĝ ĝᵀ, or its diagonal, of the (C·b, n) per-example gradients."""
+    def second_moment(
+        self, per_example: tf.Tensor, batch_size: tf.Tensor, split: linalg.Split | None = None
+    ) -> tf.Tensor:
+        """(1/b) Σ ĝ ĝᵀ, or its diagonal, of the (C·b, n) per-example gradients.
+
+        With `split`, the (k, m, m) diagonal blocks of the matrix only.
+        """
 
     def precondition(
         self,
@@ -188,7 +214,13 @@ class PerExample(Approximation):
         method: InverseMethod,
     ) -> list[tf.Tensor]:
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-        return split_flat(method.solve(payloads[0], flat, damping), grads)
+        split = self.factor_splits(layer)[0]
+        if split is None:
+            return split_flat(method.solve(payloads[0], flat, damping), grads)
+        # Each diagonal block solves its own coordinates (padded with zeros, then cut).
+        blocks = linalg.split_rows(flat[tf.newaxis], split)[0]
+        solved = tf.reshape(method.solve(payloads[0], blocks, damping), [-1])
+        return split_flat(solved[: split.dim], grads)
 
 
 def split_flat(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:

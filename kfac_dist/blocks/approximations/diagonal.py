@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from kfac_dist import linalg
 from kfac_dist.blocks.approximations.base import LayerKind, PerExample
 from kfac_dist.options import DIAGONAL
 
@@ -19,5 +20,8 @@ class Diagonal(PerExample):
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
         return [(layer.num_params,)]
 
-    def second_moment(self, per_example: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
+    def second_moment(
+        self, per_example: tf.Tensor, batch_size: tf.Tensor, split: linalg.Split | None = None
+    ) -> tf.Tensor:
+        """Never split: a diagonal factor costs no more than its gradient."""
         return tf.reduce_sum(tf.square(per_example), axis=0) / batch_size

@@ -11,6 +11,22 @@ channel, kept as one grouped A (C, k, k) and one grouped G (C, M, M), so
 that F ≈ ⊕_c A_c ⊗ G_c; a separable convolution adds its pointwise pair.
 Each member pair (A_c, G_c) gets its own π, and its gradient matrix is
 preconditioned by its own pair, all members in one batched solve.
+
+A factor of an ungrouped pair larger than the block's `max_factor_dim` is
+split (`linalg.split_of`): A (n×n) is kept as its k diagonal blocks A_i
+(m×m, zero-padded to k·m), a grouped factor, so A ≈ ⊕_i A_i and, with G
+split into G_j likewise, F ≈ ⊕_{i,j} A_i ⊗ G_j. The gradient matrix, padded
+to (k·m, k_G·m_G), is cut into its (i, j) blocks, Y_ij = A_i⁻¹ X_ij G_j⁻¹
+(Cholesky) or the exact damped solve in each pair's eigenbases (eigen), a
+batched product per side over the members, and the padding is cut off. The damping
+stays that of the whole factor: π from tr A / n and tr G / n_G (every
+member of a split factor has the whole factor's mean eigenvalue, see
+`blocks.factor_dampings`), so A_i + π√λ I is exactly the diagonal block of
+A + π√λ I. Only ungrouped pairs are split (a grouped part's members are a
+layer's small per-group factors), and a diagonal A never is. A layer kind
+may compute a split factor's blocks itself (`Block.factor_splits`, as
+`records.kron_factors` does from the rows) or return the whole factor,
+whose diagonal blocks are taken here.
 """
 
 from __future__ import annotations
@@ -20,7 +36,12 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from kfac_dist import linalg
-from kfac_dist.blocks.approximations.base import Approximation, KronPart, LayerKind
+from kfac_dist.blocks.approximations.base import (
+    Approximation,
+    KronPart,
+    LayerKind,
+    max_factor_dim,
+)
 from kfac_dist.blocks.inverse_methods import InverseMethod, Payload
 from kfac_dist.blocks.records import Record
 from kfac_dist.options import KRON
@@ -34,6 +55,28 @@ def kron_parts(layer: LayerKind | None) -> list[KronPart] | None:
     """
     parts = getattr(layer, "kron_parts", None)
     return None if parts is None else parts()
+
+
+def _pairs(layer: LayerKind) -> list[KronPart]:
+    """Every Kronecker pair of the block, the one pair of `kron_dims` as an unnamed part."""
+    parts = kron_parts(layer)
+    if parts is not None:
+        return parts
+    input_shape, output_dim = layer.kron_dims()
+    return [KronPart("", input_shape, output_dim)]
+
+
+def _pair_splits(
+    part: KronPart, bound: int | None
+) -> tuple[linalg.Split | None, linalg.Split | None]:
+    """(A's, G's) split under `bound`: only ungrouped pairs, never a diagonal A."""
+    if part.groups is not None:
+        return None, None
+    full_input = len(part.input_shape) == 2
+    return (
+        linalg.split_of(part.input_shape[0], bound) if full_input else None,
+        linalg.split_of(part.output_dim, bound),
+    )
 
 
 class Kronecker(Approximation):
@@ -52,22 +95,31 @@ class Kronecker(Approximation):
         prefixes = [f"{part.name}_" if part.name else "" for part in parts]
         return [f"{prefix}{side}" for prefix in prefixes for side in ("A", "G")]
 
+    def factor_splits(self, layer: LayerKind) -> list[linalg.Split | None]:
+        bound = max_factor_dim(layer)
+        if bound is None:
+            return [None] * len(self.factor_names(layer))
+        return [split for part in _pairs(layer) for split in _pair_splits(part, bound)]
+
     def factor_shapes(self, layer: LayerKind) -> list[tuple[int, ...]]:
-        parts = kron_parts(layer)
-        if parts is None:
-            input_shape, output_dim = layer.kron_dims()
-            return [input_shape, (output_dim, output_dim)]
         shapes: list[tuple[int, ...]] = []
-        for part in parts:
+        splits = iter(self.factor_splits(layer))
+        for part in _pairs(layer):
             lead = () if part.groups is None else (part.groups,)
-            shapes += [(*lead, *part.input_shape), (*lead, part.output_dim, part.output_dim)]
+            sides = [part.input_shape, (part.output_dim, part.output_dim)]
+            for side, split in zip(sides, (next(splits), next(splits))):
+                shapes.append(
+                    (*lead, *side) if split is None else (split.members, split.size, split.size)
+                )
         return shapes
 
     def group_counts(self, layer: LayerKind) -> list[int | None]:
         parts = kron_parts(layer)
-        if parts is None:
-            return [None, None]
-        return [groups for part in parts for groups in (part.groups, part.groups)]
+        groups = [None, None] if parts is None else [g for p in parts for g in (p.groups, p.groups)]
+        return [
+            g if split is None else split.members
+            for g, split in zip(groups, self.factor_splits(layer))
+        ]
 
     def statistics(
         self,
@@ -77,27 +129,37 @@ class Kronecker(Approximation):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        """[A, G] (per part, grouped factors batched) from the layer kind's rows.
+        """[A, G] (per part, grouped and split factors batched) from the layer kind's rows.
 
         `example_weights` (b,) weight A: Σ_i w_i ā āᵀ / b; G carries them
-        through the pseudo-loss.
+        through the pseudo-loss. A split factor the layer kind returns
+        whole (n, n) is cut into its diagonal blocks.
         """
-        return layer.kron_statistics(records, output_grads, batch_size, example_weights)
+        factors = layer.kron_statistics(records, output_grads, batch_size, example_weights)
+        return [
+            linalg.diagonal_blocks(factor, split) if factor.shape.rank == 2 else factor
+            for factor, split in zip(factors, self.factor_splits(layer))
+        ]
 
     def weighted_factors(self, layer: LayerKind | None = None) -> list[bool]:
         parts = kron_parts(layer)
         return [True, False] * (1 if parts is None else len(parts))
 
     def damping_rows(self, layer: LayerKind) -> list[list[int]]:
-        """One row (A_j, G_j) per member pair of each part."""
-        parts = kron_parts(layer)
-        if parts is None:
-            return [[0, 1]]
+        """One row (A_j, G_j) per member pair of each part.
+
+        A split pair (k_A and k_G members, each with the whole factor's mean
+        eigenvalue) has max(k_A, k_G) rows, so that every member is in one:
+        every row gives the same (π√λ, √λ/π).
+        """
         rows, start = [], 0
-        for part in parts:
-            count = linalg.member_count(part.groups)
-            rows += [[start + j, start + count + j] for j in range(count)]
-            start += 2 * count
+        counts = [linalg.member_count(g) for g in self.group_counts(layer)]
+        for count_a, count_g in zip(counts[::2], counts[1::2]):
+            rows += [
+                [start + min(j, count_a - 1), start + count_a + min(j, count_g - 1)]
+                for j in range(max(count_a, count_g))
+            ]
+            start += count_a + count_g
         return rows
 
     def factor_dampings(self, mean_eigenvalues: tf.Tensor, damping: tf.Tensor | float) -> tf.Tensor:
@@ -114,13 +176,55 @@ class Kronecker(Approximation):
         damping: tf.Tensor,
         method: InverseMethod,
     ) -> list[tf.Tensor]:
-        if kron_parts(layer) is None:
-            matrix = layer.gradient_matrix(grads)
-            solved = method.solve_kronecker(payloads[0], payloads[1], matrix, damping)
-            return layer.split_matrix(solved)
-        matrices = layer.gradient_matrices(grads)
-        solved = [
-            method.solve_kronecker(payloads[2 * i], payloads[2 * i + 1], matrix, damping)
-            for i, matrix in enumerate(matrices)
-        ]
-        return layer.split_matrices(solved)
+        splits = self.factor_splits(layer)
+        one_pair = kron_parts(layer) is None
+        matrices = [layer.gradient_matrix(grads)] if one_pair else layer.gradient_matrices(grads)
+        solved = []
+        for i, matrix in enumerate(matrices):
+            pair_splits = (splits[2 * i], splits[2 * i + 1])
+            if pair_splits == (None, None):
+                solved.append(
+                    method.solve_kronecker(payloads[2 * i], payloads[2 * i + 1], matrix, damping)
+                )
+            else:
+                solved.append(
+                    _solve_split(
+                        method, payloads[2 * i], payloads[2 * i + 1], matrix, pair_splits, damping
+                    )
+                )
+        return layer.split_matrix(solved[0]) if one_pair else layer.split_matrices(solved)
+
+
+def _solve_split(
+    method: InverseMethod,
+    input_payload: Payload,
+    output_payload: Payload,
+    matrix: tf.Tensor,
+    splits: tuple[linalg.Split | None, linalg.Split | None],
+    damping: tf.Tensor,
+) -> tf.Tensor:
+    """(⊕_{i,j} A_i ⊗ G_j)⁻¹ (damped) applied to the (n_in, n_out) matrix, in one batched solve.
+
+    The padded matrix is read as its (k_A, m_A, k_G, m_G) grid of blocks
+    (`InverseMethod.solve_kronecker_blocks`); a factor kept whole is one
+    member of its full side.
+    """
+    n_in, n_out = matrix.shape
+    a_split = splits[0] or linalg.Split(1, n_in, n_in)
+    g_split = splits[1] or linalg.Split(1, n_out, n_out)
+    padded = tf.pad(matrix, [[0, a_split.padded - n_in], [0, g_split.padded - n_out]])
+    grid = tf.reshape(padded, [a_split.members, a_split.size, g_split.members, g_split.size])
+    inputs = [_as_members(t, splits[0] is not None) for t in input_payload]
+    outputs = [_as_members(t, splits[1] is not None) for t in output_payload]
+    solved = method.solve_kronecker_blocks(inputs, outputs, grid, damping)
+    return tf.reshape(solved, [a_split.padded, g_split.padded])[:n_in, :n_out]
+
+
+def _as_members(tensor: tf.Tensor, split: bool) -> tf.Tensor:
+    """A payload tensor with a members axis in front: a factor kept whole is one member.
+
+    An empty tensor (identity eigenvectors left out) stays as it is.
+    """
+    if split or not tensor.shape.num_elements():
+        return tensor
+    return tensor[tf.newaxis]

@@ -87,6 +87,22 @@ class InverseMethod(abc.ABC):
         stack of matrices, each member pair its own matrix.
         """
 
+    @abc.abstractmethod
+    def solve_kronecker_blocks(
+        self,
+        input_payload: Payload,
+        output_payload: Payload,
+        grid: tf.Tensor,
+        damping: tf.Tensor,
+    ) -> tf.Tensor:
+        """(⊕_{i,j} A_i ⊗ G_j)⁻¹, damped, applied to a (k_A, m_A, k_G, m_G) grid of blocks.
+
+        Block (i, j) of the grid, X[i, :, j, :], is solved with member i of A
+        and member j of G: the payloads of k_A members of A ((k_A, ...),
+        full or diagonal) and k_G of G. Every product is a batched matmul
+        over one members axis (no broadcasting between batch shapes).
+        """
+
 
 def grouped_shapes(shapes: list[tuple[int, ...]], groups: int | None) -> list[tuple[int, ...]]:
     """Member payload shapes with the group axis in front (an empty shape stays as it is)."""

@@ -52,6 +52,21 @@ class Cholesky(InverseMethod):
         (input_inverse,), (output_inverse,) = input_payload, output_payload
         return tf.matmul(_apply_left(input_inverse, matrix), output_inverse)
 
+    def solve_kronecker_blocks(
+        self,
+        input_payload: Payload,
+        output_payload: Payload,
+        grid: tf.Tensor,
+        damping: tf.Tensor,
+    ) -> tf.Tensor:
+        """Y[i, :, j, :] = A_i⁻¹ X[i, :, j, :] G_j⁻¹, one einsum per side."""
+        (input_inverse,), (output_inverse,) = input_payload, output_payload
+        if input_inverse.shape.rank == 2:  # diagonal A: (k_A, m_A)
+            left = input_inverse[:, :, tf.newaxis, tf.newaxis] * grid
+        else:
+            left = tf.einsum("iab,ibjc->iajc", input_inverse, grid)
+        return tf.einsum("iajc,jcd->iajd", left, output_inverse)
+
 
 def _apply_left(inverse: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
     """A⁻¹ M, where a diagonal A⁻¹ is stored as its diagonal (a batch of them: (g, n))."""

@@ -63,6 +63,24 @@ class Eigen(InverseMethod):
         out = coords if diagonal_a else tf.matmul(vectors_a, coords)
         return tf.matmul(out, vectors_g, transpose_b=True)
 
+    def solve_kronecker_blocks(
+        self,
+        input_payload: Payload,
+        output_payload: Payload,
+        grid: tf.Tensor,
+        damping: tf.Tensor,
+    ) -> tf.Tensor:
+        """Each block in its pair's eigenbases, divided by e_A[i, a]·e_G[j, c] + λ, rotated back."""
+        values_a, vectors_a = input_payload
+        values_g, vectors_g = output_payload
+        diagonal_a = _is_diagonal(vectors_a)
+        coords = grid if diagonal_a else tf.einsum("iba,ibjc->iajc", vectors_a, grid)
+        coords = tf.einsum("iajc,jcd->iajd", coords, vectors_g)
+        scale = values_a[:, :, tf.newaxis, tf.newaxis] * values_g[tf.newaxis, tf.newaxis]
+        coords = coords / (scale + tf.cast(damping, grid.dtype))
+        out = coords if diagonal_a else tf.einsum("iab,ibjc->iajc", vectors_a, coords)
+        return tf.einsum("iajc,jdc->iajd", out, vectors_g)
+
 
 def _is_diagonal(vectors: tf.Tensor) -> bool:
     """Whether the payload is a diagonal factor's (its identity eigenvectors left out)."""
