@@ -359,7 +359,7 @@ def test_inversion_units_and_the_plan_count_a_split_factors_blocks(float64):
 
 @pytest.mark.parametrize("method", [CHOLESKY, EIGEN])
 def test_the_curvature_inverts_a_split_pair_as_the_block_does(float64, method):
-    """`Curvature` (its dampings from the stacks of members) gives `Block.invert`'s payloads."""
+    """`Curvature` (its dampings from the members' diagonals) gives `Block.invert`'s payloads."""
     block = _dense(6, 5, bound=3)
     record, grads, _, _ = _record(block)
     factors = block.statistics([record], [grads], B)
@@ -372,7 +372,9 @@ def test_the_curvature_inverts_a_split_pair_as_the_block_does(float64, method):
             initializer="zeros", shape=shape, dtype=dtype or "float64", trainable=False, name=name
         )
     )
-    payloads = curvature.owned_payloads(factors, DAMPING, 0)
+    # Folded once with no decay, the sums over the weights are the factors.
+    curvature.fold(curvature.batch_statistics(factors, tf.constant(float(B))), tf.constant(True))
+    payloads = curvature.owned_payloads(DAMPING, 0)
     for i, payload in enumerate(payloads):
         want, _ = block.invert(i, factors, DAMPING, method)
         for p, w in zip(payload, want, strict=True):
