@@ -34,10 +34,33 @@ def results(tmp_path_factory):
 
 
 @functools.cache
-def reference_weights():
-    model = worker.build("round_robin", "lazy")
+def reference_weights(stagger: bool = False):
+    model = worker.build("round_robin", "lazy", stagger_inverses=stagger)
     model.fit(worker.dataset(), epochs=1, shuffle=False, verbose=0)
     return model.get_weights()
+
+
+@pytest.mark.parametrize("name", list(worker.EXTRA_CONFIGS))
+def test_two_workers_distributed_or_staggered_train_like_one_process(results, name):
+    reference = reference_weights(stagger=name == "staggered")
+    for arrays, _ in results:
+        for i, want in enumerate(reference):
+            np.testing.assert_allclose(arrays[f"{name}/{i}"], want, rtol=1e-4, atol=1e-5)
+    first, second = results[0][0], results[1][0]
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_two_workers_distributed_precondition_with_one_more_all_reduce_per_step(results):
+    for _, counts in results:
+        adam, got = counts["adam"]["graph"], counts["distributed"]
+        assert got["preconditioned"]["calls"] == worker.STEPS
+        assert got["inverse_share"]["calls"] == 0  # every block distributed: nothing shared
+        assert got["graph"]["per_step"] == adam["per_step"] + 1
+        assert got["graph"]["per_inverse_update"] == 1  # the factor sync alone
+        staggered = counts["staggered"]
+        assert staggered["factor_sync"]["calls"] == worker.STEPS
+        assert staggered["graph"]["per_step"] == adam["per_step"]
 
 
 @pytest.mark.parametrize("placement, factor_sync", worker.CONFIGS)

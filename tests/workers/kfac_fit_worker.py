@@ -25,6 +25,11 @@ CONFIGS = tuple(
     for placement in ("round_robin", "balanced", "replicated")
     for sync in ("lazy", "every_update")
 )
+#: Named configurations beyond the placement × sync grid: Kfac arguments each.
+EXTRA_CONFIGS = {
+    "distributed": {"inverse_replication": 0.0},
+    "staggered": {"stagger_inverses": True},
+}
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +60,7 @@ def mlp() -> keras.Model:
     )
 
 
-def build(placement: str, factor_sync: str) -> keras.Model:
+def build(placement: str, factor_sync: str, **extra) -> keras.Model:
     import kfac_dist as kfac
 
     model = mlp()
@@ -71,6 +76,7 @@ def build(placement: str, factor_sync: str) -> keras.Model:
         placement=placement,
         factor_sync=factor_sync,
         seed=3,
+        **extra,
     )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     return model
@@ -100,11 +106,12 @@ def main() -> None:
     out = parser.parse_args().out
     index = strategy.cluster_resolver.task_id
     arrays, counts = {}, {}
-    for placement, factor_sync in CONFIGS:
+    configs = [(f"{p}-{s}", p, s, {}) for p, s in CONFIGS]
+    configs += [(name, "round_robin", "lazy", extra) for name, extra in EXTRA_CONFIGS.items()]
+    for name, placement, factor_sync, extra in configs:
         with strategy.scope():
-            model = build(placement, factor_sync)
+            model = build(placement, factor_sync, **extra)
         model.fit(dataset(), epochs=1, shuffle=False, verbose=0)
-        name = f"{placement}-{factor_sync}"
         for i, weight in enumerate(model.get_weights()):
             arrays[f"{name}/{i}"] = weight
         curvature = model.optimizer.curvature
