@@ -94,8 +94,9 @@ def build_parser(output: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--sync-chunk-mib",
         type=float,
-        default=None,
-        help="factor sync in chunks of at most this many MiB (default: one collective)",
+        default=64.0,
+        help="factor sync in chunks of at most this many MiB (Kfac's sync_chunk_bytes default, "
+        "%(default)s; 0: one collective)",
     )
     parser.add_argument(
         "--write",
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None, *, script: str | None = None) -> int
             Network(f"α = {alpha:g} µs, β = {beta:g} GB/s", alpha * 1e-6, beta * 1e9)
             for alpha, beta in args.network
         )
-    chunk = None if args.sync_chunk_mib is None else int(args.sync_chunk_mib * 2**20)
+    chunk = int(args.sync_chunk_mib * 2**20) or None
     shapes = (resnet, bert_shape())
     communication = communication_markdown(
         communication_benchmark(

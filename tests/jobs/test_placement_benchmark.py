@@ -108,3 +108,11 @@ def test_resnet50_shape():
     # keras.applications.ResNet50's trainable parameters (BatchNorm moving stats excluded).
     assert shape.num_params == 25_583_592
     assert len(shape.units) == 161 and len(shape.block_params) == 107
+
+
+def test_the_default_sync_chunk_is_kfacs():
+    from kfac_dist.config import DEFAULT_SYNC_CHUNK_BYTES
+    from kfac_dist.jobs import placement_benchmark
+
+    args = placement_benchmark.build_parser("BENCHMARKS.md").parse_args([])
+    assert args.sync_chunk_mib * 2**20 == DEFAULT_SYNC_CHUNK_BYTES
