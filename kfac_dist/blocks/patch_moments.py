@@ -139,7 +139,10 @@ def patch_moments(
             box = geometry.box(offsets[i], offsets[j])
             left = _view(inputs, geometry, offsets[i], box, groups, channels_first, dtype)
             if grid is not None:
-                left = left * _rows(grid[(slice(None), *_slices(box))], dtype)[:, tf.newaxis]
+                left = (
+                    left
+                    * _rows(grid[(slice(None), *_slices(box))], dtype)[:, tf.newaxis, tf.newaxis]
+                )
         with tf.control_dependencies([left]):
             right = _view(inputs, geometry, offsets[j], box, groups, channels_first, dtype)
             product = _group_product(left, right)
