@@ -81,6 +81,34 @@ class ConvBlock(DenseBlock):
         g = tf.matmul(g_rows, g_rows, transpose_a=True) / tf.cast(tf.add_n(positions), dtype)
         return [a, g]
 
+    def diagonal_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+    ) -> tf.Tensor:
+        """Exact diag(F) = (1/b) Σ_{c,i} ĝ_{c,i}², ĝ_{c,i} = Σ_t ā_t g_tᵀ (no patch built).
+
+        One use of the layer: each kernel offset's per-example products are
+        squared and summed before the next offset's are made, so no
+        (C·b, parameters) tensor exists. Several uses sum each example's
+        gradients over them first: then the per-example gradients.
+        """
+        if len(records) != 1:
+            return super().diagonal_statistics(records, output_grads, batch_size)
+        inputs, geometry, channels_first = self.view_source(records[0])
+        g = tf.cast(
+            channels_last(self._layer, output_grads[0], column_axis=True), curvature_dtype()
+        )
+        parts = [per_example_patch_products(inputs, geometry, g, channels_first, squared=True)]
+        if self.has_bias:
+            lead = tf.shape(g)[:2]
+            sums = tf.reduce_sum(tf.reshape(g, tf.concat([lead, [-1, g.shape[-1]]], 0)), 2)
+            parts.append(tf.reduce_sum(tf.square(sums), axis=[0, 1])[tf.newaxis])
+        matrix = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+        flat = [tf.reshape(v, [-1]) for v in self.split_matrix(matrix)]
+        return tf.concat(flat, axis=0) / tf.cast(batch_size, curvature_dtype())
+
     def _output_rows_of(self, record: Record) -> tf.Tensor:
         """(b·T, filters): one row per output position, as the patch rows (a reshape, no copy)."""
         return rows(channels_last(self._layer, record.outputs))
