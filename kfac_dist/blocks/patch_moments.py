@@ -151,26 +151,26 @@ def patch_moments(
         if i == j and bias:
             sums.append(tf.reduce_sum(left, axis=0))  # (groups, C/groups)
         last = [product]
+    # Each row of blocks (bias column included) once, then the rows: the
+    # factor is copied once, not once more per bias row and column.
+    columns = [tf.linalg.matrix_transpose(v[:, :, tf.newaxis]) for v in sums]  # (g, 1, c)
     rows = []
     for i in range(len(offsets)):
         row = [
             blocks[i, j] if j >= i else tf.linalg.matrix_transpose(blocks[j, i])
             for j in range(len(offsets))
         ]
+        if bias:
+            row.append(sums[i][:, :, tf.newaxis])
         rows.append(tf.concat(row, axis=2) if len(row) > 1 else row[0])
-    moments = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-    if not bias:
-        return moments
-    column = tf.concat(sums, axis=1)[:, :, tf.newaxis]  # (groups, n - 1, 1)
-    count = (
-        tf.cast(batch * _product(geometry.outputs), dtype)
-        if weights is None
-        else tf.reduce_sum(tf.cast(weights, dtype))
-    )
-    corner = tf.fill([groups, 1, 1], count)
-    top = tf.concat([moments, column], axis=2)
-    bottom = tf.concat([tf.linalg.matrix_transpose(column), corner], axis=2)
-    return tf.concat([top, bottom], axis=1)
+    if bias:
+        count = (
+            tf.cast(batch * _product(geometry.outputs), dtype)
+            if weights is None
+            else tf.reduce_sum(tf.cast(weights, dtype))
+        )
+        rows.append(tf.concat([*columns, tf.fill([groups, 1, 1], count)], axis=2))
+    return tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
 
 
 def per_example_patch_products(
