@@ -15,6 +15,7 @@ from typing import Any
 import tensorflow as tf
 
 from kfac_dist.blocks.dense import DenseBlock
+from kfac_dist.blocks.diagonal import signed_gradient_diagonal
 from kfac_dist.blocks.patch_moments import (
     Geometry,
     conv_geometry,
@@ -87,27 +88,13 @@ class ConvBlock(DenseBlock):
         output_grads: Sequence[tf.Tensor],
         batch_size: tf.Tensor | int,
     ) -> tf.Tensor:
-        """Exact diag(F) = (1/b) Σ_{c,i} ĝ_{c,i}², ĝ_{c,i} = Σ_t ā_t g_tᵀ (no patch built).
+        """diag(F) estimated from the signed batch gradient (`signed_gradient_diagonal`).
 
-        One use of the layer: each kernel offset's per-example products are
-        squared and summed before the next offset's are made, so no
-        (C·b, parameters) tensor exists. Several uses sum each example's
-        gradients over them first: then the per-example gradients.
+        The exact diagonal needs each example's gradient Σ_t ā_t g_tᵀ, b times
+        the parameters (and on CPU many times the layer's backward pass); the
+        estimate costs one forward and one weight-gradient pass.
         """
-        if len(records) != 1:
-            return super().diagonal_statistics(records, output_grads, batch_size)
-        inputs, geometry, channels_first = self.view_source(records[0])
-        g = tf.cast(
-            channels_last(self._layer, output_grads[0], column_axis=True), curvature_dtype()
-        )
-        parts = [per_example_patch_products(inputs, geometry, g, channels_first, squared=True)]
-        if self.has_bias:
-            lead = tf.shape(g)[:2]
-            sums = tf.reduce_sum(tf.reshape(g, tf.concat([lead, [-1, g.shape[-1]]], 0)), 2)
-            parts.append(tf.reduce_sum(tf.square(sums), axis=[0, 1])[tf.newaxis])
-        matrix = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
-        flat = [tf.reshape(v, [-1]) for v in self.split_matrix(matrix)]
-        return tf.concat(flat, axis=0) / tf.cast(batch_size, curvature_dtype())
+        return signed_gradient_diagonal(self, records, output_grads, batch_size)
 
     def _output_rows_of(self, record: Record) -> tf.Tensor:
         """(b·T, filters): one row per output position, as the patch rows (a reshape, no copy)."""

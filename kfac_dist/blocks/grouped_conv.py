@@ -27,6 +27,7 @@ import tensorflow as tf
 from kfac_dist.blocks.approximations import KronPart
 from kfac_dist.blocks.base import Block
 from kfac_dist.blocks.conv import ConvBlock, extract_patches
+from kfac_dist.blocks.diagonal import signed_gradient_diagonal
 from kfac_dist.blocks.patch_moments import conv_geometry, patch_moments
 from kfac_dist.blocks.records import Record, row_weights, rows
 from kfac_dist.linalg import curvature_dtype
@@ -183,6 +184,15 @@ class GroupedPatchBlock(Block):
                 patch_moments(record.inputs, geometry, weights, bias, self._groups, channels_first)
             )
         return tf.add_n(moments) / tf.cast(batch_size, curvature_dtype())
+
+    def diagonal_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+    ) -> tf.Tensor:
+        """diag(F) estimated from the signed batch gradient, as `ConvBlock`'s."""
+        return signed_gradient_diagonal(self, records, output_grads, batch_size)
 
     def kernel_matrices(self, kernel: tf.Tensor, bias: tf.Tensor | None) -> tf.Tensor:
         """(g, n, m): each group's (kernel [; bias]) matrix, rows as `group_rows`."""

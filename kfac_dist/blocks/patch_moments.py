@@ -16,8 +16,7 @@ Each pair's slices are made after the previous pair's product (control
 dependencies), so a graph never holds more than the two views of one pair
 (plus a transient copy when a view is cast, weighted or transposed from
 channels-first). `per_example_patch_products` is Σ_t X_i[t] g_tᵀ per example,
-offset by offset, for the per-example gradients, or the sum of their squares
-(the diagonal Fisher) without holding more than one offset's products.
+offset by offset, for the per-example gradients ("full" blocks).
 """
 
 from __future__ import annotations
@@ -178,15 +177,11 @@ def per_example_patch_products(
     geometry: Geometry,
     grads: tf.Tensor,
     channels_first: bool = False,
-    squared: bool = False,
 ) -> tf.Tensor:
     """Σ_t ā_t g_tᵀ per output column and example: (C, b, offsets·channels, filters).
 
     `grads` (C, b, *outputs, filters), channels last. One offset's view at
     a time: the patches are never built. Bias rows are not included.
-    `squared`: Σ over columns and examples of their squares instead,
-    (offsets·channels, filters), each offset's products squared and
-    summed before the next offset's are made (the diagonal Fisher).
     """
     dtype = curvature_dtype()
     parts: list[tf.Tensor] = []
@@ -198,10 +193,8 @@ def per_example_patch_products(
             batch, channels = tf.shape(view)[0], view.shape[-1]
             view = tf.reshape(view, [batch, -1, channels])
             g = tf.reshape(g, [tf.shape(g)[0], batch, -1, g.shape[-1]])
-            products = tf.einsum("bti,cbto->cbio", view, g)
-            parts.append(tf.reduce_sum(tf.square(products), axis=[0, 1]) if squared else products)
-    axis = 0 if squared else 2
-    return tf.concat(parts, axis=axis) if len(parts) > 1 else parts[0]
+            parts.append(tf.einsum("bti,cbto->cbio", view, g))
+    return tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
 
 
 def _view(
