@@ -141,7 +141,7 @@ def patch_moments(
             if grid is not None:
                 left = (
                     left
-                    * _rows(grid[(slice(None), *_slices(box))], dtype)[:, tf.newaxis, tf.newaxis]
+                    * _rows(grid[(slice(None),) + _slices(box)], dtype)[:, tf.newaxis, tf.newaxis]
                 )
         with tf.control_dependencies([left]):
             right = _view(inputs, geometry, offsets[j], box, groups, channels_first, dtype)
@@ -189,7 +189,7 @@ def per_example_patch_products(
         with tf.control_dependencies(parts[-1:]):
             box = geometry.box(offset)
             view = _view(inputs, geometry, offset, box, 1, channels_first, dtype, flat=False)
-            g = grads[(slice(None), slice(None), *_slices(box))]
+            g = grads[(slice(None), slice(None)) + _slices(box)]
             batch, channels = tf.shape(view)[0], view.shape[-1]
             view = tf.reshape(view, [batch, -1, channels])
             g = tf.reshape(g, [tf.shape(g)[0], batch, -1, g.shape[-1]])
@@ -210,11 +210,11 @@ def _view(
     """The view of `offset` over `box`, channels last: (rows, groups, C/groups) or unflattened."""
     window = geometry.window(offset, box)
     if channels_first:
-        view = inputs[(slice(None), slice(None), *window)]
+        view = inputs[(slice(None), slice(None)) + window]
         rank = view.shape.rank
         view = tf.transpose(view, [0, *range(2, rank), 1])
     else:
-        view = inputs[(slice(None), *window)]
+        view = inputs[(slice(None),) + window]
     view = tf.cast(view, dtype)
     if not flat:
         return view

@@ -169,7 +169,7 @@ def _interleaved(timers: dict[str, Callable], rounds: int, steps: int) -> dict[s
 def _diagonal_model(unsupported: bool) -> Any:
     import keras
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: Any) -> Any:
         if not unsupported:
             return cls
         # A subclass overriding `call` is a layer K-FAC does not model: a generic diagonal block.
@@ -267,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.layer_memory:
         print(json.dumps(_layer_memory(*json.loads(args.layer_memory))))
         return
-    tables = {"layer": layer_table, "diagonal": diagonal_table, "convnet": convnet_table}
+    tables: dict[str, Callable[[], Any]] = {
+        "layer": layer_table,
+        "diagonal": diagonal_table,
+        "convnet": convnet_table,
+    }
     for part in args.parts:
         tables[part]()
 
