@@ -4,6 +4,9 @@
 strides, dilation and padding, bias as a constant 1) and
 Γ = E[Σ_t g_t g_tᵀ]/|T| over the |T| output locations — the Dense block's
 factors once each patch is a row, so a 1×1 convolution equals a Dense layer.
+Ω and the per-example gradients are computed from shifted views of the input
+(`patch_moments`), never from the patches; under fisher_approx="diagonal"
+the diagonal is the signed-gradient estimate (`blocks/diagonal.py`).
 """
 
 from __future__ import annotations
