@@ -43,6 +43,7 @@ setup(
             "kfac-benchmark-autoencoder=kfac_dist.jobs.autoencoder_benchmark:main",
             "kfac-benchmark-placement=kfac_dist.jobs.placement_benchmark:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
+            "kfac-benchmark-statistics=kfac_dist.jobs.statistics_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
             "kfac-benchmark-transformer=kfac_dist.jobs.transformer_benchmark:main",
             "kfac-coverage=kfac_dist.jobs.coverage:main",

@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras.src.backend.common.backend_utils import compute_conv_transpose_output_shape
 
 from kfac_dist.blocks.conv import ConvBlock, channels_last, dimension, patches_of
+from kfac_dist.blocks.patch_moments import Geometry
 from kfac_dist.blocks.records import Record, rows, with_ones
 from kfac_dist.linalg import curvature_dtype
 
@@ -32,6 +33,29 @@ class ConvTransposeBlock(ConvBlock):
         patches = transposed_patches(self._layer, tf.cast(record.inputs, curvature_dtype()))
         a = rows(patches)
         return with_ones(a) if self.has_bias else a
+
+    def view_source(self, record: Record) -> tuple[tf.Tensor, Geometry, bool]:
+        """The zero-inserted input (channels last), read by a stride-1 convolution.
+
+        Its padding is the geometry's `before` (no padded copy is made; the
+        trailing zeros past the last input never meet a kernel offset that
+        an output reads, as `transposed_paddings` places them).
+        """
+        layer = self._layer
+        inputs = channels_last(layer, record.inputs)
+        for axis, stride in enumerate(layer.strides, start=1):
+            inputs = _zero_insert_and_pad(inputs, axis, stride, 0, stride - 1)
+        outputs = channels_last(layer, record.outputs)
+        rank = layer.rank
+        geometry = Geometry(
+            tuple(layer.kernel_size),
+            (1,) * rank,
+            tuple(layer.dilation_rate),
+            tuple(before for before, _ in transposed_paddings(layer)),
+            tuple(dimension(inputs, a) for a in range(1, rank + 1)),
+            tuple(dimension(outputs, a) for a in range(1, rank + 1)),
+        )
+        return inputs, geometry, False
 
     def kron_dims(self) -> tuple[tuple[int, ...], int]:
         *kernel_size, filters, channels = self.variables[0].shape

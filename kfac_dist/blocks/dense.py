@@ -166,6 +166,31 @@ class DenseBlock(Block):
         total = tf.add_n(per_record)
         return tf.reshape(total, [-1, total.shape[-2] * total.shape[-1]])
 
+    def diagonal_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+    ) -> tf.Tensor:
+        """Exact diag(F) = (1/b) Σ_{c,i} ĝ_{c,i}², in the variables' order.
+
+        Without positions (rank-2 inputs, one use) ĝ_{c,i} = ā_i g_{c,i}ᵀ, so
+        the diagonal is (ā²)ᵀ (Σ_c g_c²) / b: one matmul the size of the
+        forward's, no per-example tensor. With positions (or several uses),
+        each example's gradients are summed over them before squaring.
+        """
+        dtype = curvature_dtype()
+        position_free = records[0].inputs.shape.rank == 2 and output_grads[0].shape.rank == 3
+        if len(records) != 1 or not position_free:
+            per_example = self.per_example_gradients(records, output_grads)
+            return tf.reduce_sum(tf.square(per_example), axis=0) / tf.cast(batch_size, dtype)
+        a = self.input_rows(records[0])
+        g = self.output_rows(output_grads[0])  # (C·b, units), column by column
+        squares = tf.reshape(tf.square(g), [tf.shape(output_grads[0])[0], -1, g.shape[-1]])
+        matrix = tf.matmul(tf.square(a), tf.reduce_sum(squares, axis=0), transpose_a=True)
+        flat = [tf.reshape(v, [-1]) for v in self.split_matrix(matrix)]
+        return tf.concat(flat, axis=0) / tf.cast(batch_size, dtype)
+
     def gradient_matrix(self, grads: Sequence[tf.Tensor]) -> tf.Tensor:
         kernel = tf.reshape(grads[0], [-1, grads[0].shape[-1]])
         if not self.has_bias:

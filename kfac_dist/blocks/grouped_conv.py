@@ -27,6 +27,8 @@ import tensorflow as tf
 from kfac_dist.blocks.approximations import KronPart
 from kfac_dist.blocks.base import Block
 from kfac_dist.blocks.conv import ConvBlock, extract_patches
+from kfac_dist.blocks.diagonal import signed_gradient_diagonal
+from kfac_dist.blocks.patch_moments import conv_geometry, patch_moments
 from kfac_dist.blocks.records import Record, row_weights, rows
 from kfac_dist.linalg import curvature_dtype
 
@@ -142,6 +144,10 @@ class GroupedPatchBlock(Block):
         last = channels_last(self._layer, tf.cast(grads, curvature_dtype()), column_axis=True)
         return tf.reshape(last, [-1, self._groups, self._group_outputs])
 
+    def position_rows(self, record: Record) -> tf.Tensor:
+        """(b·T, filters): one row per output position, as the patch rows (a reshape)."""
+        return rows(channels_last(self._layer, record.outputs))
+
     def kron_parts(self) -> list[KronPart]:
         n = self.kernel_positions * self._group_inputs + int(self.has_bias)
         return [KronPart("", (n, n), self._group_outputs, self._groups)]
@@ -153,12 +159,40 @@ class GroupedPatchBlock(Block):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        patches = [self.patch_rows(r) for r in records]
-        inputs = tf.concat([self.group_rows(p) for p in patches], axis=1)
+        # A from shifted views of the input (patch_moments.py): no patch is built.
+        a = self.grouped_input_moments(records, example_weights, batch_size)
         outputs = tf.concat([self.output_rows(g) for g in output_grads], axis=0)
-        by_record = dict(zip(map(id, records), patches))
-        weights = row_weights(records, example_weights, lambda r: by_record[id(r)])
-        return grouped_kron_factors(inputs, outputs, batch_size, weights)
+        positions = tf.add_n([tf.shape(self.position_rows(r))[0] for r in records])
+        g = tf.einsum("rgi,rgj->gij", outputs, outputs) / tf.cast(positions, outputs.dtype)
+        return [a, g]
+
+    def grouped_input_moments(
+        self,
+        records: Sequence[Record],
+        example_weights: tf.Tensor | None,
+        batch_size: tf.Tensor | int,
+        bias: bool | None = None,
+    ) -> tf.Tensor:
+        """A_j = (1/b) Σ w ā ā ᵀ of every group's patches (`group_rows`' layout): (g, n, n)."""
+        bias = self.has_bias if bias is None else bias
+        channels_first = self._layer.data_format == "channels_first"
+        moments = []
+        for record in records:
+            geometry = conv_geometry(self._layer, record.inputs, record.outputs)
+            weights = row_weights([record], example_weights, self.position_rows)
+            moments.append(
+                patch_moments(record.inputs, geometry, weights, bias, self._groups, channels_first)
+            )
+        return tf.add_n(moments) / tf.cast(batch_size, curvature_dtype())
+
+    def diagonal_statistics(
+        self,
+        records: Sequence[Record],
+        output_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+    ) -> tf.Tensor:
+        """diag(F) estimated from the signed batch gradient, as `ConvBlock`'s."""
+        return signed_gradient_diagonal(self, records, output_grads, batch_size)
 
     def kernel_matrices(self, kernel: tf.Tensor, bias: tf.Tensor | None) -> tf.Tensor:
         """(g, n, m): each group's (kernel [; bias]) matrix, rows as `group_rows`."""

@@ -5,7 +5,8 @@ The layer is a depthwise convolution d = W_dw ⋆ x (no bias) followed by a
 Kronecker parts: the depthwise part ⊕_c A_c ⊗ G_c over each channel's
 patches (see `depthwise.py`), and the pointwise part, a Dense block over
 the rows [d, 1] at every position. Only x and s are recorded: d is
-recomputed from the patches and the depthwise kernel, and the gradients at
+recomputed by the depthwise convolution (the per-example gradients: from
+the patches and the depthwise kernel), and the gradients at
 d from those at s, ∂/∂d = W_pw ∂/∂s (the pointwise map is linear and
 position-wise), so one record and one output gradient serve both parts.
 The two parts are independent blocks of the Fisher (K-FAC's block-diagonal
@@ -17,12 +18,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from kfac_dist.blocks.approximations import KronPart
 from kfac_dist.blocks.base import Block
-from kfac_dist.blocks.grouped_conv import GroupedPatchBlock, channels_last, grouped_kron_factors
-from kfac_dist.blocks.records import Record, kron_factors, row_weights, with_ones
+from kfac_dist.blocks.grouped_conv import GroupedPatchBlock, channels_last
+from kfac_dist.blocks.records import (
+    Record,
+    concat_rows,
+    kron_factors,
+    row_weights,
+    rows,
+    with_ones,
+)
 from kfac_dist.linalg import curvature_dtype
 
 
@@ -97,16 +106,31 @@ class SeparableConvBlock(GroupedPatchBlock):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        stages = [self._stage_rows(r) for r in records]
-        patches = tf.concat([p for p, _ in stages], axis=1)
-        pointwise = tf.concat([d for _, d in stages], axis=0)
+        # The depthwise A from shifted views of the input (patch_moments.py), the
+        # pointwise inputs from the depthwise convolution itself: no patch is built.
+        depthwise_a = self.grouped_input_moments(records, example_weights, batch_size, bias=False)
+        pointwise = concat_rows([self._depthwise_rows(r) for r in records])
         gradients = [self._gradients(g) for g in output_grads]
         at_s = tf.concat([s for s, _ in gradients], axis=0)
         at_d = tf.concat([d for _, d in gradients], axis=0)
-        by_record = {id(r): d for r, (_, d) in zip(records, stages)}
-        weights = row_weights(records, example_weights, lambda r: by_record[id(r)])
-        depthwise = grouped_kron_factors(patches, at_d, batch_size, weights)
-        return [*depthwise, *kron_factors(pointwise, at_s, batch_size, weights)]
+        weights = row_weights(records, example_weights, self.position_rows)
+        positions = tf.cast(tf.shape(pointwise)[0], at_d.dtype)
+        depthwise_g = tf.einsum("rgi,rgj->gij", at_d, at_d) / positions
+        return [depthwise_a, depthwise_g, *kron_factors(pointwise, at_s, batch_size, weights)]
+
+    def _depthwise_rows(self, record: Record) -> tf.Tensor:
+        """(b·T, C·M [+1]): the depthwise stage's outputs, the pointwise map's input rows."""
+        layer = self._layer
+        d = keras.ops.depthwise_conv(
+            record.inputs,
+            self._kernel,
+            strides=layer.strides,
+            padding=layer.padding,
+            data_format=layer.data_format,
+            dilation_rate=layer.dilation_rate,
+        )
+        d = rows(channels_last(layer, tf.cast(d, curvature_dtype())))
+        return with_ones(d) if self.pointwise_has_bias else d
 
     def gradient_matrices(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         pointwise = tf.reshape(grads[1], [self.depthwise_channels, -1])

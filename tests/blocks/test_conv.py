@@ -265,7 +265,9 @@ def test_diagonal_and_full_statistics_sum_patch_gradients(cls, cases, name, appr
     # then the bias row), as the variables are flattened.
     per_example = np.einsum("bti,cbto->cbio", patches, grads_rows).reshape(C * B, -1)
     if approx == DIAGONAL:
-        expected = np.sum(per_example**2, axis=0) / B
+        # The signed-gradient estimate: each column's batch gradient squared
+        # (unbiased for Σ ĝ²/b under the pseudo-loss's random signs).
+        expected = np.sum(per_example.reshape(C, B, -1).sum(axis=1) ** 2, axis=0) / B
     else:
         expected = per_example.T @ per_example / B
     np.testing.assert_allclose(stat.numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -345,7 +345,8 @@ def test_diagonal_and_full_statistics_are_in_the_variables_layout(name, approx):
     (stat,) = block.statistics([record], [grads], B)
     per_example = _per_example_keras_layout(block.layer, x, grads_rows)
     if approx == DIAGONAL:
-        expected = np.sum(per_example**2, axis=0) / B
+        # The signed-gradient estimate: each column's batch gradient squared.
+        expected = np.sum(per_example.reshape(C, B, -1).sum(axis=1) ** 2, axis=0) / B
     else:
         expected = per_example.T @ per_example / B
     assert tuple(stat.shape) == block.factor_shapes()[0]
