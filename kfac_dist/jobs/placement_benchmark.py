@@ -245,7 +245,8 @@ def communication_markdown(
         "replica holds at most f·total + (1−f)·total/N of the inverses; a distributed block is "
         "held and preconditioned by its owner only, never shared. f = 0: every block.",
         "- **memory**: the busiest replica's factor sums (one copy, full matrices as held), "
-        "the inverses it holds (Cholesky: the full n×n inverse) and its largest transient buffer (factor sync, sharing, or P_dist). "
+        "the inverses it holds (Cholesky: the full n×n inverse) and its largest transient "
+        "buffer (factor sync, sharing, or P_dist). "
         "**dist.**: share of the parameters in distributed blocks.",
     ]
     for shape in shapes:
