@@ -144,3 +144,56 @@ def test_mixed_bfloat16_keeps_float32_factors_and_trains():
     assert all(v.dtype == "float32" for p in opt.curvature.payloads for v in p)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_distributed_blocks_hold_and_precondition_with_a_tensor_replica_id():
+    """The `tf.switch_case` paths (TPU: one compiled step for every replica) match the static ones."""
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    with strategy.scope():
+        model = convnet()
+        opt = compiled(model, inverse_replication=0.0)
+    model.fit(IMAGES, LABELS, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    curvature = opt.curvature
+    distributed = curvature.distributed
+    assert distributed.active
+    grads = [
+        [tf.constant(RNG.normal(size=v.shape), tf.float32) for v in block.variables]
+        for block in curvature.blocks
+    ]
+    damping = tf.constant(0.1, tf.float32)
+
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.int32)])
+    def dynamic(replica):
+        units = list(range(len(curvature.units)))
+        payloads = curvature.owned_payloads(opt.damping_value(), replica, units)
+        distributed.hold(payloads, list(distributed.unit_owners), replica)
+        return [
+            t
+            for b in sorted(distributed.owners)
+            for t in distributed.precondition(grads, damping, replica)[b]
+        ]
+
+    @tf.function(autograph=False)
+    def step():
+        def replica_step():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            curvature.sync()
+            units = list(range(len(curvature.units)))
+            payloads = curvature.owned_payloads(opt.damping_value(), replica, units)
+            distributed.hold(payloads, list(distributed.unit_owners), replica)
+            static = distributed.precondition(grads, damping, replica)
+            expected = [t for b in sorted(distributed.owners) for t in static[b]]
+            with tf.control_dependencies(expected):
+                got = dynamic(tf.identity(replica))
+            return expected, got
+
+        return strategy.run(replica_step)
+
+    expected, got = step()
+    for e, g in zip(expected, got):
+        for e_local, g_local in zip(
+            strategy.experimental_local_results(e), strategy.experimental_local_results(g)
+        ):
+            np.testing.assert_allclose(g_local.numpy(), e_local.numpy(), rtol=1e-4, atol=1e-6)
