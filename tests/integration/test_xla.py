@@ -147,7 +147,7 @@ def test_mixed_bfloat16_keeps_float32_factors_and_trains():
 
 
 def test_distributed_blocks_hold_and_precondition_with_a_tensor_replica_id():
-    """The `tf.switch_case` paths (TPU: one compiled step for every replica) match the static ones."""
+    """The `tf.switch_case` paths (TPU: one step for every replica) match the static ones."""
     strategy = tf.distribute.MirroredStrategy(
         ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
