@@ -369,8 +369,13 @@ def run_setting(
     args: argparse.Namespace,
     replicas: int,
     progress: Callable[[str], None] | None = None,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every variant of `args.variants` under one replica count, each in its subprocess."""
+    """Every variant of `args.variants` under one replica count, each in its subprocess.
+
+    `partial` gets the setting's result so far after each run (a long run
+    stopped half-way keeps what it measured).
+    """
     extra = dict(args.kfac_arg)
     runs: dict[str, dict[str, Any]] = {}
     for variant in args.variants:
@@ -399,12 +404,17 @@ def run_setting(
                 f"  first {_s(done.get('first'))}, amortized {_s(done.get('amortized'))}, "
                 f"peak RSS {_gib(run.get('peak_rss_bytes'))} {note[0]}"
             )
-    return {
-        "replicas": replicas,
-        "setting": SETTING_LABELS.get(replicas, f"MirroredStrategy, {replicas} logical CPUs"),
-        "runs": runs,
-        **analyse(runs, args.invert_every, replicas),
-    }
+        result = {
+            "replicas": replicas,
+            "setting": SETTING_LABELS.get(replicas, f"MirroredStrategy, {replicas} logical CPUs"),
+            "runs": runs,
+            "invert_every": args.invert_every,
+            "steps": args.steps,
+            **analyse(runs, args.invert_every, replicas),
+        }
+        if partial:
+            partial(result)
+    return result
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -429,12 +439,14 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
     runs, summaries = result["runs"], result["summaries"]
     names = [n for n in VARIANTS if n in runs]
     first = runs[names[0]] if names else {}
+    parameters = first.get("parameters")
+    about = f"{result.get('date', '')}" + (f"; {parameters:,} parameters" if parameters else "")
+    if "`; `" in command:
+        about += "; the runs of these invocations, one after the other"
     lines = [
         f"### {result['setting']}",
         "",
-        f"`{command}` ({result.get('date', '')}; {first.get('parameters', '?'):,} parameters)"
-        if isinstance(first.get("parameters"), int)
-        else f"`{command}` ({result.get('date', '')})",
+        f"`{command}` ({about})",
         "",
         "| | " + " | ".join(VARIANT_LABELS[n] for n in names) + " | K-FAC/Adam | floor |",
         "|---|" + "---:|" * (len(names) + 2),
@@ -580,6 +592,35 @@ def benchmark_markdown(results: Sequence[dict[str, Any]], keep: str = "") -> str
     return f"{SECTION_HEADING}\n\n{INTRO}\n{body}"
 
 
+def _load(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return dict(json.load(f))
+
+
+def merge_results(payloads: Sequence[dict[str, Any]], invert_every: int) -> list[dict[str, Any]]:
+    """The settings of several `--json` files, those of one replica count merged.
+
+    A later file's run of a variant replaces an earlier one's; a merged
+    setting lists every command and date, and is analysed again.
+    """
+    merged: dict[int, dict[str, Any]] = {}
+    for payload in payloads:
+        for result in payload["settings"]:
+            replicas = int(result["replicas"])
+            into = merged.setdefault(replicas, {**result, "runs": {}, "commands": [], "dates": []})
+            into["runs"].update(result["runs"])
+            into["commands"].append(result.get("command", payload["command"]))
+            into["dates"].append(result.get("date", payload.get("date", "")))
+    out = []
+    for replicas, result in sorted(merged.items()):
+        commands, dates = result.pop("commands"), result.pop("dates")
+        result["command"] = "`; `".join(dict.fromkeys(commands))
+        result["date"] = ", ".join(dict.fromkeys(dates))
+        period = int(result.get("invert_every", invert_every))
+        out.append({**result, **analyse(result["runs"], period, replicas)})
+    return out
+
+
 # --- the command line -----------------------------------------------------------------------
 DESCRIPTION = (
     "Command line of the ResNet-50 benchmark: K-FAC's step cost and peak memory against "
@@ -691,15 +732,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     results = []
     if args.from_json:
-        for path in args.from_json:
-            with open(path, encoding="utf-8") as f:
-                payload = json.load(f)
-            for result in payload["settings"]:
-                results.append({**result, "command": payload["command"]})
+        results = merge_results([_load(path) for path in args.from_json], args.invert_every)
     else:
+
+        def save(done: list[dict[str, Any]]) -> None:
+            if args.json and args.json != "-":
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump({"command": command, "date": date, "settings": done}, f, indent=1)
+
+        tag = {"date": date, "command": command}
         for replicas in args.replicas:
-            result = run_setting(args, replicas, None if args.quiet else _progress)
-            results.append({**result, "date": date, "command": command})
+            result = run_setting(
+                args,
+                replicas,
+                None if args.quiet else _progress,
+                lambda r: save([*results, {**r, **tag}]),
+            )
+            results.append({**result, **tag})
     keep = existing_section(args.output) if args.write else ""
     section = benchmark_markdown(results, keep)
     print(section)

@@ -151,3 +151,18 @@ def test_help_answers_without_loading_tensorflow():
     assert done.returncode == 0, done.stderr
     assert "--kfac-arg" in done.stdout and "--replicas" in done.stdout
     assert time.perf_counter() - started < 20  # no TensorFlow import (seconds by itself)
+
+
+def test_json_files_of_one_replica_count_merge_into_one_setting():
+    def payload(command: str, runs: dict) -> dict:
+        setting = {"replicas": 1, "setting": rb.SETTING_LABELS[1], "runs": runs, "date": "d"}
+        return {"command": command, "date": "d", "settings": [{**setting, "command": command}]}
+
+    first = payload("a", {"adam": _fake(1.0, 10.0, 100), "kfac": _fake(6.0, 20.0, 160)})
+    later = payload("b", {"kfac_no_inversion": _fake(3.5, 20.0, 160)})
+    (merged,) = rb.merge_results([first, later], invert_every=2)
+    assert set(merged["runs"]) == {"adam", "kfac", "kfac_no_inversion"}
+    assert merged["breakdown_seconds"]["inversion"] == 2.5
+    assert merged["ratios"]["amortized"] == 6.0
+    text = rb.setting_markdown(merged, merged["command"])
+    assert "`a`; `b`" in text and "one after the other" in text
