@@ -161,6 +161,20 @@ def _variable_bytes(variables: Sequence[Any]) -> int:
     )
 
 
+def _own_memory() -> dict[str, int]:
+    """This process' VmRSS and VmHWM (its peak RSS so far), in bytes ({} off Linux)."""
+    found = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return found
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Trains `spec["steps"]` fit steps of one variant; its step times, loss and memory."""
     import tensorflow as tf
@@ -200,6 +214,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model.compile(optimizer=optimizer, loss=loss)
     times: list[float] = []
     losses: list[float] = []
+    resident: list[int] = []  # RSS after each step
+    high_water: list[int] = []  # the peak RSS so far, after each step
     clock: dict[str, float] = {}
 
     def begin(batch_index: int, logs: Any) -> None:
@@ -208,12 +224,17 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     def end(batch_index: int, logs: Any) -> None:
         times.append(time.perf_counter() - clock["start"])
         losses.append(float((logs or {}).get("loss", float("nan"))))
+        memory = _own_memory()
+        resident.append(memory.get("VmRSS", 0))
+        high_water.append(memory.get("VmHWM", 0))
 
     timer = keras.callbacks.LambdaCallback(on_train_batch_begin=begin, on_train_batch_end=end)
     model.fit(dataset, steps_per_epoch=spec["steps"], epochs=1, callbacks=[timer], verbose=0)
     result: dict[str, Any] = {
         "step_seconds": times,
         "losses": losses,
+        "rss_after_step": resident,
+        "peak_rss_after_step": high_water,
         "parameters": int(model.count_params()),
         "optimizer_variable_bytes": _variable_bytes(optimizer.variables),
         "self_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -469,6 +490,17 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
             else f"≤ {bound:g}× " + ("✓" if met else "✗" if met is False else "")
         )
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_x(ratio)} | {floor.strip()} |")
+
+    def after(name: str, key: str, index: int) -> str:
+        values = runs[name].get(key) or []
+        return _gib(values[index]) if values and values[index] else "—"
+
+    for label, key, index in (
+        ("peak RSS by the end of the first step", "peak_rss_after_step", 0),
+        ("RSS after the last step", "rss_after_step", -1),
+    ):
+        cells = [after(n, key, index) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | | |")
     lines.append(
         "| last loss | "
         + " | ".join(
