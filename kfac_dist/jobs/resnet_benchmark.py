@@ -479,8 +479,13 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
         ("amortized step", "amortized", _s),
         ("peak RSS", "peak_rss_bytes", _gib),
     )
+    # A run killed at the RSS limit peaked above what it reached.
+    killed = {n for n in names if "killed at RSS" in runs[n].get("error", "")}
     for label, key, fmt in rows:
-        cells = [fmt(summaries[n].get(key)) for n in names]
+        cells = [
+            ("> " if key == "peak_rss_bytes" and n in killed else "") + fmt(summaries[n].get(key))
+            for n in names
+        ]
         ratio = result["ratios"].get(key)
         bound = result["floors"].get(key)
         met = result["floors_met"].get(key)
@@ -489,7 +494,10 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
             if bound is None
             else f"≤ {bound:g}× " + ("✓" if met else "✗" if met is False else "")
         )
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_x(ratio)} | {floor.strip()} |")
+        above = "> " if key == "peak_rss_bytes" and "kfac" in killed and ratio is not None else ""
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {above}{_x(ratio)} | {floor.strip()} |"
+        )
 
     def after(name: str, key: str, index: int) -> str:
         values = runs[name].get(key) or []
@@ -500,7 +508,8 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
         ("RSS after the last step", "rss_after_step", -1),
     ):
         cells = [after(n, key, index) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " | | |")
+        if any(cell != "—" for cell in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " | | |")
     lines.append(
         "| last loss | "
         + " | ".join(

@@ -166,3 +166,15 @@ def test_json_files_of_one_replica_count_merge_into_one_setting():
     assert merged["ratios"]["amortized"] == 6.0
     text = rb.setting_markdown(merged, merged["command"])
     assert "`a`; `b`" in text and "one after the other" in text
+
+
+def test_a_run_killed_at_the_rss_limit_reports_its_peak_as_a_lower_bound():
+    killed = {"step_seconds": [], "peak_rss_bytes": 4 * 2**30, "error": "killed at RSS 4.0 GiB"}
+    runs = {"adam": _fake(1.0, 10.0, 2**30), "kfac": killed}
+    result = {"replicas": 2, "setting": rb.SETTING_LABELS[2], "runs": runs, "date": "d"}
+    result.update(rb.analyse(runs, 2, replicas=2))
+    assert result["floors_met"] == {"amortized": None, "first": None, "peak_rss_bytes": False}
+    text = rb.setting_markdown(result, "cmd")
+    assert "| peak RSS | 1.00 GiB | > 4.00 GiB | > 4.00× | ≤ 2× ✗ |" in text
+    assert "| amortized step | 1.00 s | — | — | ≤ 2× |" in text
+    assert "K-FAC did not finish: killed at RSS 4.0 GiB" in text
