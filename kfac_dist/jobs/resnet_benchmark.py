@@ -376,6 +376,14 @@ def analyse(runs: dict[str, dict[str, Any]], invert_every: int, replicas: int) -
     over = minus(amortized("kfac"), amortized("adam"))
     if over is not None and len(known) == len(parts):
         parts["not_additive"] = over - sum(known)
+    # The same two parts measured with the other one off: a second estimate of each
+    # (on a loaded machine the two can disagree by more than a part).
+    parts["statistics_without_inversion"] = minus(
+        amortized("kfac_no_inversion"), amortized("kfac_neither")
+    )
+    parts["inversion_without_statistics"] = minus(
+        amortized("kfac_no_statistics"), amortized("kfac_neither")
+    )
     return {
         "summaries": summaries,
         "ratios": ratios,
@@ -513,7 +521,7 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
     lines.append(
         "| last loss | "
         + " | ".join(
-            f"{runs[n]['losses'][-1]:.3g}" if runs[n].get("losses") else "—" for n in names
+            f"{runs[n]['losses'][-1]:.3f}" if runs[n].get("losses") else "—" for n in names
         )
         + " | | |"
     )
@@ -534,6 +542,8 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
             "inversion": "inversion, with its factor sync and sharing (K-FAC − no inversion)",
             "preconditioning_and_rest": "preconditioning and the rest (neither − Adam)",
             "not_additive": "not additive (K-FAC − Adam − the three)",
+            "statistics_without_inversion": "statistics, inversions off (no inversion − neither)",
+            "inversion_without_statistics": "inversion, statistics off (no statistics − neither)",
         }
         lines += [
             "",
@@ -542,7 +552,7 @@ def setting_markdown(result: dict[str, Any], command: str) -> str:
         ]
         lines += ["| part | seconds | × Adam's step |", "|---|---:|---:|"]
         for key, label in labels.items():
-            if key in part:
+            if part.get(key) is not None:
                 value = part[key]
                 lines.append(f"| {label} | {_s(value)} | {_x(share.get(key))} |")
     kfac = runs.get("kfac", {}).get("placement")

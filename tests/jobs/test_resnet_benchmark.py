@@ -74,6 +74,9 @@ def test_ratios_floors_and_breakdown_against_hand_computed_numbers():
     assert parts["statistics"] == 2.0 and parts["inversion"] == 2.5
     assert parts["preconditioning_and_rest"] == 0.5
     assert parts["not_additive"] == pytest.approx(5.0 - 5.0)
+    assert parts["statistics_without_inversion"] == 2.0  # no inversion − neither
+    assert parts["inversion_without_statistics"] == 2.5  # no statistics − neither
+    assert got["breakdown_over_adam"]["inversion"] == 2.5  # Adam's amortized step is 1 s
     only = rb.analyse({"adam": runs["adam"], "kfac": runs["kfac"]}, 2, replicas=1)
     assert only["breakdown_seconds"]["statistics"] is None
     assert "not_additive" not in only["breakdown_seconds"]
