@@ -42,6 +42,7 @@ setup(
             "kfac-main-job=kfac_dist.jobs.main_job:main",
             "kfac-benchmark-autoencoder=kfac_dist.jobs.autoencoder_benchmark:main",
             "kfac-benchmark-placement=kfac_dist.jobs.placement_benchmark:main",
+            "kfac-benchmark-resnet=kfac_dist.jobs.resnet_benchmark:main",
             "kfac-benchmark-replicas=kfac_dist.jobs.replica_benchmark:main",
             "kfac-benchmark-statistics=kfac_dist.jobs.statistics_benchmark:main",
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
