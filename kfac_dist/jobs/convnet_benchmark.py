@@ -500,7 +500,8 @@ def benchmark_markdown(result: dict) -> str:
         f"{result['data']}. ResNet-style: 3×3 stem of {result['filters'][0]}, a residual "
         f"block of {result['filters'][0]}, a stride-2 residual block of "
         f"{', '.join(map(str, result['filters'][1:]))} (1×1 projection), "
-        f"Conv-BN-ReLU-Conv-BN + skip, global average pooling, Dense 10: "
+        f"Conv-BN-ReLU-Conv-BN + skip (BatchNormalization momentum {BN_MOMENTUM}), global "
+        "average pooling, Dense 10: "
         f"{result['parameters']:,} parameters. Every run: same initial weights, same "
         f"batches of {result['batch_size']} (seed {result['seed']}), up to "
         + ", ".join(f"{n} {NAMES[k]}" for k, n in result["steps"].items())
