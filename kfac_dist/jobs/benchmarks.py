@@ -21,6 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -606,3 +607,61 @@ __all__ = [
     "time_per_step",
     "training_seconds",
 ]
+
+# --- shared by the supervised benchmarks (transformer, convnet) ------------------------
+NEVER = 10**9  # an invert_every / cov_update_every that no run reaches
+
+
+class Supervised:
+    """A compiled model seen through batch indices, so `benchmarks.train` and
+    `benchmarks.interleaved_step_seconds` (written for an autoencoder's
+    `train_on_batch(x, x)`) drive a supervised model: they index an array of
+    example numbers and hand the indices in, this trains on (x[i], y[i])."""
+
+    def __init__(self, model: Any, x: np.ndarray, y: np.ndarray):
+        self.model, self.x, self.y = model, x, y
+
+    def train_on_batch(self, index: np.ndarray, _: Any = None, **kwargs: Any) -> Any:
+        return self.model.train_on_batch(self.x[index], self.y[index], **kwargs)
+
+
+def with_threshold(run: RunResult, threshold: float) -> RunResult:
+    """`run` with its crossings measured at `threshold` alone."""
+    return dataclasses.replace(run, thresholds=(float(threshold),))
+
+
+def best_run(runs: Sequence[RunResult], threshold: float) -> RunResult:
+    """The run that reaches `threshold` first in steps, then seconds, then lowest final loss."""
+    best = runs[0]
+    for run in runs[1:]:
+        if better(run, best, threshold):
+            best = run
+    return best
+
+
+def phase_split(seconds: dict[str, float], baseline: str = "adamw") -> dict[str, float]:
+    """Where K-FAC's step goes, from interleaved seconds per step of its variants.
+
+    `seconds` holds "kfac" (as run), "no_inverse" (invert_every=NEVER),
+    "no_statistics" (also cov_update_every=NEVER) and `baseline` (a first-order
+    optimizer's step: AdamW's, Adam's). Inversion is
+    kfac − no_inverse (per step, amortized over invert_every), statistics
+    no_inverse − no_statistics (the second backward pass and the factors),
+    preconditioning and the rest no_statistics − baseline (the preconditioned
+    update, the KL clip, the capture), and the forward/backward the baseline's step.
+    """
+    return {
+        "inversion": seconds["kfac"] - seconds["no_inverse"],
+        "statistics": seconds["no_inverse"] - seconds["no_statistics"],
+        "preconditioning_and_rest": seconds["no_statistics"] - seconds[baseline],
+        f"{baseline}_step": seconds[baseline],
+        "kfac_step": seconds["kfac"],
+    }
+
+
+def factor_sizes(optimizer: Any) -> list[dict[str, Any]]:
+    """Each K-FAC block of a built `Kfac`: its kind and the shapes of its factors."""
+    return [
+        {"block": b.name, "kind": type(b).__name__, "factors": [list(s) for s in b.factor_shapes()]}
+        for b in optimizer.curvature.blocks
+    ]

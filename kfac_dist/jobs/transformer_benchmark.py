@@ -64,11 +64,18 @@ from typing import Any
 import numpy as np
 
 from kfac_dist.jobs import benchmarks, tuner
+from kfac_dist.jobs.benchmarks import (  # noqa: F401 - re-exported: shared with the convnet benchmark
+    NEVER,
+    Supervised,
+    best_run,
+    factor_sizes,
+    phase_split,
+    with_threshold,
+)
 
 TASKS = ("vit", "charlm")
 TARGET_FRACTION = 0.7  # the target: AdamW's best moving-average loss at 70% of the budget
 INTERLEAVE_BLOCK = 20  # steps per interleaved block: a multiple of every invert_every
-NEVER = 10**9  # an invert_every / cov_update_every that no run reaches
 
 # The models (tiny: a shared 2-core CPU runs every grid point in minutes).
 PATCH = 7  # 28×28 digits → 4×4 = 16 tokens of 49 pixels
@@ -364,19 +371,6 @@ def compile_model(model: Any, optimizer: Any) -> Any:
 
 
 # --- bookkeeping: pure functions --------------------------------------------------------
-class Supervised:
-    """A compiled model seen through batch indices, so `benchmarks.train` and
-    `benchmarks.interleaved_step_seconds` (written for an autoencoder's
-    `train_on_batch(x, x)`) drive a supervised model: they index an array of
-    example numbers and hand the indices in, this trains on (x[i], y[i])."""
-
-    def __init__(self, model: Any, x: np.ndarray, y: np.ndarray):
-        self.model, self.x, self.y = model, x, y
-
-    def train_on_batch(self, index: np.ndarray, _: Any = None, **kwargs: Any) -> Any:
-        return self.model.train_on_batch(self.x[index], self.y[index], **kwargs)
-
-
 def target_loss(adamw_runs: Sequence[benchmarks.RunResult], fraction: float = TARGET_FRACTION):
     """The moving-average loss that the AdamW run with the lowest final loss reaches at
     `fraction` of its steps (step round(fraction·steps), 1-based), and that run."""
@@ -389,20 +383,6 @@ def target_loss(adamw_runs: Sequence[benchmarks.RunResult], fraction: float = TA
     return float(average[step - 1]), reference
 
 
-def with_threshold(run: benchmarks.RunResult, threshold: float) -> benchmarks.RunResult:
-    """`run` with its crossings measured at `threshold` alone."""
-    return dataclasses.replace(run, thresholds=(float(threshold),))
-
-
-def best_run(runs: Sequence[benchmarks.RunResult], threshold: float) -> benchmarks.RunResult:
-    """The run that reaches `threshold` first in steps, then seconds, then lowest final loss."""
-    best = runs[0]
-    for run in runs[1:]:
-        if benchmarks.better(run, best, threshold):
-            best = run
-    return best
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
         return None
@@ -410,13 +390,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def comparison(
-    best: dict[str, benchmarks.RunResult], threshold: float, interleaved: dict[str, float] | None
+    best: dict[str, benchmarks.RunResult],
+    threshold: float,
+    interleaved: dict[str, float] | None,
+    others: Sequence[str] = ("adamw", "muon"),
 ) -> dict[str, float | None]:
-    """K-FAC over AdamW and over Muon: steps and seconds to `threshold`, the step time,
-    and (with `interleaved` seconds per step) the seconds estimated under one load."""
+    """K-FAC over each of `others` (AdamW and Muon): steps and seconds to `threshold`,
+    the step time, and (with `interleaved` seconds per step) the seconds estimated
+    under one load."""
     out: dict[str, float | None] = {}
     k = best["kfac"].crossing(threshold)
-    for other in ("adamw", "muon"):
+    for other in others:
         o = best[other].crossing(threshold)
         out[f"steps_to_target_kfac_over_{other}"] = _ratio(k.step, o.step)
         out[f"seconds_to_target_kfac_over_{other}"] = _ratio(k.seconds, o.seconds)
@@ -434,14 +418,17 @@ def comparison(
     return out
 
 
-def check_floor(measured: dict[str, float | None]) -> dict[str, bool | None]:
-    """Each floor: True (met), False (missed) or None (a run never reached the target).
+def check_floor(
+    measured: dict[str, float | None], floors: dict[str, float] | None = None
+) -> dict[str, bool | None]:
+    """Each floor (FLOORS unless `floors`): True (met), False (missed) or None (a run
+    never reached the target).
 
     The steps bound is inclusive ("at most 0.75×"); the seconds bounds are
     strict ("less wall time").
     """
     out: dict[str, bool | None] = {}
-    for key, bound in FLOORS.items():
+    for key, bound in (FLOORS if floors is None else floors).items():
         value = measured.get(key)
         if value is None:
             out[key] = None
@@ -455,25 +442,6 @@ def floor_holds(met: dict[str, bool | None]) -> bool:
     return all(value is True for value in met.values())
 
 
-def phase_split(seconds: dict[str, float]) -> dict[str, float]:
-    """Where K-FAC's step goes, from interleaved seconds per step of its variants.
-
-    `seconds` holds "kfac" (as run), "no_inverse" (invert_every=NEVER),
-    "no_statistics" (also cov_update_every=NEVER) and "adamw". Inversion is
-    kfac − no_inverse (per step, amortized over invert_every), statistics
-    no_inverse − no_statistics (the second backward pass and the factors),
-    preconditioning and the rest no_statistics − adamw (the preconditioned
-    update, the KL clip, the capture), and the forward/backward the AdamW step.
-    """
-    return {
-        "inversion": seconds["kfac"] - seconds["no_inverse"],
-        "statistics": seconds["no_inverse"] - seconds["no_statistics"],
-        "preconditioning_and_rest": seconds["no_statistics"] - seconds["adamw"],
-        "adamw_step": seconds["adamw"],
-        "kfac_step": seconds["kfac"],
-    }
-
-
 # --- the runs ---------------------------------------------------------------------------
 def _label(point: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items())
@@ -484,14 +452,6 @@ def _held_out(model: Any, data: TaskData) -> dict[str, float]:
         data.x_held_out, data.y_held_out, batch_size=500, verbose=0, return_dict=True
     )
     return {"held_out_loss": float(logs["loss"]), "held_out_accuracy": float(logs["accuracy"])}
-
-
-def factor_sizes(optimizer: Any) -> list[dict[str, Any]]:
-    """Each K-FAC block of a built `Kfac`: its kind and the shapes of its factors."""
-    return [
-        {"block": b.name, "kind": type(b).__name__, "factors": [list(s) for s in b.factor_shapes()]}
-        for b in optimizer.curvature.blocks
-    ]
 
 
 def run_task(
