@@ -101,7 +101,7 @@ class Curvature:
         factor_sync: str = LAZY,
         sharing: str = "auto",
         sync_chunk_bytes: int | None = None,
-        num_slots: int = 1,
+        stagger_period: int = 1,
         inverse_replication: float = 1.0,
     ):
         self.blocks = list(blocks)
@@ -133,7 +133,9 @@ class Curvature:
             context.num_replicas,
             placement,
             cost_model=FlopCostModel(inverse_method),
-            num_slots=num_slots,
+            # One slot per step of the period, but never more than units:
+            # the steps past the last slot invert nothing.
+            num_slots=max(1, min(stagger_period, len(self.units))),
         )
         #: Each unit's payload shapes under the inverse method.
         self.payload_shapes = [
@@ -406,13 +408,14 @@ class Curvature:
     def update_inverses(self, damping: Damping, slot: tf.Tensor | None = None) -> None:
         """Syncs (unless synced on every update), then inverts and shares.
 
-        `slot` (staggered updates, see `PlacementPlan.slots`): only the
-        units of that slot, or every unit when it is `plan.num_slots` (the
-        first step). Each slot syncs its own factors, with the diagonals of
-        every factor riding along (the dampings need every pair's traces),
-        then inverts and shares its own units.
+        `slot` (staggered updates, see `PlacementPlan.slots`): the step of
+        the inverse period; only the units of that slot (none past the last
+        slot), or every unit when it is negative (the first step). Each slot
+        syncs its own factors, with the diagonals of every factor riding
+        along (the dampings need every pair's traces), then inverts and
+        shares its own units.
         """
-        if slot is None or self.plan.num_slots == 1:
+        if slot is None:
             self._update_units(list(range(len(self.units))), damping, staggered=False)
             return
         branches = [
@@ -420,8 +423,12 @@ class Curvature:
             for s in range(self.plan.num_slots)
         ]
         everything = list(range(len(self.units)))
+        branches.append(tf.no_op)  # a step past the last slot
         branches.append(functools.partial(self._update_units, everything, damping, staggered=False))
-        tf.switch_case(tf.cast(slot, tf.int32), branches)
+        slots = self.plan.num_slots
+        slot = tf.cast(slot, tf.int32)
+        branch = tf.where(slot < 0, slots + 1, tf.minimum(slot, slots))
+        tf.switch_case(branch, branches)
 
     def _update_units(self, units: list[int], damping: Damping, staggered: bool) -> tf.Operation:
         if self.factor_sync == EVERY_UPDATE:

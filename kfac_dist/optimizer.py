@@ -346,7 +346,7 @@ class Kfac(keras.optimizers.Optimizer):
             factor_sync=config.factor_sync,
             sharing=config.inverse_sharing,
             sync_chunk_bytes=config.sync_chunk_bytes,
-            num_slots=config.invert_every if config.stagger_inverses else 1,
+            stagger_period=config.invert_every if config.stagger_inverses else 1,
             inverse_replication=config.inverse_replication,
         )
         add = curvature_lib.per_replica_variable(self)

@@ -318,7 +318,7 @@ def _curvature_schedule(
     """(statistics, whether to fold them, whether to invert) for this update."""
     if inputs is None:
         return kfac.curvature.empty_statistics(), tf.constant(False), tf.constant(False)
-    if kfac.curvature.plan.num_slots > 1:
+    if kfac.config.stagger_inverses and kfac.config.invert_every > 1:
         # Staggered: every step inverts its slot's units (all of them at the first).
         return inputs.statistics, inputs.is_statistics_step, tf.constant(True)
     is_inverse_step = tf.equal(inputs.index % kfac.config.invert_every, 0)
@@ -372,11 +372,10 @@ def _directions(
 
     def update_inverses() -> tf.Operation:
         slot = None
-        if inputs is not None and curvature.plan.num_slots > 1:
-            slots = curvature.plan.num_slots
+        if inputs is not None and config.stagger_inverses and config.invert_every > 1:
             index = tf.cast(inputs.index, tf.int64)
             every = tf.logical_or(tf.equal(index, 0), needs_inverses)
-            slot = tf.where(every, tf.constant(slots, tf.int64), index % slots)
+            slot = tf.where(every, tf.constant(-1, tf.int64), index % config.invert_every)
         curvature.update_inverses(kfac.damping_value(), slot)
         return tf.no_op()
 

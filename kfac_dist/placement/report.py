@@ -221,7 +221,8 @@ def format_placement_table(
     )
     if plan.num_slots > 1:
         lines.append(
-            f"staggered over {plan.num_slots} steps (all units at the first step); "
+            f"staggered: the units spread over {plan.num_slots} steps of each inverse period "
+            "(all at the first step); "
             "step of the period: units inverted, share of the work"
         )
         for slot in info["slots"]:

@@ -198,7 +198,8 @@ def test_staggered_inverses_train_like_one_replica_with_the_same_inverses_at_eac
 def test_staggered_inverses_invert_each_unit_at_its_slot_and_all_at_the_first_step():
     _, opt, history = trained_staggered(2)
     plan = opt.curvature.plan
-    assert plan.num_slots == INVERT_EVERY and len(set(plan.slots)) > 1
+    # One slot per unit here (fewer units than steps in the period).
+    assert plan.num_slots == min(INVERT_EVERY, len(plan.units)) and len(set(plan.slots)) > 1
     payload_units = [u for u, p in enumerate(opt.curvature.payloads) for _ in p]
     first = history[0]
     assert all(np.any(p != 0) for p in first)  # every unit at the first step
@@ -208,7 +209,8 @@ def test_staggered_inverses_invert_each_unit_at_its_slot_and_all_at_the_first_st
             for u, before, after in zip(payload_units, history[step - 1], history[step])
             if not np.array_equal(before, after)
         }
-        assert changed == set(plan.in_slot(step % INVERT_EVERY))
+        slot = step % INVERT_EVERY
+        assert changed == (set(plan.in_slot(slot)) if slot < plan.num_slots else set())
     # Each replica inverted its own units of each slot: none twice, none missed.
     computed = opt.context.strategy.experimental_local_results(opt.curvature.inversions.value)
     per_period = len(plan.units) * (1 + (STEPS - 1) // INVERT_EVERY)
@@ -223,9 +225,11 @@ def test_staggered_graph_has_adams_collectives_per_step_and_one_slot_sync_and_sh
     # The busiest step (the first: every unit) syncs in one chunk and shares once.
     assert got.per_inverse_update == 1 + opt.curvature.sharing.collectives
     counts = opt.context.counts(0)
-    assert counts[strategies.FACTOR_SYNC]["calls"] == STEPS
+    # Every step syncs its slot, but the steps of the period past the last slot.
+    idle = sum(1 for step in range(1, STEPS) if step % INVERT_EVERY >= opt.curvature.plan.num_slots)
+    assert counts[strategies.FACTOR_SYNC]["calls"] == STEPS - idle
     report = opt.placement_report()
-    assert f"staggered over {INVERT_EVERY} steps" in report
+    assert f"spread over {opt.curvature.plan.num_slots} steps of each inverse period" in report
     info = opt.placement_report(as_dict=True)
     assert [u["slot"] for u in info["units"]] == list(opt.curvature.plan.slots)
 
@@ -597,3 +601,15 @@ def test_nonfinite_statistics_on_one_replica_skip_the_step_on_every_replica():
     assert history.history["nonfinite_skips"] == [1.0]
     model.fit(X[:32], Y[:32], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_a_staggered_period_longer_than_the_run_inverts_once_and_costs_no_memory():
+    # One slot per unit, not per step of the period: a period of 10**9 steps
+    # is four slots here. The first step inverts every unit, steps 1-3 the
+    # units of slots 1-3, and no later step of the period inverts anything.
+    model, opt = build(1, stagger_inverses=True, invert_every=10**9)
+    model.fit(X[:128], Y[:128], batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    plan = opt.curvature.plan
+    assert plan.num_slots == len(plan.units) == 4
+    later = sum(len(plan.in_slot(s)) for s in (1, 2, 3))
+    assert int(opt.curvature.inversions.numpy()) == len(plan.units) + later
