@@ -15,10 +15,12 @@ kfac_dist/jobs/autoencoder_benchmark.py (`scripts/benchmark_autoencoder.py`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -665,3 +667,28 @@ def factor_sizes(optimizer: Any) -> list[dict[str, Any]]:
         {"block": b.name, "kind": type(b).__name__, "factors": [list(s) for s in b.factor_shapes()]}
         for b in optimizer.curvature.blocks
     ]
+
+
+BENCHMARKS_NAME = "BENCHMARKS.md"
+
+
+def default_output() -> str:
+    """BENCHMARKS.md at the top of the checkout (the folder above this package)."""
+    top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    return os.path.normpath(os.path.join(top, BENCHMARKS_NAME))
+
+
+def add_result_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark job shares: `--json`, `--write`, `--output`."""
+    parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="also put the section into --output (a tracked file: left alone unless asked)",
+    )
+    parser.add_argument("--output", default=default_output(), help="markdown file --write updates")
+
+
+def progress(line: str) -> None:
+    """A benchmark's progress line, on stderr (the section goes to stdout)."""
+    print(line, file=sys.stderr, flush=True)

@@ -106,7 +106,6 @@ OTHERS = ("adam", "sgd", "muon")
 # The floor: K-FAC's best point reaches the target in less wall time (strictly).
 FLOORS = {f"seconds_to_target_kfac_over_{other}": 1.0 for other in OTHERS}
 
-BENCHMARKS_NAME = "BENCHMARKS.md"
 SECTION_HEADING = "## Time to accuracy on a ResNet-style convnet (MNIST-5k)"
 
 
@@ -625,12 +624,6 @@ DESCRIPTION = (
 )
 
 
-def default_output() -> str:
-    """BENCHMARKS.md at the top of the checkout (the folder above this package)."""
-    top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    return os.path.normpath(os.path.join(top, BENCHMARKS_NAME))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--steps", type=int, help=f"step budget of every run (default: {STEPS})")
@@ -654,19 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed rounds of the best models (and K-FAC's phases) in blocks of 20 (0: skip)",
     )
     parser.add_argument("--data-dir", help="a tensorflow-datasets data directory")
-    parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
-    parser.add_argument(
-        "--write",
-        action="store_true",
-        help="also put the section into --output (a tracked file: left alone unless asked)",
-    )
-    parser.add_argument("--output", default=default_output(), help="markdown file --write updates")
+    benchmarks.add_result_flags(parser)
     parser.add_argument("--quiet", action="store_true")
     return parser
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -683,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         interleave_rounds=args.interleave_rounds,
-        progress=None if args.quiet else _progress,
+        progress=None if args.quiet else benchmarks.progress,
     )
     section = benchmark_markdown(result)
     print(section)

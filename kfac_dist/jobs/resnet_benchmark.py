@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kfac_dist.jobs import tuner
+from kfac_dist.jobs import benchmarks, tuner
 
 # The settings the docs recommend for convnets: the defaults (inverses every 10
 # steps, statistics every step, Cholesky) with staggered inverse updates
@@ -95,7 +95,6 @@ SETTING_LABELS = {
 FLOORS = {"amortized": 2.0, "first": 1.5}
 RSS_FLOORS = {1: 1.5, 2: 2.0}
 
-BENCHMARKS_NAME = "BENCHMARKS.md"
 SECTION_HEADING = "## ResNet-50 step and memory against Adam"
 GIB = 2**30
 
@@ -679,12 +678,6 @@ DESCRIPTION = (
 )
 
 
-def default_output() -> str:
-    """BENCHMARKS.md at the top of the checkout (the folder above this package)."""
-    top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    return os.path.normpath(os.path.join(top, BENCHMARKS_NAME))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument(
@@ -732,13 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16.0,
         help="kill a run whose RSS passes this (the machine is shared; 0: no limit)",
     )
-    parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
-    parser.add_argument(
-        "--write",
-        action="store_true",
-        help="also put the section into --output (a tracked file: left alone unless asked)",
-    )
-    parser.add_argument("--output", default=default_output(), help="markdown file --write updates")
+    benchmarks.add_result_flags(parser)
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -762,10 +749,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step and one more)")
     return args
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -796,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_setting(
                 args,
                 replicas,
-                None if args.quiet else _progress,
+                None if args.quiet else benchmarks.progress,
                 lambda r: save([*results, {**r, **tag}]),
             )
             results.append({**result, **tag})

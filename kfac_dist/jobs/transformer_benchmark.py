@@ -139,7 +139,6 @@ FLOORS = {
     "seconds_to_target_kfac_over_muon": 1.0,  # strictly less
 }
 
-BENCHMARKS_NAME = "BENCHMARKS.md"
 SECTION_HEADING = "## Transformers: K-FAC against AdamW and Muon (ViT, char LM)"
 
 
@@ -805,12 +804,6 @@ DESCRIPTION = (
 )
 
 
-def default_output() -> str:
-    """BENCHMARKS.md at the top of the checkout (the folder above this package)."""
-    top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    return os.path.normpath(os.path.join(top, BENCHMARKS_NAME))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -829,19 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed rounds of K-FAC without inversions / statistics, interleaved (0: skip)",
     )
     parser.add_argument("--data-dir", help="a tensorflow-datasets data directory")
-    parser.add_argument("--json", help="write the results as JSON to this path ('-': stdout)")
-    parser.add_argument(
-        "--write",
-        action="store_true",
-        help="also put the section into --output (a tracked file: left alone unless asked)",
-    )
-    parser.add_argument("--output", default=default_output(), help="markdown file --write updates")
+    benchmarks.add_result_flags(parser)
     parser.add_argument("--quiet", action="store_true")
     return parser
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -855,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=args.data_dir,
         interleave_rounds=args.interleave_rounds,
         profile_rounds=args.profile_rounds,
-        progress=None if args.quiet else _progress,
+        progress=None if args.quiet else benchmarks.progress,
     )
     section = benchmark_markdown(result)
     print(section)
