@@ -48,6 +48,7 @@ setup(
             "kfac-benchmark-trace=kfac_dist.jobs.trace_benchmark:main",
             "kfac-benchmark-transformer=kfac_dist.jobs.transformer_benchmark:main",
             "kfac-benchmark-convnet=kfac_dist.jobs.convnet_benchmark:main",
+            "kfac-benchmark-starting-point=kfac_dist.jobs.starting_point_benchmark:main",
             "kfac-benchmark-factor-split=kfac_dist.jobs.factor_split_benchmark:main",
             "kfac-coverage=kfac_dist.jobs.coverage:main",
             "kfac-tune-placement=kfac_dist.jobs.tuner:main",

@@ -4,14 +4,14 @@
 strides, dilation and padding, bias as a constant 1) and
 Γ = E[Σ_t g_t g_tᵀ]/|T| over the |T| output locations — the Dense block's
 factors once each patch is a row, so a 1×1 convolution equals a Dense layer.
-Ω and the per-example gradients are computed from shifted views of the input
-(`patch_moments`), never from the patches; under fisher_approx="diagonal"
-the diagonal is the signed-gradient estimate (`blocks/diagonal.py`).
+Ω is computed from the patches of a few examples at a time (`patch_moments`)
+and the per-example gradients from shifted views of the input, never from
+the whole batch's patches; under fisher_approx="diagonal" the diagonal is
+the signed-gradient estimate (`blocks/diagonal.py`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +23,7 @@ from kfac_dist.blocks.patch_moments import (
     Geometry,
     conv_geometry,
     patch_moments,
+    patches_of,
     per_example_patch_products,
 )
 from kfac_dist.blocks.records import Record, row_weights, rows, with_ones
@@ -56,7 +57,7 @@ class ConvBlock(DenseBlock):
         a = rows(patches)
         return with_ones(a) if self.has_bias else a
 
-    # --- the patches' moments, from shifted views of the input (patch_moments.py)
+    # --- the patches' moments, in chunks of examples (patch_moments.py)
     def view_source(self, record: Record) -> tuple[tf.Tensor, Geometry, bool]:
         """The tensor the kernel offsets' views are sliced from, its geometry, channels first."""
         geometry = conv_geometry(self._layer, record.inputs, record.outputs)
@@ -145,88 +146,7 @@ def extract_patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
     return patches_of(inputs, layer.kernel_size, layer.strides, layer.dilation_rate, padding)
 
 
-def patches_of(
-    inputs: tf.Tensor,
-    kernel_size: Sequence[int],
-    strides: Sequence[int],
-    dilation: Sequence[int],
-    padding: str,
-) -> tf.Tensor:
-    """Patches of a channels-last (b, *spatial, channels) input with 1 to 3 spatial axes.
-
-    Padding is "valid" or "same" with TensorFlow's rule (the smaller half
-    before). Returns (b, *output_positions, prod(kernel_size)·channels).
-    """
-    rank = len(kernel_size)
-    if rank == 1:
-        # A 1-D input is a one-row image: the 2-D op covers it.
-        two_d = patches_of(
-            inputs[:, tf.newaxis],
-            (1, *kernel_size),
-            (1, *strides),
-            (1, *dilation),
-            padding,
-        )
-        return two_d[:, 0]
-    if rank == 2:
-        return tf.image.extract_patches(
-            inputs,
-            sizes=[1, *kernel_size, 1],
-            strides=[1, *strides, 1],
-            rates=[1, *dilation, 1],
-            padding=padding.upper(),
-        )
-    if rank == 3 and all(d == 1 for d in dilation):
-        return tf.extract_volume_patches(
-            inputs,
-            ksizes=[1, *kernel_size, 1],
-            strides=[1, *strides, 1],
-            padding=padding.upper(),
-        )
-    if rank == 3:
-        # tf.extract_volume_patches has no dilation.
-        return _sliced_patches(inputs, kernel_size, strides, dilation, padding)
-    raise ValueError(f"Convolution patches cover 1 to 3 spatial axes, got kernel {kernel_size}.")
-
-
-def _sliced_patches(
-    inputs: tf.Tensor,
-    kernel_size: Sequence[int],
-    strides: Sequence[int],
-    dilation: Sequence[int],
-    padding: str,
-) -> tf.Tensor:
-    """Patches as one strided slice per kernel entry, concatenated channel-wise.
-
-    The result is as large as the op's (no patch of the span is ever built);
-    the entries come in row-major kernel order, then channel.
-    """
-    spans = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-    sizes = [dimension(inputs, axis) for axis in range(1, len(kernel_size) + 1)]
-    if padding.lower() == "same":
-        pads = [[0, 0]]
-        for size, span, stride in zip(sizes, spans, strides):
-            out = -(-size // stride)
-            total = _non_negative((out - 1) * stride + span - size)
-            pads.append([total // 2, total - total // 2])
-        inputs = tf.pad(inputs, [*pads, [0, 0]])
-        sizes = [size + before + after for size, (before, after) in zip(sizes, pads[1:])]
-    outs = [(size - span) // stride + 1 for size, span, stride in zip(sizes, spans, strides)]
-    slices = []
-    for entry in itertools.product(*(range(k) for k in kernel_size)):
-        window = tuple(
-            slice(k * d, k * d + (out - 1) * s + 1, s)
-            for k, d, s, out in zip(entry, dilation, strides, outs)
-        )
-        slices.append(inputs[(slice(None),) + window])
-    return tf.concat(slices, axis=-1)
-
-
 def dimension(tensor: tf.Tensor, axis: int) -> Any:
     """A dimension: the static int where known, else a scalar tensor."""
     static = tensor.shape[axis]
     return static if static is not None else tf.shape(tensor)[axis]
-
-
-def _non_negative(value: Any) -> Any:
-    return max(value, 0) if isinstance(value, int) else tf.maximum(value, 0)

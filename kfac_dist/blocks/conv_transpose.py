@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend.common.backend_utils import compute_conv_transpose_output_shape
 
-from kfac_dist.blocks.conv import ConvBlock, channels_last, dimension, patches_of
-from kfac_dist.blocks.patch_moments import Geometry
+from kfac_dist.blocks.conv import ConvBlock, channels_last, dimension
+from kfac_dist.blocks.patch_moments import Geometry, patches_of
 from kfac_dist.blocks.records import Record, rows, with_ones
 from kfac_dist.linalg import curvature_dtype
 

@@ -159,7 +159,7 @@ class GroupedPatchBlock(Block):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        # A from shifted views of the input (patch_moments.py): no patch is built.
+        # A in chunks of examples' patches (patch_moments.py): never the batch's.
         a = self.grouped_input_moments(records, example_weights, batch_size)
         outputs = tf.concat([self.output_rows(g) for g in output_grads], axis=0)
         positions = tf.add_n([tf.shape(self.position_rows(r))[0] for r in records])

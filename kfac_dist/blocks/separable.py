@@ -106,8 +106,8 @@ class SeparableConvBlock(GroupedPatchBlock):
         batch_size: tf.Tensor | int,
         example_weights: tf.Tensor | None = None,
     ) -> list[tf.Tensor]:
-        # The depthwise A from shifted views of the input (patch_moments.py), the
-        # pointwise inputs from the depthwise convolution itself: no patch is built.
+        # The depthwise A in chunks of examples' patches (patch_moments.py), the
+        # pointwise inputs from the depthwise convolution itself.
         depthwise_a = self.grouped_input_moments(records, example_weights, batch_size, bias=False)
         pointwise = concat_rows([self._depthwise_rows(r) for r in records])
         gradients = [self._gradients(g) for g in output_grads]

@@ -286,11 +286,13 @@ def train(
     name: str,
     hyperparameters: dict | None = None,
     stop_on_divergence: int = 20,
+    stop_below: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Trains `model` (compiled) one `train_on_batch` per batch; times every step.
 
-    Stops early after `stop_on_divergence` consecutive non-finite losses.
+    Stops early after `stop_on_divergence` consecutive non-finite losses, and
+    with `stop_below` once the WINDOW-step mean of the losses is at most it.
     """
     losses: list[float] = []
     seconds: list[float] = []
@@ -312,6 +314,11 @@ def train(
             if progress:
                 progress(f"  {name} diverged at step {step}; stopped")
             break
+        if stop_below is not None and len(losses) >= WINDOW:
+            if np.mean(losses[-WINDOW:]) <= stop_below:
+                if progress:
+                    progress(f"  {name} reached {stop_below:g} at step {step}")
+                break
     return RunResult(
         name=name,
         hyperparameters=dict(hyperparameters or {}),

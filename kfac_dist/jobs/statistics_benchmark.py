@@ -1,13 +1,13 @@
-"""Statistics-pass benchmark: conv factors from patches or views, and K-FAC's step against Adam.
+"""Statistics-pass benchmark: conv factors from all patches or in chunks, K-FAC's step against Adam.
 
 Three measurements, each printed as one table (BENCHMARKS.md):
 
 - `layer`: one ResNet-50-like 3×3 "same" Conv2D (filters = channels), its
-  input factor A from materialized patch rows (PᵀP, the former code path,
-  kept here as the reference) and from shifted views (`ConvBlock.statistics`):
-  the time per call, the peak resident memory above the traced function's
-  (each variant in its own subprocess, since CPU allocations are only seen
-  there), and the largest tensor in the graph;
+  input factor A from the whole batch's patch rows (PᵀP, kept here as the
+  reference) and in chunks of examples (`ConvBlock.statistics`): the time
+  per call, the peak resident memory above the traced function's (each
+  variant in its own subprocess, since CPU allocations are only seen there),
+  and the largest tensor in the graph, loop bodies included;
 - `diagonal`: the step time of models preconditioned only by diagonal blocks
   (Conv2D/SeparableConv2D/Dense with fisher_approx="diagonal"; the same
   layers unsupported, each a generic diagonal block) against Adam's, in
@@ -72,23 +72,43 @@ def _layer_function(variant: str, height: int, channels: int, batch: int) -> tup
 def _layer_memory(variant: str, height: int, channels: int, batch: int) -> dict:
     """Peak RSS of one call above the traced function's, and the graph's largest tensor."""
     function, x = _layer_function(variant, height, channels, batch)
-    largest = max(
-        (t.shape.num_elements() or 0) * t.dtype.size
-        for op in function.graph.get_operations()
-        for t in op.outputs
-        if t.dtype.is_floating
-    )
+    largest = largest_tensor_bytes(function.graph)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     function(x).numpy()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mib": (peak - base) / 1024, "largest_mib": largest / 2**20}
 
 
+def largest_tensor_bytes(graph: Any, op_type: str | None = None) -> int:
+    """Bytes of the largest floating tensor of static shape in `graph` or a function it calls.
+
+    A while loop's, a cond's or a call's body is a function of its own: its
+    tensors are not among the graph's operations, so each is searched too.
+    `op_type` (e.g. "ExtractImagePatches") counts only that op's outputs.
+    """
+    largest = 0
+    for op in graph.get_operations():
+        if op_type is None or op.type == op_type:
+            for t in op.outputs:
+                if t.dtype.is_floating:
+                    largest = max(largest, (t.shape.num_elements() or 0) * t.dtype.size)
+        for attr in ("body", "cond", "then_branch", "else_branch", "f"):
+            try:
+                called = op.get_attr(attr)
+            except ValueError:
+                continue
+            name = getattr(called, "name", "")
+            function = graph._get_function(name) if name else None
+            if function is not None:
+                largest = max(largest, largest_tensor_bytes(function.graph, op_type))
+    return largest
+
+
 def layer_table(rounds: int = 7) -> list[dict]:
     rows = []
     for height, _, channels in LAYER_SHAPES:
         memory = {}
-        for variant in ("baseline", "patches", "views"):
+        for variant in ("baseline", "patches", "chunks"):
             args = json.dumps([variant, height, channels, MEMORY_BATCH])
             out = subprocess.run(
                 [sys.executable, __file__, "--layer-memory", args],
@@ -98,7 +118,7 @@ def layer_table(rounds: int = 7) -> list[dict]:
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
             ).stdout
             memory[variant] = json.loads(out.strip().splitlines()[-1])
-        functions = {v: _layer_function(v, height, channels, BATCH) for v in ("patches", "views")}
+        functions = {v: _layer_function(v, height, channels, BATCH) for v in ("patches", "chunks")}
         for function, x in functions.values():
             function(x).numpy()
         times: dict[str, list[float]] = {v: [] for v in functions}

@@ -1,10 +1,11 @@
-"""Patch moments from shifted views (blocks/patch_moments.py) against a NumPy im2col.
+"""Patch moments in chunks of examples (blocks/patch_moments.py) against a NumPy im2col.
 
 The conv blocks' own tests cover every geometry through the blocks; these
 cover what they do not: sample weights (per example and per position),
 several records, groups, spatial sizes known only at run time, kernel
-offsets that never meet the input, and the memory bound (no tensor in the
-statistics graph larger than the input).
+offsets that never meet the input, a last chunk that is not full, and the
+memory bound (no tensor in the statistics graph, loop bodies included,
+larger than the input).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import pytest
 import tensorflow as tf
 
 from kfac_dist.blocks import ConvBlock, DepthwiseConvBlock
-from kfac_dist.blocks.patch_moments import Geometry, conv_geometry, patch_moments
+from kfac_dist.blocks.patch_moments import (
+    Geometry,
+    conv_geometry,
+    examples_per_chunk,
+    patch_moments,
+)
+from kfac_dist.jobs.statistics_benchmark import largest_tensor_bytes
 
 B = 3
 
@@ -131,20 +138,38 @@ def test_channels_first_groups_and_run_time_sizes(float64):
         np.testing.assert_allclose(got[j], rows.T @ rows, rtol=1e-10, atol=1e-10)
 
 
-def _largest_tensor(function: tf.types.experimental.ConcreteFunction) -> int:
-    sizes = [
-        t.shape.num_elements() or 0
-        for op in function.graph.get_operations()
-        for t in op.outputs
-        if t.dtype.is_floating
-    ]
-    return max(sizes)
+@pytest.mark.parametrize("batch", [19, 20])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunks_of_examples_add_up_to_the_batch_with_an_uneven_last_chunk(float64, batch, weighted):
+    """2 examples per chunk (1 when weighted) at 16×16: 19 leaves a last chunk of one."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(batch, 16, 16, 2))
+    layer = _conv(keras.layers.Conv2D, x, filters=1, kernel_size=3, padding="same")
+    geometry = conv_geometry(layer, tf.constant(x), layer(x))
+    assert examples_per_chunk(geometry, batch, weighted) == (1 if weighted else 2)
+    w = rng.uniform(0.0, 2.0, size=(batch * 256,)) if weighted else None
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 2], tf.float64)])
+    def moments(inputs: tf.Tensor) -> tf.Tensor:  # the batch known only at run time
+        weights = None if w is None else tf.constant(w)
+        return patch_moments(inputs, geometry, weights, bias=True)[0]
+
+    rows = _rows(_patches(x, geometry), True)
+    row_w = np.ones(len(rows)) if w is None else w
+    np.testing.assert_allclose(
+        moments(tf.constant(x)).numpy(), rows.T @ (rows * row_w[:, None]), rtol=1e-10, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_no_tensor_in_the_statistics_graph_is_larger_than_the_input(depthwise):
-    """The patches (9× the input here) are never built: the views are at most input-sized."""
-    x = np.random.default_rng(5).normal(size=(4, 16, 16, 2)).astype(np.float32)
+    """The batch's patches (9× the input here) are never built: a chunk is at most input-sized.
+
+    18 examples of 16×16×2: two examples' patches are the input's size, so a
+    chunk holds two (one with the weighted copy). The loop body is searched
+    too, and its chunk of patches is seen there.
+    """
+    x = np.random.default_rng(5).normal(size=(18, 16, 16, 2)).astype(np.float32)
     if depthwise:
         layer = _conv(keras.layers.DepthwiseConv2D, x, kernel_size=3, padding="same")
         block = DepthwiseConvBlock(layer)
@@ -156,10 +181,11 @@ def test_no_tensor_in_the_statistics_graph_is_larger_than_the_input(depthwise):
     def statistics(inputs: tf.Tensor, weights: tf.Tensor) -> list[tf.Tensor]:
         _, record = block.record(layer, inputs)
         grads = tf.ones_like(record.outputs)[tf.newaxis]
-        return block.statistics([record], [grads], 4, weights)
+        return block.statistics([record], [grads], 18, weights)
 
     function = statistics.get_concrete_function(
-        tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec([4], tf.float32)
+        tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec([18], tf.float32)
     )
-    # Patches would be (4, 16, 16, 9·2): 9× the input.
-    assert _largest_tensor(function) <= x.size
+    # Patches would be (18, 16, 16, 9·2): 9× the input; one weighted chunk is half of it.
+    assert largest_tensor_bytes(function.graph, "ExtractImagePatches") == x.nbytes // 2
+    assert largest_tensor_bytes(function.graph) <= x.nbytes
