@@ -81,18 +81,19 @@ SGD_GRID = tuple({"learning_rate": lr} for lr in (0.03, 0.1))
 # conv kernels, BatchNormalization and biases go to its AdamW part.
 MUON_GRID = tuple({"learning_rate": lr} for lr in (1e-3, 3e-3))
 # K-FAC: the README's convnet point (what a user copies), then two neighbours.
-README_POINT = {
-    "learning_rate": 0.1,
+README_POINT = {  # the README's starting point (starting_point_benchmark), staggered
+    "learning_rate": 0.3,
     "damping": 0.01,
     "momentum": 0.9,
-    "norm_constraint": 0.01,
+    "norm_constraint": 0.03,
+    "cov_update_every": 5,
     "invert_every": 10,
     "stagger_inverses": True,
 }
 KFAC_GRID = (
     README_POINT,
-    {**README_POINT, "damping": 0.1},
-    {**README_POINT, "learning_rate": 0.3},
+    {**README_POINT, "damping": 0.001, "norm_constraint": 0.01},
+    {**README_POINT, "cov_update_every": 10},
 )
 GRIDS: dict[str, Sequence[dict[str, Any]]] = {
     "adam": ADAM_GRID,

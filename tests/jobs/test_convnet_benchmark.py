@@ -111,7 +111,7 @@ def test_the_job_end_to_end_at_a_tiny_size(monkeypatch, tmp_path):
         assert f"seconds_to_target_kfac_over_{other}" in result["floor"]["met"]
     assert result["floor"]["holds"] == all(v is True for v in result["floor"]["met"].values())
     assert result["readme_point"]["steps_ratio"] == 1.0
-    assert result["readme_point"]["kfac"].startswith("kfac[learning_rate=0.1, damping=0.01")
+    assert result["readme_point"]["kfac"].startswith("kfac[learning_rate=0.3, damping=0.01")
     section = cb.benchmark_markdown(result)
     assert section.startswith(cb.SECTION_HEADING + "\n")
     for text in ("| Adam |", "| SGD (momentum 0.9) |", "| Muon |", "| K-FAC |", "point 7"):
