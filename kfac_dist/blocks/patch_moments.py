@@ -1,19 +1,26 @@
-"""Convolution patch moments in bounded chunks of examples, and per-example products by views.
+"""Convolution patch moments without the batch's patches: shifted views, or chunks of examples.
 
 A convolution's patch at output position t holds, for each kernel offset i,
 the input seen at offset i: x[t·s + i·d - p] (zero outside the input). The
-input factor is Σ_t w_t ā_t ā_tᵀ over every patch of the batch: one matmul
-PᵀP of the patch rows P, which are offsets × (output / input positions)
-times the input (9× for a 3×3 "same" convolution). `patch_moments` builds
-the patches of a few examples at a time, so that no chunk's patches exceed
-half the input, and adds each chunk's PᵀP in a while loop (one chunk after
-the other). Measured against sums over pairs of shifted views of the input
-(`kfac-benchmark-statistics`), the chunks cost as much as one patch matmul
-and are 1.3× to 17× faster than the views (strided views are slow copies).
+input factor is Σ_t w_t ā_t ā_tᵀ over every patch of the batch, PᵀP of the
+patch rows P, which are offsets × (output / input positions) times the
+input (9× for a 3×3 "same" convolution). Neither way below builds P:
 
-`per_example_patch_products` is Σ_t X_i[t] g_tᵀ per example from the view
-X_i of each kernel offset i (a strided slice of the input, no larger than
-it), offset by offset, for the per-example gradients ("full" blocks).
+- `moments_from_views`: the view X_i of offset i, that input at every
+  output position, is a slice of the input, no larger than it; block (i, j)
+  of the factor is Σ_t w_t X_i[t] X_j[t]ᵀ, and only the k(k+1)/2 blocks
+  j ≥ i are computed (half of PᵀP's flops), each over the output box where
+  both offsets meet the input (no padded copy).
+- `moments_from_chunks`: the patches of a few examples at a time, at most
+  the input's size (`examples_per_chunk`), one matmul each, added in a while
+  loop. For a strided convolution the views are strided slices, copies that
+  cost far more than the products (measured in one K-FAC step of a stride-2
+  Conv2D, 16 → 32 channels at 28×28, batch 64: 299 ms against 36 ms), so
+  `patch_moments` uses the chunks there and the views at stride 1, where
+  they are faster (1.5× and 1.6× in a step at 64 and 256 channels).
+
+`per_example_patch_products` is Σ_t X_i[t] g_tᵀ per example from the views,
+offset by offset, for the per-example gradients ("full" blocks).
 """
 
 from __future__ import annotations
@@ -122,6 +129,88 @@ def patch_moments(
     (offset-major, then channel, as the kernel reshapes), then a constant
     1 when `bias`: n = offsets·C/groups + bias. Not divided by b.
 
+    Shifted views (`moments_from_views`) for a convolution of stride 1,
+    chunks of patches (`moments_from_chunks`) for a strided one, whose
+    views are strided slices: copies that took 299 ms against the chunks'
+    36 ms in one K-FAC step of a stride-2 conv (BENCHMARKS.md).
+    """
+    strided = any(s != 1 for s in geometry.strides)
+    method = moments_from_chunks if strided else moments_from_views
+    return method(inputs, geometry, weights, bias, groups, channels_first)
+
+
+def moments_from_views(
+    inputs: tf.Tensor,
+    geometry: Geometry,
+    weights: tf.Tensor | None = None,
+    bias: bool = False,
+    groups: int = 1,
+    channels_first: bool = False,
+) -> tf.Tensor:
+    """`patch_moments` from the k(k+1)/2 products of two shifted views, j ≥ i.
+
+    Each pair's slices are made after the previous pair's product (control
+    dependencies), so a graph never holds more than the two views of one
+    pair (plus a transient copy when a view is cast, weighted or transposed
+    from channels-first).
+    """
+    dtype = curvature_dtype()
+    offsets = geometry.offsets()
+    batch = tf.shape(inputs)[0]
+    grid = None if weights is None else tf.reshape(weights, [batch, *geometry.outputs])
+    blocks: dict[tuple[int, int], tf.Tensor] = {}
+    sums: list[tf.Tensor] = []
+    last: list[tf.Tensor] = []
+    pairs = [(i, j) for i in range(len(offsets)) for j in range(i, len(offsets))]
+    for i, j in pairs:
+        # The previous pair's product first: then its views are free.
+        with tf.control_dependencies(last):
+            box = geometry.box(offsets[i], offsets[j])
+            left = _view(inputs, geometry, offsets[i], box, groups, channels_first, dtype)
+            if grid is not None:
+                left = (
+                    left
+                    * _rows(grid[(slice(None),) + _slices(box)], dtype)[:, tf.newaxis, tf.newaxis]
+                )
+        with tf.control_dependencies([left]):
+            right = _view(inputs, geometry, offsets[j], box, groups, channels_first, dtype)
+            product = _group_product(left, right)
+        blocks[i, j] = product
+        if i == j and bias:
+            sums.append(tf.reduce_sum(left, axis=0))  # (groups, C/groups)
+        last = [product]
+    # Each row of blocks (bias column included) once, then the rows: the
+    # factor is copied once, not once more per bias row and column.
+    columns = [tf.linalg.matrix_transpose(v[:, :, tf.newaxis]) for v in sums]  # (g, 1, c)
+    rows = []
+    for i in range(len(offsets)):
+        row = [
+            blocks[i, j] if j >= i else tf.linalg.matrix_transpose(blocks[j, i])
+            for j in range(len(offsets))
+        ]
+        if bias:
+            row.append(sums[i][:, :, tf.newaxis])
+        rows.append(tf.concat(row, axis=2) if len(row) > 1 else row[0])
+    if bias:
+        count = (
+            tf.cast(batch * _product(geometry.outputs), dtype)
+            if weights is None
+            else tf.reduce_sum(tf.cast(weights, dtype))
+        )
+        rows.append(tf.concat([*columns, tf.fill([groups, 1, 1], count)], axis=2))
+    return tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
+
+
+def moments_from_chunks(
+    inputs: tf.Tensor,
+    geometry: Geometry,
+    weights: tf.Tensor | None = None,
+    bias: bool = False,
+    groups: int = 1,
+    channels_first: bool = False,
+) -> tf.Tensor:
+    """`patch_moments` from the patches of a few examples at a time, one matmul each.
+
     The examples go through in chunks (`examples_per_chunk`), one chunk
     after the other (a while loop, static shapes: the last chunk's missing
     examples are zeros).
@@ -149,10 +238,9 @@ def patch_moments(
         if grid is not None:
             row_weights = tf.cast(tf.gather(grid, index), dtype) * present[:, tf.newaxis]
             weighted = rows * tf.reshape(row_weights, [1, -1, 1])
-        moments += tf.matmul(weighted, rows, transpose_a=True)
         if bias:
             sums += tf.reduce_sum(weighted, axis=1)
-        return start + chunk, moments, sums
+        return start + chunk, moments + tf.matmul(weighted, rows, transpose_a=True), sums
 
     _, moments, sums = tf.while_loop(
         lambda start, *_: start < batch,
@@ -339,6 +427,13 @@ def _view(
         return view
     channels = view.shape[-1]
     return tf.reshape(view, [-1, groups, channels // groups])
+
+
+def _group_product(left: tf.Tensor, right: tf.Tensor) -> tf.Tensor:
+    """Σ_r leftᵀ right per group: (groups, c, c) of two (rows, groups, c) views."""
+    if left.shape[1] == 1:
+        return tf.matmul(left[:, 0], right[:, 0], transpose_a=True)[tf.newaxis]
+    return tf.einsum("rgc,rgd->gcd", left, right)
 
 
 def _rows(tensor: tf.Tensor, dtype: tf.DType) -> tf.Tensor:

@@ -1,4 +1,5 @@
-"""Patch moments in chunks of examples (blocks/patch_moments.py) against a NumPy im2col.
+"""Patch moments from views and from chunks of examples (blocks/patch_moments.py) against a
+NumPy im2col.
 
 The conv blocks' own tests cover every geometry through the blocks; these
 cover what they do not: sample weights (per example and per position),
@@ -22,6 +23,7 @@ from kfac_dist.blocks.patch_moments import (
     Geometry,
     conv_geometry,
     examples_per_chunk,
+    moments_from_chunks,
     patch_moments,
 )
 from kfac_dist.jobs.statistics_benchmark import largest_tensor_bytes
@@ -152,7 +154,7 @@ def test_chunks_of_examples_add_up_to_the_batch_with_an_uneven_last_chunk(float6
     @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 2], tf.float64)])
     def moments(inputs: tf.Tensor) -> tf.Tensor:  # the batch known only at run time
         weights = None if w is None else tf.constant(w)
-        return patch_moments(inputs, geometry, weights, bias=True)[0]
+        return moments_from_chunks(inputs, geometry, weights, bias=True)[0]
 
     rows = _rows(_patches(x, geometry), True)
     row_w = np.ones(len(rows)) if w is None else w
@@ -161,20 +163,23 @@ def test_chunks_of_examples_add_up_to_the_batch_with_an_uneven_last_chunk(float6
     )
 
 
+@pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_no_tensor_in_the_statistics_graph_is_larger_than_the_input(depthwise):
-    """The batch's patches (9× the input here) are never built: a chunk is at most input-sized.
+def test_no_tensor_in_the_statistics_graph_is_larger_than_the_input(depthwise, strides):
+    """The batch's patches (9× or 2.25× the input here) are never built.
 
-    18 examples of 16×16×2: two examples' patches are the input's size, so a
-    chunk holds two (one with the weighted copy). The loop body is searched
-    too, and its chunk of patches is seen there.
+    Stride 1 goes by views (no patch at all), stride 2 by chunks of
+    examples: 18 of 16×16×2, whose patches at stride 2 are 2.25× their
+    input, so a chunk holds 8 (4 with the weighted copy), half the input.
+    Loop bodies are searched too.
     """
     x = np.random.default_rng(5).normal(size=(18, 16, 16, 2)).astype(np.float32)
+    config = dict(kernel_size=3, strides=strides, padding="same")
     if depthwise:
-        layer = _conv(keras.layers.DepthwiseConv2D, x, kernel_size=3, padding="same")
+        layer = _conv(keras.layers.DepthwiseConv2D, x, **config)
         block = DepthwiseConvBlock(layer)
     else:
-        layer = _conv(keras.layers.Conv2D, x, filters=1, kernel_size=3, padding="same")
+        layer = _conv(keras.layers.Conv2D, x, filters=1, **config)
         block = ConvBlock(layer)
 
     @tf.function
@@ -186,6 +191,6 @@ def test_no_tensor_in_the_statistics_graph_is_larger_than_the_input(depthwise):
     function = statistics.get_concrete_function(
         tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec([18], tf.float32)
     )
-    # Patches would be (18, 16, 16, 9·2): 9× the input; one weighted chunk is half of it.
-    assert largest_tensor_bytes(function.graph, "ExtractImagePatches") == x.nbytes // 2
+    patches = largest_tensor_bytes(function.graph, "ExtractImagePatches")
+    assert patches == (0 if strides == 1 else x.nbytes // 2)
     assert largest_tensor_bytes(function.graph) <= x.nbytes
