@@ -40,7 +40,8 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
 
 
-#: The factor sync's largest transient buffer by default (see `Kfac(sync_chunk_bytes=...)`).
+#: The factor sync's largest transient buffer, and the largest stack of factors inverted at
+#: once, by default (see `Kfac(sync_chunk_bytes=...)`).
 DEFAULT_SYNC_CHUNK_BYTES = 64 * 2**20
 
 

@@ -318,18 +318,11 @@ class Curvature:
 
     def _sync_chunks(self, factors: Sequence[int]) -> list[list[int]]:
         """`factors` in order, cut into chunks of at most `sync_chunk_bytes` on the wire."""
+        factors = list(factors)
         itemsize = curvature_dtype().size
-        limit = self.sync_chunk_bytes
-        chunks: list[list[int]] = [[]]
-        size = 0
-        for f in factors:
-            nbytes = self._wire_floats(f) * itemsize
-            if chunks[-1] and limit is not None and size + nbytes > limit:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(f)
-            size += nbytes
-        return chunks
+        sizes = [self._wire_floats(f) * itemsize for f in factors]
+        chunks = grouping.chunks_by_bytes(sizes, self.sync_chunk_bytes)
+        return [[factors[i] for i in chunk] for chunk in chunks]
 
     @property
     def largest_sync_chunk_bytes(self) -> int:
@@ -522,6 +515,7 @@ class Curvature:
             unit_dampings,
             self.inverse_method,
             [self._groups[u] for u in units],
+            max_stack_bytes=self.sync_chunk_bytes,
         )
         self.inversions.assign_add(len(units))
         self.inversion_retries.assign_add(tf.cast(tf.add_n(retries), tf.int64))

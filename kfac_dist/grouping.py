@@ -22,6 +22,22 @@ def groups_of(keys: Sequence[Hashable]) -> list[list[int]]:
     return list(groups.values())
 
 
+def chunks_by_bytes(sizes: Sequence[int], limit: int | None) -> list[list[int]]:
+    """Positions in order, cut into runs whose `sizes` sum to at most `limit` (None: one run).
+
+    An item larger than `limit` makes a run of its own.
+    """
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for position, size in enumerate(sizes):
+        if chunks[-1] and limit is not None and total + size > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(position)
+        total += size
+    return chunks
+
+
 def shape_groups(tensors: Sequence) -> list[list[int]]:
     """Positions of tensors (or variables) of equal shape and dtype."""
     return groups_of([(tuple(t.shape), tf.as_dtype(t.dtype)) for t in tensors])

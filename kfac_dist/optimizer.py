@@ -171,7 +171,9 @@ class Kfac(keras.optimizers.Optimizer):
         sync_chunk_bytes: the largest buffer of the factor sync, default 64
             MiB: the factor sums travel in chunks of at most this size, one
             collective each, one after the other (a factor larger than that
-            travels alone). None: one collective for all.
+            travels alone). None: one collective for all. It bounds the
+            inversions too: factors are inverted in batched stacks of at most
+            this size, one stack after the other.
         seed: seed of the sampled Fisher. None draws one; under
             MultiWorkerMirroredStrategy every worker then uses the chief's
             draw (the seed is a variable, broadcast when created inside

@@ -25,3 +25,10 @@ def test_stacks_and_unstacked_round_trip_tensors_and_variables_of_mixed_shapes()
         [0],
         [1],
     ]
+
+
+def test_chunks_by_bytes_cut_runs_at_the_limit_and_leave_a_larger_item_alone():
+    assert grouping.chunks_by_bytes([5, 5, 20, 1, 1], 10) == [[0, 1], [2], [3, 4]]
+    assert grouping.chunks_by_bytes([5, 5, 20, 1, 1], None) == [[0, 1, 2, 3, 4]]
+    assert grouping.chunks_by_bytes([11], 10) == [[0]]
+    assert grouping.chunks_by_bytes([], 10) == [[]]

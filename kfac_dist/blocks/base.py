@@ -290,6 +290,7 @@ def invert_factors(
     dampings: tf.Tensor | None,
     method: str | InverseMethod,
     groups: Sequence[int | None] | None = None,
+    max_stack_bytes: int | None = None,
 ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor]]:
     """The payloads of many factors, and each one's retries (int32).
 
@@ -301,6 +302,10 @@ def invert_factors(
     is grouped). Members of equal shape, whether of grouped factors or not,
     share one batched op (and one retry loop), while each keeps its own
     damping and retries; a grouped factor's retries are its members'.
+    With `max_stack_bytes`, a batched op stacks at most that many bytes of
+    factors (a larger factor goes alone), and the stacks go one after the
+    other: the inversion's temporaries (a few copies of a stack) stay
+    bounded however many factors are inverted at once.
     """
     inverse = inverse_method(method)
     groups = [None] * len(factors) if groups is None else list(groups)
@@ -312,24 +317,44 @@ def invert_factors(
         (linalg.member_shape(tuple(f.shape), g), tf.as_dtype(f.dtype))
         for f, g in zip(factors, groups)
     ]
-    for group in grouping.groups_of(keys):
-        grouped = any(groups[p] is not None for p in group)
-        if grouped:
-            stack = tf.concat([linalg.members(factors[p], groups[p]) for p in group], axis=0)
-        else:
-            stack = tf.stack([factors[p] for p in group])
-        group_dampings = None
-        if inverse.needs_factor_damping and dampings is not None:
-            members = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in group])
-            group_dampings = tf.gather(dampings, members.astype(np.int32))
-        stacks, tries = inverse.invert_stack(stack, group_dampings)
-        sizes = [counts[p] for p in group]
-        pieces = [_split_members(t, sizes, grouped) for t in stacks]
-        for i, (p, group_tries) in enumerate(zip(group, _split_members(tries, sizes, grouped))):
-            shapes = inverse.payload_shapes(tuple(factors[p].shape), groups[p])
-            payloads[p] = [tf.reshape(piece[i], shape) for piece, shape in zip(pieces, shapes)]
-            retries[p] = tf.reduce_sum(group_tries) if grouped else group_tries
+    previous: list[tf.Tensor] = []
+    for same_shape in grouping.groups_of(keys):
+        sizes = [int(np.prod(factors[p].shape)) * factors[p].dtype.size for p in same_shape]
+        for chunk in grouping.chunks_by_bytes(sizes, max_stack_bytes):
+            group = [same_shape[i] for i in chunk]
+            with tf.control_dependencies(previous):
+                stacks, tries = _invert_group(factors, group, groups, dampings, starts, inverse)
+            previous = [*stacks, tries]
+            sizes_of = [counts[p] for p in group]
+            grouped = any(groups[p] is not None for p in group)
+            pieces = [_split_members(t, sizes_of, grouped) for t in stacks]
+            for i, (p, group_tries) in enumerate(
+                zip(group, _split_members(tries, sizes_of, grouped))
+            ):
+                shapes = inverse.payload_shapes(tuple(factors[p].shape), groups[p])
+                payloads[p] = [tf.reshape(piece[i], shape) for piece, shape in zip(pieces, shapes)]
+                retries[p] = tf.reduce_sum(group_tries) if grouped else group_tries
     return payloads, retries
+
+
+def _invert_group(
+    factors: Sequence[tf.Tensor],
+    group: Sequence[int],
+    groups: Sequence[int | None],
+    dampings: tf.Tensor | None,
+    starts: np.ndarray,
+    inverse: InverseMethod,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """One batched inversion of the (members of the) factors at positions `group`."""
+    if any(groups[p] is not None for p in group):
+        stack = tf.concat([linalg.members(factors[p], groups[p]) for p in group], axis=0)
+    else:
+        stack = tf.stack([factors[p] for p in group])
+    group_dampings = None
+    if inverse.needs_factor_damping and dampings is not None:
+        members = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in group])
+        group_dampings = tf.gather(dampings, members.astype(np.int32))
+    return inverse.invert_stack(stack, group_dampings)
 
 
 def _split_members(stack: tf.Tensor, sizes: Sequence[int], grouped: bool) -> list[tf.Tensor]:

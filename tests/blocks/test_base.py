@@ -48,6 +48,33 @@ def test_invert_factors_of_mixed_shapes_match_numpy_inverses_in_order():
     assert [int(r) for r in retries] == [0] * len(factors)
 
 
+def test_invert_factors_in_stacks_of_bounded_bytes_one_after_the_other(float64):
+    """Three 3×3 factors (72 bytes each) and a 2×2 under a 144-byte bound: stacks 2, 1, 1."""
+    factors = [_spd(3), _spd(3, 2.0), _spd(3, 0.5), _spd(2)]
+    dampings = np.array([0.25, 0.5, 0.125, 1.0])
+
+    @tf.function
+    def inverses(limit: int | None) -> list[tf.Tensor]:
+        payloads, _ = invert_factors(
+            [tf.constant(f) for f in factors],
+            tf.constant(dampings),
+            CHOLESKY,
+            max_stack_bytes=limit,
+        )
+        return [p[0] for p in payloads]
+
+    for limit, stacks in ((None, 2), (144, 3)):
+        got = inverses(limit)
+        for inverse, factor, damping in zip(got, factors, dampings):
+            expected = np.linalg.inv(factor + damping * np.eye(len(factor)))
+            np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-10)
+        graph = inverses.get_concrete_function(limit).graph
+        assert sum(op.type == "Cholesky" for op in graph.get_operations()) == stacks
+        # Each stack after the first waits for the one before it.
+        packs = [op for op in graph.get_operations() if op.type == "Pack" and op.inputs]
+        assert sum(bool(op.control_inputs) for op in packs) == stacks - 1
+
+
 def test_invert_factors_eigen_payloads_rebuild_each_factor():
     factors = [_spd(3), _spd(2), _spd(3, 2.0)]
     payloads, _ = invert_factors([tf.constant(f) for f in factors], None, EIGEN)
