@@ -127,14 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interleave_rounds=args.interleave_rounds,
         progress=None if args.quiet else _progress,
     )
-    print(benchmarks.report(result))
-    if args.json:
-        text = to_json(result)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text)
+    benchmarks.publish(args, benchmarks.report(result), lambda: to_json(result))
     return 0
 
 

@@ -696,6 +696,24 @@ def add_result_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=default_output(), help="markdown file --write updates")
 
 
+def publish(args: argparse.Namespace, section: str, json_text: Callable[[], str]) -> None:
+    """Prints a benchmark's `section`, writes `--json` (from `json_text`; '-': stdout) and,
+    with `--write`, puts the section into `--output` (`tuner.write_markdown_section`)."""
+    from kfac_dist.jobs import tuner
+
+    print(section)
+    if args.json:
+        text = json_text()
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text)
+    if getattr(args, "write", False):
+        tuner.write_markdown_section(args.output, section)
+        print(f"written to {os.path.normpath(args.output)}")
+
+
 def progress(line: str) -> None:
     """A benchmark's progress line, on stderr (the section goes to stdout)."""
     print(line, file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kfac_dist.jobs import benchmarks, tuner
+from kfac_dist.jobs import benchmarks
 
 # The settings the docs recommend for convnets: the README's starting point
 # (starting_point_benchmark: statistics every 5 steps, inverses every 10,
@@ -786,17 +786,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append({**result, **tag})
     keep = existing_section(args.output) if args.write else ""
     section = benchmark_markdown(results, keep)
-    print(section)
-    if args.json:
-        text = json.dumps({"command": command, "date": date, "settings": results}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text)
-    if args.write:
-        tuner.write_markdown_section(args.output, section)
-        print(f"written to {os.path.normpath(args.output)}")
+    benchmarks.publish(
+        args,
+        section,
+        lambda: json.dumps({"command": command, "date": date, "settings": results}, indent=1),
+    )
     for result in results:
         verdict = ", ".join(
             f"{key} {'met' if met else 'NOT met' if met is False else 'not measured'}"

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from kfac_dist.jobs import benchmarks, tuner
+from kfac_dist.jobs import benchmarks
 
 TASKS = ("mlp", "convnet", "autoencoder")
 TARGETS = {"mlp": 0.1, "convnet": 0.1, "autoencoder": 100.0}
@@ -413,17 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=None if args.quiet else benchmarks.progress,
     )
     section = benchmark_markdown(result)
-    print(section)
-    if args.json:
-        text = to_json(result)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text)
-    if args.write:
-        tuner.write_markdown_section(args.output, section)
-        print(f"written to {os.path.normpath(args.output)}")
+    benchmarks.publish(args, section, lambda: to_json(result))
     print(f"starting point: the floor {'holds' if result['floor_holds'] else 'does NOT hold'}")
     return 0
 

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from kfac_dist.jobs import benchmarks, tuner
+from kfac_dist.jobs import benchmarks
 from kfac_dist.jobs.benchmarks import (  # noqa: F401 - re-exported: shared with the convnet benchmark
     NEVER,
     Supervised,
@@ -841,17 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=None if args.quiet else benchmarks.progress,
     )
     section = benchmark_markdown(result)
-    print(section)
-    if args.json:
-        text = to_json(result)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text)
-    if args.write:
-        tuner.write_markdown_section(args.output, section)
-        print(f"written to {os.path.normpath(args.output)}")
+    benchmarks.publish(args, section, lambda: to_json(result))
     for task in result["tasks"]:
         verdict = "holds" if task["floor"]["holds"] else "does NOT hold"
         print(f"{task['task']}: the floor {verdict}")
