@@ -1,13 +1,14 @@
-"""Statistics-pass benchmark: conv factors from all patches or in chunks, K-FAC's step against Adam.
+"""Statistics-pass benchmark: conv factors from patches or views, and K-FAC's step against Adam.
 
 Three measurements, each printed as one table (BENCHMARKS.md):
 
 - `layer`: one ResNet-50-like 3×3 "same" Conv2D (filters = channels), its
   input factor A from the whole batch's patch rows (PᵀP, kept here as the
-  reference) and in chunks of examples (`ConvBlock.statistics`): the time
-  per call, the peak resident memory above the traced function's (each
-  variant in its own subprocess, since CPU allocations are only seen there),
-  and the largest tensor in the graph, loop bodies included;
+  reference) and as `ConvBlock.statistics` builds it (shifted views at
+  stride 1, `blocks/patch_moments.py`): the time per call, the peak
+  resident memory above the traced function's (each variant in its own
+  subprocess, since CPU allocations are only seen there), and the largest
+  tensor in the graph, loop bodies included;
 - `diagonal`: the step time of models preconditioned only by diagonal blocks
   (Conv2D/SeparableConv2D/Dense with fisher_approx="diagonal"; the same
   layers unsupported, each a generic diagonal block) against Adam's, in
@@ -108,7 +109,7 @@ def layer_table(rounds: int = 7) -> list[dict]:
     rows = []
     for height, _, channels in LAYER_SHAPES:
         memory = {}
-        for variant in ("baseline", "patches", "chunks"):
+        for variant in ("baseline", "patches", "views"):
             args = json.dumps([variant, height, channels, MEMORY_BATCH])
             out = subprocess.run(
                 [sys.executable, __file__, "--layer-memory", args],
@@ -118,7 +119,7 @@ def layer_table(rounds: int = 7) -> list[dict]:
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
             ).stdout
             memory[variant] = json.loads(out.strip().splitlines()[-1])
-        functions = {v: _layer_function(v, height, channels, BATCH) for v in ("patches", "chunks")}
+        functions = {v: _layer_function(v, height, channels, BATCH) for v in ("patches", "views")}
         for function, x in functions.values():
             function(x).numpy()
         times: dict[str, list[float]] = {v: [] for v in functions}
